@@ -1,0 +1,93 @@
+"""One Settings object for every streamfuse process.
+
+Values come from (highest first) CLI options, environment variables with the prefix
+``STREAMFUSE_`` (nested fields with ``__``, e.g. ``STREAMFUSE_WORKER__MAX_BATCH=64``),
+a ``.env`` file, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class KafkaSecurity(BaseModel):
+    """TLS / SASL for a real cluster; the embedded broker uses plaintext."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+class WorkerSettings(BaseModel):
+    group: str = "sf-workers"
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_delay_ms: int = Field(20, ge=0, le=60_000)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    metrics_port: int = Field(0, ge=0, le=65535)  # 0 = no /metrics endpoint
+
+
+class MonitorSettings(BaseModel):
+    app_id: str = "streamfuse-monitor"
+    kpi_window_ms: int = Field(5_000, ge=100)
+    label_grace_ms: int = Field(8_000, ge=0)  # how long a window waits for late labels
+    max_pending_labels: int = Field(100_000, ge=1)  # bound on the label join state
+    degradation_margin: float = Field(0.15, ge=0.0, le=1.0)
+    confidence_z: float = Field(1.96, gt=0.0)  # Wilson bound; 1.96 ~ 95 %
+    min_labelled: int = Field(10, ge=1)
+    fire_windows: int = Field(2, ge=1)
+    resolve_windows: int = Field(2, ge=1)
+    dry_run: bool = False  # alert only, issue no commands
+    metrics_port: int = Field(0, ge=0, le=65535)
+
+
+class SimSettings(BaseModel):
+    assets: int = Field(4, ge=1)
+    lines: int = Field(2, ge=1)
+    rate_hz: float = Field(2.0, gt=0.0)  # samples per second per asset
+    label_delay_ms: int = Field(2_000, ge=0)
+    seed: int = 0
+
+
+class Settings(BaseSettings):
+    """Effective configuration; log it with :meth:`log_effective` (secrets masked)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMFUSE_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    kafka_bootstrap: str = ""  # empty: start the embedded broker
+    # Which broker the clients talk to; "auto" = tansu for the embedded broker, else kafka.
+    broker: Literal["auto", "kafka", "tansu"] = "auto"
+    kafka_security: KafkaSecurity = KafkaSecurity()
+    topic_prefix: str = "sf."
+    partitions: int = Field(3, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = None
+    redis_prefix: str = "streamfuse:"
+    model_dir: Path = Path(".cache/streamfuse/models")
+    max_payload_bytes: int = Field(2_000_000, ge=1024)
+    worker: WorkerSettings = WorkerSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    sim: SimSettings = SimSettings()
+
+    @property
+    def broker_kind(self) -> Literal["kafka", "tansu"]:
+        if self.broker != "auto":
+            return self.broker
+        return "tansu" if not self.kafka_bootstrap else "kafka"
+
+    def log_effective(self, logger: logging.Logger = log) -> None:
+        # SecretStr renders as '**********' in model_dump_json.
+        logger.info("effective settings: %s", self.model_dump_json())

@@ -1,0 +1,494 @@
+"""Wire schema and codec.
+
+Every Kafka value is a map with a ``schema`` key (``"sf.sample/1"``...). msgpack is the
+default encoding (header ``content-type: application/msgpack``); JSON is accepted too,
+with binary payloads base64-encoded, so that ``kcat`` and other plain clients can produce
+events. Decoding validates structure and content and raises
+:class:`~streamfuse.errors.InvalidEvent` with a reason code from :data:`REASONS`.
+
+Pure logic: no Kafka, no clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import msgpack
+import numpy as np
+
+from streamfuse.errors import InvalidEvent
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MODALITIES: tuple[str, ...] = ("image", "audio", "series")
+IMAGE_ENCODINGS = ("jpeg", "png")
+MAX_IMAGE_SIDE = 8192
+SAMPLE_RATE_RANGE = (1_000, 384_000)
+MAX_CHANNELS = 32
+
+# Reason codes (a small fixed set: they are metric labels).
+REASONS = (
+    "undecodable",
+    "unknown_schema",
+    "unexpected_schema",
+    "missing_field",
+    "bad_field",
+    "oversize",
+    "non_finite",
+    "unknown_modality",
+    "bad_image",
+    "bad_audio",
+    "bad_series",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SensorEvent:
+    """One reading of one sensor. ``payload`` is JPEG/PNG, PCM16LE or float32LE bytes."""
+
+    SCHEMA: ClassVar[str] = "sf.sensor/1"
+    event_id: str
+    asset_id: str
+    modality: str
+    ts_ms: int
+    payload: bytes
+    line_id: str = ""
+    encoding: str = ""  # image: jpeg | png; audio: pcm16le; series: float32le
+    sample_rate: int | None = None  # audio
+    channels: int | None = None  # audio
+    shape: tuple[int, ...] | None = None  # series
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One synchronized multi-modal sample of one asset; ``missing`` lists absent modalities."""
+
+    SCHEMA: ClassVar[str] = "sf.sample/1"
+    sample_id: str
+    asset_id: str
+    ts_ms: int
+    readings: dict[str, SensorEvent]
+    line_id: str = ""
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The fused decision for one sample, with every modality's own view of it."""
+
+    SCHEMA: ClassVar[str] = "sf.prediction/1"
+    sample_id: str
+    asset_id: str
+    ts_ms: int  # the sample's event time
+    classes: tuple[str, ...]
+    fused_probs: tuple[float, ...]
+    fused_label: str
+    fusion_mode: str
+    modality_probs: dict[str, tuple[float, ...]]
+    line_id: str = ""
+    missing: tuple[str, ...] = ()  # absent or undecodable; not computed
+    masked: tuple[str, ...] = ()  # computed (shadow) but left out of the fusion
+    contributions: dict[str, float] = field(default_factory=dict)  # shares, sum to 1
+    versions: dict[str, str] = field(default_factory=dict)  # modality / "fusion" -> version
+    worker_id: str = ""
+    produced_ms: int = 0
+    latency_ms: float = 0.0  # time in the worker: queue wait + compute
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """Ground truth for a sample; arrives late, joins by ``sample_id``."""
+
+    SCHEMA: ClassVar[str] = "sf.label/1"
+    sample_id: str
+    asset_id: str
+    ts_ms: int
+    label: str
+    line_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KpiSnapshot:
+    """Rolling KPIs of one (scope, modality) over one event-time window."""
+
+    SCHEMA: ClassVar[str] = "sf.kpi/1"
+    scope: str  # global | line | asset
+    scope_id: str  # "" for global
+    modality: str  # a modality, or "fused"
+    window_start_ms: int
+    window_end_ms: int
+    n: int
+    n_labelled: int = 0
+    accuracy: float | None = None
+    accuracy_low: float | None = None  # Wilson bound
+    accuracy_high: float | None = None
+    macro_f1: float | None = None
+    agreement: float | None = None  # with the fused label
+    mean_confidence: float | None = None
+    mean_contribution: float | None = None
+    missing_rate: float = 0.0
+    masked_rate: float = 0.0
+    mean_latency_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A firing or resolved alert; ``fingerprint`` is stable over the alert's life."""
+
+    SCHEMA: ClassVar[str] = "sf.alert/1"
+    fingerprint: str
+    alert_id: str  # one firing episode: fingerprint + start
+    status: str  # firing | resolved
+    kind: str  # degradation | ...
+    severity: str  # info | warning | critical
+    modality: str
+    scope: str
+    scope_id: str
+    starts_ms: int
+    event_ms: int  # event time at which this status was decided
+    summary: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    value: float | None = None
+    threshold: float | None = None
+    ends_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An instruction to every inference worker; idempotent by ``command_id``."""
+
+    SCHEMA: ClassVar[str] = "sf.command/1"
+    command_id: str
+    action: str
+    issued_ms: int
+    modality: str | None = None
+    version: str | None = None
+    fusion_mode: str | None = None
+    alert_id: str | None = None
+    reason: str = ""
+
+    ACTIONS: ClassVar[tuple[str, ...]] = (
+        "mask_modality",
+        "unmask_modality",
+        "rollback_model",
+        "activate_model",
+        "rollback_fusion",
+        "set_fusion_mode",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A worker's answer to a command, with its resulting state."""
+
+    SCHEMA: ClassVar[str] = "sf.ack/1"
+    command_id: str
+    worker_id: str
+    status: str  # applied | rejected | duplicate
+    ts_ms: int
+    reason: str = ""
+    masked: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+    fusion_mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected input, with the original bytes and why it was rejected."""
+
+    SCHEMA: ClassVar[str] = "sf.deadletter/1"
+    reason: str
+    detail: str
+    source_topic: str
+    original: bytes
+    component: str
+    ts_ms: int
+    partition: int = -1
+    offset: int = -1
+    key: bytes | None = None
+    content_type: str = ""
+    modality: str | None = None
+
+
+Event = Union[SensorEvent, Sample, Prediction, Label, KpiSnapshot, Alert, Command, Ack, DeadLetter]
+SCHEMAS: dict[str, type] = {
+    cls.SCHEMA: cls
+    for cls in (SensorEvent, Sample, Prediction, Label, KpiSnapshot, Alert, Command, Ack, DeadLetter)
+}
+
+
+# ---------------------------------------------------------------------------- encode
+
+
+def to_map(event: Event) -> dict[str, Any]:
+    """The event as a plain map, ``schema`` first."""
+    out: dict[str, Any] = {"schema": event.SCHEMA}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_map(value)
+        elif isinstance(value, dict):
+            value = {k: to_map(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
+        out[f.name] = value
+    return out
+
+
+def encode(event: Event) -> bytes:
+    """msgpack bytes of ``event`` (send with header ``content-type: application/msgpack``)."""
+    return msgpack.packb(to_map(event), use_bin_type=True)
+
+
+def encode_json(event: Event) -> bytes:
+    """JSON bytes of ``event``; ``bytes`` fields become base64 strings."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, bytes):
+            return base64.b64encode(o).decode("ascii")
+        raise TypeError(type(o).__name__)
+
+    return json.dumps(to_map(event), default=default, separators=(",", ":")).encode()
+
+
+def headers(content_type: str = MSGPACK) -> list[tuple[str, bytes]]:
+    return [("content-type", content_type.encode())]
+
+
+def content_type_of(hdrs: list[tuple[str, bytes]] | None) -> str:
+    for k, v in hdrs or ():
+        if k.lower() == "content-type":
+            return v.decode("latin-1")
+    return ""
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+def decode(
+    data: bytes,
+    content_type: str = "",
+    *,
+    expect: type | tuple[type, ...] | None = None,
+    max_bytes: int = 2_000_000,
+    check_payloads: bool = True,
+) -> Event:
+    """Decode and validate one Kafka value.
+
+    Args:
+        data: the raw value.
+        content_type: the ``content-type`` header; empty means sniff (JSON starts with ``{``).
+        expect: the event class(es) this topic carries; others are ``unexpected_schema``.
+        max_bytes: values larger than this are ``oversize``.
+        check_payloads: validate sensor payloads (image decodes, audio rate, finite series).
+            A Sample's readings are checked separately by :func:`split_bad_readings`, so
+            that one bad reading does not reject the whole sample.
+
+    Returns:
+        The typed event.
+
+    Raises:
+        InvalidEvent: with a reason from :data:`REASONS`.
+    """
+    if data is None:
+        raise InvalidEvent("undecodable", "empty value (tombstone)")
+    if len(data) > max_bytes:
+        raise InvalidEvent("oversize", f"{len(data)} bytes > limit {max_bytes}")
+    is_json = JSON in content_type or (not content_type and data[:1] in (b"{", b" ", b"\n"))
+    try:
+        raw = json.loads(data) if is_json else msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # any parser error means the bytes are not an event
+        fmt = "JSON" if is_json else "msgpack"
+        raise InvalidEvent("undecodable", f"not valid {fmt}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("undecodable", f"expected a map, got {type(raw).__name__}")
+    schema = raw.get("schema")
+    cls = SCHEMAS.get(schema) if isinstance(schema, str) else None
+    if cls is None:
+        raise InvalidEvent("unknown_schema", f"schema {schema!r}; known: {', '.join(SCHEMAS)}")
+    if expect is not None and not issubclass(cls, expect):
+        names = ", ".join(c.SCHEMA for c in (expect if isinstance(expect, tuple) else (expect,)))
+        raise InvalidEvent("unexpected_schema", f"{schema} on a topic that carries {names}")
+    event = _build(cls, raw, is_json, path="")
+    if check_payloads and isinstance(event, SensorEvent):
+        check_reading(event)
+    return event
+
+
+def _build(cls: type, raw: dict, is_json: bool, path: str) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        where = f"{path}{f.name}"
+        if f.name not in raw or raw[f.name] is None and not _optional(hints[f.name]):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise InvalidEvent("missing_field", f"{cls.SCHEMA} needs field {where!r}")
+            continue
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], is_json, where)
+    return cls(**kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _coerce(value: Any, hint: Any, is_json: bool, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], is_json, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidEvent("bad_field", f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, args[0], is_json, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InvalidEvent("bad_field", f"{where}: expected a map, got {type(value).__name__}")
+        return {
+            _coerce(k, args[0], is_json, f"{where} key"): _coerce(v, args[1], is_json, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise InvalidEvent("bad_field", f"{where}: expected a map, got {type(value).__name__}")
+        return _build(hint, value, is_json, path=f"{where}.")
+    if hint is bytes:
+        if is_json and isinstance(value, str):
+            try:
+                return base64.b64decode(value, validate=True)
+            except binascii.Error:
+                raise InvalidEvent("bad_field", f"{where}: not valid base64") from None
+        if not isinstance(value, bytes):
+            raise InvalidEvent("bad_field", f"{where}: expected bytes, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidEvent("bad_field", f"{where}: expected a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise InvalidEvent("non_finite", f"{where} is {value}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidEvent("bad_field", f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise InvalidEvent("bad_field", f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise InvalidEvent("bad_field", f"{where}: expected true/false")
+        return value
+    raise TypeError(f"no coercion for {hint!r}")  # a bug in the schema, not in the input
+
+
+# ---------------------------------------------------------------------------- payloads
+
+
+def check_reading(ev: SensorEvent, max_bytes: int | None = None) -> None:
+    """Validate a reading's payload against its modality.
+
+    Raises:
+        InvalidEvent: ``unknown_modality``, ``oversize``, ``bad_image``, ``bad_audio``,
+            ``bad_series`` or ``non_finite``, with ``modality`` set.
+    """
+    m = ev.modality
+    if m not in MODALITIES:
+        raise InvalidEvent("unknown_modality", f"{m!r}; known: {', '.join(MODALITIES)}", m)
+    if max_bytes is not None and len(ev.payload) > max_bytes:
+        raise InvalidEvent("oversize", f"{m} payload {len(ev.payload)} bytes > {max_bytes}", m)
+    if m == "image":
+        _check_image(ev)
+    elif m == "audio":
+        _check_audio(ev)
+    else:
+        _check_series(ev)
+
+
+def _check_image(ev: SensorEvent) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    data = ev.payload
+    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")):
+        raise InvalidEvent("bad_image", f"payload ({len(data)} bytes) is neither JPEG nor PNG", "image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            img.load()  # decodes fully: catches truncated and corrupt bodies
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidEvent("bad_image", f"image does not decode: {exc}", "image") from None
+    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+        raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
+
+
+def _check_audio(ev: SensorEvent) -> None:
+    lo, hi = SAMPLE_RATE_RANGE
+    if ev.sample_rate is None or not lo <= ev.sample_rate <= hi:
+        raise InvalidEvent("bad_audio", f"sample_rate {ev.sample_rate} outside {lo}..{hi} Hz", "audio")
+    ch = ev.channels if ev.channels is not None else 1
+    if not 1 <= ch <= MAX_CHANNELS:
+        raise InvalidEvent("bad_audio", f"channels {ch} outside 1..{MAX_CHANNELS}", "audio")
+    if ev.encoding not in ("", "pcm16le"):
+        raise InvalidEvent("bad_audio", f"encoding {ev.encoding!r}; only pcm16le", "audio")
+    if not ev.payload or len(ev.payload) % (2 * ch):
+        raise InvalidEvent(
+            "bad_audio", f"{len(ev.payload)} bytes is not a whole number of {ch}-channel PCM16 frames", "audio"
+        )
+
+
+def _check_series(ev: SensorEvent) -> None:
+    if ev.encoding not in ("", "float32le"):
+        raise InvalidEvent("bad_series", f"encoding {ev.encoding!r}; only float32le", "series")
+    n = len(ev.payload) // 4
+    if not ev.payload or len(ev.payload) % 4:
+        raise InvalidEvent("bad_series", f"{len(ev.payload)} bytes is not a float32 array", "series")
+    if ev.shape is not None and (any(d <= 0 for d in ev.shape) or math.prod(ev.shape) != n):
+        raise InvalidEvent("bad_series", f"shape {list(ev.shape)} does not match {n} values", "series")
+    arr = np.frombuffer(ev.payload, dtype="<f4")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InvalidEvent("non_finite", f"series has {bad} NaN/inf values", "series")
+
+
+def split_bad_readings(sample: Sample, max_bytes: int | None = None) -> tuple[Sample, list[InvalidEvent]]:
+    """Check every reading; bad ones are removed and marked missing.
+
+    Returns:
+        The sample with only valid readings (bad modalities added to ``missing``) and the
+        errors, each with ``modality`` set, for the dead-letter topic.
+    """
+    errors: list[InvalidEvent] = []
+    good: dict[str, SensorEvent] = {}
+    for name, ev in sample.readings.items():
+        try:
+            if name != ev.modality:
+                raise InvalidEvent("bad_field", f"reading under {name!r} has modality {ev.modality!r}", name)
+            check_reading(ev, max_bytes)
+        except InvalidEvent as exc:
+            exc.modality = exc.modality or name
+            errors.append(exc)
+        else:
+            good[name] = ev
+    if not errors:
+        return sample, errors
+    missing = tuple(sorted(set(sample.missing) | (set(sample.readings) - set(good))))
+    return dataclasses.replace(sample, readings=good, missing=missing), errors
