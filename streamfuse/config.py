@@ -77,10 +77,15 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_prefix: str = "streamfuse:"
     model_dir: Path = Path(".cache/streamfuse/models")
+    bundle: str = "demo"  # the bundle under model_dir that workers serve
     max_payload_bytes: int = Field(2_000_000, ge=1024)
     worker: WorkerSettings = WorkerSettings()
     monitor: MonitorSettings = MonitorSettings()
     sim: SimSettings = SimSettings()
+
+    @property
+    def bundle_dir(self) -> Path:
+        return Path(self.model_dir) / self.bundle
 
     @property
     def broker_kind(self) -> Literal["kafka", "tansu"]:

@@ -262,8 +262,10 @@ def headers(content_type: str = MSGPACK) -> list[tuple[str, bytes]]:
     return [("content-type", content_type.encode())]
 
 
-def content_type_of(hdrs: list[tuple[str, bytes]] | None) -> str:
-    for k, v in hdrs or ():
+def content_type_of(hdrs: list[tuple[str, bytes]] | dict[str, bytes] | None) -> str:
+    """The ``content-type`` header from Kafka headers (a list of pairs, or faust's mapping)."""
+    pairs = hdrs.items() if isinstance(hdrs, dict) else hdrs or ()
+    for k, v in pairs:
         if k.lower() == "content-type":
             return v.decode("latin-1")
     return ""
@@ -319,7 +321,19 @@ def decode(
     event = _build(cls, raw, is_json, path="")
     if check_payloads and isinstance(event, SensorEvent):
         check_reading(event)
+    if isinstance(event, Prediction):
+        _check_prediction(event)
     return event
+
+
+def _check_prediction(p: Prediction) -> None:
+    n = len(p.classes)
+    if n == 0:
+        raise InvalidEvent("bad_field", "prediction has no classes")
+    for name, probs in (("fused_probs", p.fused_probs), *((f"modality_probs.{m}", v) for m, v in
+                                                        p.modality_probs.items())):
+        if len(probs) != n:
+            raise InvalidEvent("bad_field", f"{name} has {len(probs)} values for {n} classes")
 
 
 def _build(cls: type, raw: dict, is_json: bool, path: str) -> Any:
@@ -433,11 +447,12 @@ def _check_image(ev: SensorEvent) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
+            # Check the header's size before decoding: a tiny file can claim a huge image.
+            if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+                raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
             img.load()  # decodes fully: catches truncated and corrupt bodies
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidEvent("bad_image", f"image does not decode: {exc}", "image") from None
-    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
-        raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
 
 
 def _check_audio(ev: SensorEvent) -> None:

@@ -1,0 +1,3 @@
+from streamfuse.cli import main
+
+main()

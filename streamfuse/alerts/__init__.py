@@ -1,0 +1,1 @@
+"""Alert lifecycle (pure) and, later, subscriptions and delivery."""

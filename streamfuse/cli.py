@@ -1,0 +1,196 @@
+"""``streamfuse`` — one CLI for every process and tool."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from streamfuse.config import Settings
+from streamfuse.errors import StreamfuseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
+                       "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
+topics_app = typer.Typer(no_args_is_help=True, help="Create or list the Kafka topics.")
+app.add_typer(topics_app, name="topics")
+console = Console()
+log = logging.getLogger("streamfuse")
+
+
+def _settings(verbose: bool = False) -> Settings:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    settings.log_effective(log)
+    return settings
+
+
+def _parse_faults(specs: list[str]):
+    from streamfuse.sim.faults import parse_fault
+
+    return tuple(parse_fault(s) for s in specs)
+
+
+@app.command()
+def demo(
+    duration: float = typer.Option(90.0, help="Seconds to run the simulated plant."),
+    fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable; "
+                                             "e.g. image:fog@40."),
+    summary: Optional[Path] = typer.Option(None, help="Write a JSON summary here."),
+    assets: Optional[int] = typer.Option(None, help="Simulated assets (default 4)."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default 2)."),
+    logs: Path = typer.Option(Path(".cache/streamfuse/demo-logs"), help="Child process logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the whole pipeline locally: embedded broker, plant, worker, monitor, live KPIs."""
+    from streamfuse.demo import run_demo
+
+    settings = _settings(verbose)
+    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
+    settings = settings.model_copy(update={"sim": sim})
+    result = run_demo(settings, duration, _parse_faults(fault), summary, console, logs)
+    c = result["counts"]
+    console.print(f"samples {c['samples']}, predictions {c['predictions']}, dead-letter {c['dead_letter']}, "
+                  f"KPI snapshots {c['kpi_snapshots']}, alerts {c['alerts']}, commands {c['commands']}")
+    for a in result["alerts"]:
+        console.print(f"  alert  t={a['t_s']:6.1f}s  {a['status']:8s} {a['kind']} {a['modality']} "
+                      f"({a['scope']} {a['scope_id']})")
+    for cmd in result["commands"]:
+        console.print(f"  command t={cmd['t_s']:5.1f}s  {cmd['action']} {cmd['modality']}")
+
+
+@app.command()
+def broker(port: int = typer.Option(9092, help="Port to listen on (0 = a free one).")) -> None:
+    """Run the embedded Kafka-protocol broker in the foreground (Ctrl-C stops it)."""
+    from streamfuse.embedded import EmbeddedBroker
+
+    _settings()
+    b = EmbeddedBroker(port=port).start()
+    console.print(f"broker ready: export STREAMFUSE_KAFKA_BOOTSTRAP={b.bootstrap} STREAMFUSE_BROKER=tansu")
+    try:
+        b.wait()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is the normal way to stop it
+    finally:
+        b.stop()
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every missing topic (idempotent)."""
+    from streamfuse.topics import ensure_topics
+
+    created = ensure_topics(_settings())
+    console.print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else " (all existed)"))
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """List the topics under the prefix with their partition counts."""
+    from streamfuse.topics import list_topics
+
+    for name, parts in list_topics(_settings()).items():
+        console.print(f"{name}\t{parts}")
+
+
+@app.command()
+def simulate(
+    assets: Optional[int] = typer.Option(None, help="Number of assets."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset."),
+    duration: Optional[float] = typer.Option(None, help="Seconds of event time (default: until Ctrl-C)."),
+    fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable."),
+    speed: float = typer.Option(1.0, help="Event-time seconds per wall-clock second (1 = real time)."),
+    max_speed: bool = typer.Option(False, "--max-speed", help="Publish as fast as possible (event time unchanged)."),
+    malformed_every: int = typer.Option(0, help="Every N samples also publish malformed records (0 = never)."),
+) -> None:
+    """Run the simulated plant: samples to <prefix>samples, labels (late) to <prefix>labels."""
+    from streamfuse.sim.publish import SimPublisher
+
+    settings = _settings()
+    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
+    pub = SimPublisher(settings.model_copy(update={"sim": sim}), _parse_faults(fault), speed=None if max_speed else speed,
+                       malformed_every=malformed_every)
+    try:
+        stats = pub.run(duration_s=duration)
+    except KeyboardInterrupt:
+        stats = pub.stats
+    console.print(f"published {stats.samples} samples ({stats.sensor_events} sensor readings), "
+                  f"{stats.labels} labels, {stats.malformed} malformed records")
+
+
+@app.command()
+def worker(
+    max_batch: Optional[int] = typer.Option(None, help="Largest micro-batch."),
+    max_delay_ms: Optional[int] = typer.Option(None, help="Longest wait for a batch to fill, ms."),
+    max_samples: Optional[int] = typer.Option(None, help="Stop after this many predictions."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run an inference worker: samples → per-modality models + fusion → predictions."""
+    import signal
+
+    from streamfuse.inference.worker import InferenceWorker
+    from streamfuse.models.bundle import load_bundle
+    from streamfuse.models.runtime import resolve_device
+    from streamfuse.demo import ensure_demo_bundle
+
+    settings = _settings(verbose)
+    over = {k: v for k, v in (("max_batch", max_batch), ("max_delay_ms", max_delay_ms)) if v is not None}
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=over)})
+    if settings.bundle == "demo":
+        ensure_demo_bundle(settings, console)
+    bundle = load_bundle(settings.bundle_dir, resolve_device(settings.worker.device))
+    w = InferenceWorker(settings, bundle)
+    signal.signal(signal.SIGTERM, lambda *_: w.stop())
+    n = w.run(max_samples=max_samples)
+    console.print(f"worker {w.worker_id} stopped after {n} predictions")
+
+
+@app.command()
+def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the monitor (faust): KPIs, degradation alerts, rollback commands."""
+    from streamfuse.monitor.app import run_monitor
+
+    settings = _settings(verbose)
+    run_monitor(settings, settings.bundle_dir, loglevel="info" if verbose else "warn")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show the latest KPIs, open alerts, workers' state and recent audit entries (from Redis)."""
+    from streamfuse.store import StatusStore, connect
+
+    settings = _settings()
+    st = StatusStore(connect(settings), settings.redis_prefix).status()
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title="latest global KPIs")
+    for col in ("scope", "modality", "n", "accuracy", "agreement", "contribution", "masked"):
+        t.add_column(col)
+    for key, k in st["kpis"].items():
+        if k["scope"] != "global":
+            continue
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k["agreement"]),
+                  fmt(k["mean_contribution"]), fmt(k["masked_rate"]))
+    console.print(t)
+    console.print(f"open alerts: {len(st['open_alerts'])}")
+    for a in st["open_alerts"].values():
+        console.print(f"  {a['severity']:8s} {a['kind']} {a['modality']} {a['scope']} {a['scope_id']}: {a['summary']}")
+    for wid, ack in st["workers"].items():
+        console.print(f"worker {wid}: masked={ack['masked']} fusion={ack['fusion_mode']} versions={ack['versions']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except StreamfuseError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None

@@ -1,0 +1,243 @@
+"""``streamfuse demo``: the whole pipeline on one machine, and the demo's models.
+
+Starts the embedded broker (unless ``STREAMFUSE_KAFKA_BOOTSTRAP`` is set), checks Redis,
+creates the topics, trains the demo bundle on simulator data at first run (cached under
+the model directory), starts a worker and the monitor as child processes, runs the
+simulated plant in real time, shows a live KPI table and writes a JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamfuse.config import Settings
+from streamfuse.events import Ack, Alert, Command, KpiSnapshot, decode
+from streamfuse.sim.faults import FaultSpec
+from streamfuse.topics import Topics
+
+log = logging.getLogger(__name__)
+
+DEMO_TRAIN, DEMO_VAL, DEMO_TEST = 800, 240, 240
+
+
+def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
+                       sizes: tuple[int, int, int] = (DEMO_TRAIN, DEMO_VAL, DEMO_TEST)) -> Path:
+    """The demo bundle at ``settings.bundle_dir``, trained on simulator data if absent.
+
+    The models are produced by the project's own training code (stage 1 per modality,
+    UME fusion) on clean simulated data, so they are meaningful, not random.
+    """
+    from streamfuse.models.bundle import MANIFEST
+
+    out = settings.bundle_dir
+    if (out / MANIFEST).is_file():
+        return out
+    from streamfuse.models.train import train_bundle
+    from streamfuse.sim.plant import Plant, PlantConfig
+
+    say = console.print if console is not None else log.info
+    plant = Plant(PlantConfig(seed=settings.sim.seed), run_id="train")
+    n_train, n_val, n_test = sizes
+    t0 = time.monotonic()
+    say(f"training the demo bundle on {n_train} simulated samples (first run only) ...")
+    manifest = train_bundle(plant.dataset(n_train, seed=1), plant.dataset(n_val, seed=2),
+                            plant.dataset(n_test, seed=3), out, epochs=epochs, seed=settings.sim.seed,
+                            device=settings.worker.device)
+    base = ", ".join(f"{m} {v['top1']:.2f}" for m, v in manifest["baselines"].items())
+    say(f"demo bundle ready in {time.monotonic() - t0:.0f} s at {out} (validation top-1: {base})")
+    return out
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Environment that gives a child process the same effective settings."""
+    env = dict(os.environ)
+    env.update({
+        "STREAMFUSE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "STREAMFUSE_BROKER": settings.broker_kind,
+        "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix,
+        "STREAMFUSE_PARTITIONS": str(settings.partitions),
+        "STREAMFUSE_REDIS_URL": settings.redis_url,
+        "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix,
+        "STREAMFUSE_MODEL_DIR": str(Path(settings.model_dir).resolve()),
+        "STREAMFUSE_BUNDLE": settings.bundle,
+        "STREAMFUSE_MONITOR": settings.monitor.model_dump_json(),
+        "STREAMFUSE_WORKER": settings.worker.model_dump_json(),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def spawn(component: str, settings: Settings, log_dir: Path, *args: str) -> subprocess.Popen:
+    """Start ``streamfuse <component>`` as a child process logging to ``log_dir``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(log_dir / f"{component}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "streamfuse", component, *args], env=child_env(settings),
+                            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_children(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@dataclass
+class Observer:
+    """Reads every output topic from the start and keeps counts and the latest KPIs."""
+
+    settings: Settings
+    start_ms: int
+    counts: dict[str, int] = field(default_factory=dict)
+    kpis: dict[str, KpiSnapshot] = field(default_factory=dict)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    acks: list[dict[str, Any]] = field(default_factory=list)
+    prediction_counts: Counter = field(default_factory=Counter)
+    predictions: dict[str, Any] = field(default_factory=dict)  # sample_id -> last Prediction
+    dead_reasons: list[tuple[str, str | None]] = field(default_factory=list)  # (reason, modality)
+
+    def __post_init__(self) -> None:
+        from kafka import TopicPartition
+
+        from streamfuse.kafka import make_consumer
+
+        t = Topics(self.settings.topic_prefix)
+        self.names = {t.predictions: "predictions", t.kpis: "kpi_snapshots", t.alerts: "alerts",
+                      t.control: "commands", t.acks: "acks", t.deadletter: "deadletter"}
+        self.consumer = make_consumer(self.settings, None, "streamfuse-demo-observer")
+        tps = [TopicPartition(name, p) for name in self.names
+               for p in sorted(self.consumer.partitions_for_topic(name) or {0})]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_beginning(*tps)
+        self.counts = {v: 0 for v in self.names.values()}
+
+    def t_s(self, ms: int) -> float:
+        return round((ms - self.start_ms) / 1000, 1)
+
+    def poll(self, timeout_ms: int = 200) -> None:
+        for tp, msgs in self.consumer.poll(timeout_ms=timeout_ms).items():
+            kind = self.names[tp.topic]
+            for msg in msgs:
+                self.counts[kind] += 1
+                ev = decode(msg.value, check_payloads=False)
+                if kind == "deadletter":
+                    self.dead_reasons.append((ev.reason, ev.modality))
+                elif kind == "predictions":
+                    self.prediction_counts[ev.sample_id] += 1
+                    self.predictions[ev.sample_id] = ev
+                elif isinstance(ev, KpiSnapshot) and ev.scope == "global":
+                    self.kpis[ev.modality] = ev
+                elif isinstance(ev, Alert):
+                    self.alerts.append({"modality": ev.modality, "kind": ev.kind, "status": ev.status,
+                                        "scope": ev.scope, "scope_id": ev.scope_id, "t_s": self.t_s(ev.event_ms),
+                                        "alert_id": ev.alert_id, "summary": ev.summary})
+                elif isinstance(ev, Command):
+                    self.commands.append({"action": ev.action, "modality": ev.modality,
+                                          "t_s": self.t_s(ev.issued_ms), "command_id": ev.command_id,
+                                          "alert_id": ev.alert_id})
+                elif isinstance(ev, Ack):
+                    self.acks.append({"command_id": ev.command_id, "worker_id": ev.worker_id,
+                                      "status": ev.status, "masked": list(ev.masked)})
+
+    def table(self, sim_stats, elapsed_s: float, duration_s: float):
+        from rich.table import Table
+
+        table = Table(title=f"streamfuse demo  t={elapsed_s:5.1f}/{duration_s:.0f} s   samples {sim_stats.samples}"
+                            f"  predictions {len(self.prediction_counts)}  dead-letter {self.counts['deadletter']}"
+                            f"  alerts {self.counts['alerts']}  commands {self.counts['commands']}")
+        for col in ("modality", "window", "n", "accuracy", "agreement", "contribution", "confidence",
+                    "missing", "masked"):
+            table.add_column(col, justify="right" if col not in ("modality",) else "left")
+
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.2f}"
+
+        for m, k in sorted(self.kpis.items()):
+            table.add_row(m, f"{self.t_s(k.window_end_ms):.0f}s", str(k.n), f(k.accuracy), f(k.agreement),
+                          f(k.mean_contribution), f(k.mean_confidence), f(k.missing_rate), f(k.masked_rate))
+        for a in self.alerts[-4:]:
+            table.add_row(f"[red]{a['status']}[/red]", f"{a['t_s']:.0f}s", "", a["summary"][:60])
+        return table
+
+
+def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...], summary_path: Path | None,
+             console, log_dir: Path, malformed_every: int = 200) -> dict[str, Any]:
+    from rich.live import Live
+
+    from streamfuse.embedded import EmbeddedBroker
+    from streamfuse.sim.publish import SimPublisher
+    from streamfuse.store import StatusStore, connect
+    from streamfuse.topics import ensure_topics
+
+    broker = None
+    procs: list[subprocess.Popen] = []
+    if not settings.kafka_bootstrap:
+        broker = EmbeddedBroker().start()
+        settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "broker": "tansu"})
+        console.print(f"embedded broker on {broker.bootstrap}")
+    try:
+        store = StatusStore(connect(settings), settings.redis_prefix)
+        store.clear()  # the demo's own prefix: a fresh status for this run
+        ensure_topics(settings)
+        ensure_demo_bundle(settings, console)
+        procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir)]
+        start_ms = int(time.time() * 1000)
+        sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
+                           run_id=f"demo{start_ms}")
+        observer = Observer(settings, start_ms)
+        thread = threading.Thread(target=sim.run, kwargs={"duration_s": duration_s}, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        with Live(observer.table(sim.stats, 0, duration_s), console=console, refresh_per_second=2) as live:
+            while thread.is_alive() or (len(observer.prediction_counts) < sim.stats.samples
+                                        and time.monotonic() - t0 < duration_s + 30):
+                observer.poll()
+                live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
+                for p, name in zip(procs, ("worker", "monitor")):
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {p.returncode}; see {log_dir / name}.log")
+        for _ in range(5):  # pick up the last acks and snapshots
+            observer.poll(200)
+        summary = {
+            "duration_s": duration_s,
+            "faults": [str(f) for f in faults],
+            "bundle": str(settings.bundle_dir),
+            "counts": {"sensor_events": sim.stats.sensor_events, "samples": sim.stats.samples,
+                       "labels": sim.stats.labels, "malformed_injected": sim.stats.malformed,
+                       "predictions": len(observer.prediction_counts),
+                       "dead_letter": observer.counts["deadletter"], "kpi_snapshots": observer.counts["kpi_snapshots"],
+                       "alerts": observer.counts["alerts"], "commands": observer.counts["commands"],
+                       "acks": observer.counts["acks"]},
+            "alerts": observer.alerts,
+            "commands": observer.commands,
+            "acks": observer.acks,
+            "final_kpis": {m: {"accuracy": k.accuracy, "agreement": k.agreement,
+                               "mean_contribution": k.mean_contribution, "masked_rate": k.masked_rate}
+                           for m, k in sorted(observer.kpis.items())},
+        }
+        if summary_path is not None:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(summary, indent=2))
+            console.print(f"summary written to {summary_path}")
+        return summary
+    finally:
+        stop_children(procs)
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,1 @@
+"""Inference workers: micro-batching, model running, contributions, commands."""

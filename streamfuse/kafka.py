@@ -1,0 +1,171 @@
+"""Where the code meets the broker: client settings chosen with the broker.
+
+Every Kafka client in streamfuse is configured here. The embedded test broker (Tansu)
+differs from Apache Kafka in ways measured in ``BROKER.md``; each workaround is a field
+of :class:`BrokerProfile`, picked once by ``Settings.broker_kind`` — never scattered
+through the code:
+
+* end offsets are wrong when producers batch → one record per batch;
+* kafka-python's idempotent producer never recovers after a broker restart → off;
+* consumer groups join after half the session timeout → short session timeout.
+
+Real Kafka keeps normal batching, idempotence and session timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streamfuse.config import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """Client settings that depend on which broker is on the other end."""
+
+    name: str
+    one_record_per_batch: bool
+    idempotent_producer: bool
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+
+
+PROFILES = {
+    "kafka": BrokerProfile("kafka", False, True, 45_000, 3_000),
+    "tansu": BrokerProfile("tansu", True, False, 2_000, 500),
+}
+
+
+def profile(settings: Settings) -> BrokerProfile:
+    return PROFILES[settings.broker_kind]
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    sec = settings.kafka_security
+    out: dict[str, Any] = {"security_protocol": sec.protocol}
+    if sec.sasl_mechanism:
+        out["sasl_mechanism"] = sec.sasl_mechanism
+        out["sasl_plain_username"] = sec.sasl_username
+        if sec.sasl_password is not None:
+            out["sasl_plain_password"] = sec.sasl_password.get_secret_value()
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(sec, key)
+        if value is not None:
+            out[key] = str(value)
+    return out
+
+
+def bootstrap(settings: Settings) -> str:
+    from streamfuse.errors import ConfigError
+
+    if not settings.kafka_bootstrap:
+        raise ConfigError(
+            "no Kafka bootstrap address: set STREAMFUSE_KAFKA_BOOTSTRAP=host:9092, "
+            "or run `streamfuse broker` / `streamfuse demo`, which start the embedded broker"
+        )
+    return settings.kafka_bootstrap
+
+
+def producer_config(settings: Settings, client_id: str = "streamfuse") -> dict[str, Any]:
+    """kafka-python ``KafkaProducer`` keyword arguments."""
+    p = profile(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": bootstrap(settings),
+        "client_id": client_id,
+        "acks": "all",
+        "max_request_size": MAX_MESSAGE_BYTES,
+        "enable_idempotence": p.idempotent_producer,
+        "batch_size": 0 if p.one_record_per_batch else 64 * 1024,
+        "linger_ms": 0 if p.one_record_per_batch else 5,
+        "retries": 5,
+    }
+    cfg.update(_security(settings))
+    return cfg
+
+
+def consumer_config(
+    settings: Settings, group: str | None, client_id: str = "streamfuse", **overrides: Any
+) -> dict[str, Any]:
+    """kafka-python ``KafkaConsumer`` keyword arguments (manual commits when in a group)."""
+    p = profile(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": bootstrap(settings),
+        "client_id": client_id,
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+        "session_timeout_ms": p.session_timeout_ms,
+        "heartbeat_interval_ms": p.heartbeat_interval_ms,
+    }
+    cfg.update(_security(settings))
+    cfg.update(overrides)
+    return cfg
+
+
+def admin_config(settings: Settings) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"bootstrap_servers": bootstrap(settings), "client_id": "streamfuse-admin"}
+    cfg.update(_security(settings))
+    return cfg
+
+
+def faust_config(settings: Settings) -> dict[str, Any]:
+    """faust-streaming ``App`` keyword arguments (faust talks to Kafka through aiokafka)."""
+    p = profile(settings)
+    cfg: dict[str, Any] = {
+        "broker": f"kafka://{bootstrap(settings)}",
+        "broker_session_timeout": p.session_timeout_ms / 1000,
+        "broker_heartbeat_interval": p.heartbeat_interval_ms / 1000,
+        "producer_max_request_size": MAX_MESSAGE_BYTES,
+        "consumer_max_fetch_size": MAX_MESSAGE_BYTES,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+    }
+    if p.one_record_per_batch:
+        # Tansu reports end offsets per batch; faust table recovery needs exact ones.
+        cfg["producer_max_batch_size"] = 1
+        cfg["producer_linger"] = 0.0
+    return cfg
+
+
+def make_producer(settings: Settings, client_id: str = "streamfuse"):
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**producer_config(settings, client_id))
+
+
+def make_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse", **overrides: Any):
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(**consumer_config(settings, group, client_id, **overrides))
+
+
+def wait_for_broker(bootstrap_servers: str, timeout_s: float = 30.0) -> None:
+    """Return once the broker answers a metadata request; raise BrokerError at the deadline."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from streamfuse.errors import BrokerError
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2_000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError, ValueError) as exc:
+            last = exc
+            time.sleep(0.2)
+    raise BrokerError(f"broker at {bootstrap_servers} did not answer metadata within {timeout_s:.0f} s: {last}")

@@ -1,0 +1,87 @@
+"""Every Prometheus metric of streamfuse, defined in one place.
+
+Metrics register against an injectable ``CollectorRegistry``: tests pass a fresh one and
+read values with ``registry.get_sample_value(...)``. Labels come from small fixed sets
+(modality, topic, reason, outcome), never ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.samples = Counter(
+            "streamfuse_worker_samples_total", "Samples turned into predictions.", registry=registry
+        )
+        self.batches = Counter("streamfuse_worker_batches_total", "Micro-batches run.", registry=registry)
+        self.batch_size = Histogram(
+            "streamfuse_worker_batch_size", "Samples per micro-batch.", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.queue_wait = Histogram(
+            "streamfuse_worker_queue_wait_seconds",
+            "Time from the first sample of a batch arriving to its compute starting.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.compute = Histogram(
+            "streamfuse_worker_compute_seconds",
+            "Model compute time per batch and modality (decode + forward).",
+            ["modality"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "streamfuse_worker_rejected_total",
+            "Inputs sent to the dead-letter topic.",
+            ["reason"],
+            registry=registry,
+        )
+        self.commands = Counter(
+            "streamfuse_worker_commands_total", "Commands handled.", ["action", "outcome"], registry=registry
+        )
+        self.masked = Gauge(
+            "streamfuse_worker_modality_masked", "1 when the modality is masked.", ["modality"], registry=registry
+        )
+        self.versions = Info("streamfuse_worker_active_versions", "Active model versions.", registry=registry)
+
+
+class MonitorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter(
+            "streamfuse_monitor_events_total", "Events consumed.", ["kind"], registry=registry
+        )
+        self.rejected = Counter(
+            "streamfuse_monitor_rejected_total", "Inputs sent to the dead-letter topic.", ["reason"],
+            registry=registry,
+        )
+        self.kpi = Gauge(
+            "streamfuse_monitor_kpi_value",
+            "Latest KPI value per global/line scope and modality.",
+            ["scope", "modality", "kpi"],
+            registry=registry,
+        )
+        self.alerts = Counter(
+            "streamfuse_monitor_alerts_total", "Alert transitions.", ["kind", "status"], registry=registry
+        )
+        self.firing = Gauge(
+            "streamfuse_monitor_alerts_firing", "Alerts firing now.", ["kind", "modality"], registry=registry
+        )
+        self.commands = Counter(
+            "streamfuse_monitor_commands_total", "Commands issued.", ["action"], registry=registry
+        )
+        self.pending_labels = Gauge(
+            "streamfuse_monitor_pending_labels", "Labels waiting for their prediction.", registry=registry
+        )
+
+
+def serve(registry: CollectorRegistry, port: int) -> None:
+    """Expose ``/metrics`` on ``port`` (0 = do not serve)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=registry)

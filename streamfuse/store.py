@@ -1,0 +1,95 @@
+"""Shared state in Redis: latest KPIs, open alerts, the command audit trail, readiness.
+
+Every key starts with ``Settings.redis_prefix`` so that tests and replays can run
+beside live traffic in the same Redis.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamfuse.config import Settings
+from streamfuse.errors import ConfigError
+from streamfuse.events import Ack, Alert, Command, KpiSnapshot, to_map
+
+
+def connect(settings: Settings):
+    """A Redis client; raises ConfigError with the fix when Redis does not answer."""
+    import redis
+
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = redis.Redis.from_url(settings.redis_url, password=password, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"Redis at {settings.redis_url} does not answer ({exc}); start it with "
+            "`redis-server --daemonize yes --port 6379 --save \"\"` or set STREAMFUSE_REDIS_URL"
+        ) from None
+    return client
+
+
+class StatusStore:
+    """Read and write the monitor's shared state."""
+
+    def __init__(self, client, prefix: str) -> None:
+        self.r = client
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def put_kpis(self, snaps: list[KpiSnapshot]) -> None:
+        if not snaps:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for s in snaps:
+            if s.scope != "asset":  # per-asset snapshots are on the topic; keep Redis small
+                pipe.hset(self.key("kpi:latest"), f"{s.scope}|{s.scope_id}|{s.modality}", json.dumps(to_map(s)))
+        pipe.execute()
+
+    def put_alert(self, alert: Alert) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        if alert.status == "firing":
+            pipe.hset(self.key("alerts:open"), alert.fingerprint, json.dumps(to_map(alert)))
+        else:
+            pipe.hdel(self.key("alerts:open"), alert.fingerprint)
+        pipe.xadd(self.key("audit"), {"type": "alert", "id": alert.alert_id, "status": alert.status,
+                                      "body": json.dumps(to_map(alert))}, maxlen=100_000, approximate=True)
+        pipe.execute()
+
+    def put_command(self, cmd: Command) -> None:
+        self.r.xadd(self.key("audit"), {"type": "command", "id": cmd.command_id, "alert_id": cmd.alert_id or "",
+                                        "body": json.dumps(to_map(cmd))}, maxlen=100_000, approximate=True)
+
+    def put_ack(self, ack: Ack) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.key("workers"), ack.worker_id, json.dumps(to_map(ack)))
+        pipe.xadd(self.key("audit"), {"type": "ack", "id": ack.command_id, "worker": ack.worker_id,
+                                      "status": ack.status}, maxlen=100_000, approximate=True)
+        pipe.execute()
+
+    def mark_ready(self, component: str, ident: str, ttl_s: int = 3600) -> None:
+        self.r.set(self.key(f"ready:{component}:{ident}"), "1", ex=ttl_s)
+
+    def ready(self, component: str) -> list[str]:
+        pattern = self.key(f"ready:{component}:*")
+        return sorted(k.decode().rsplit(":", 1)[-1] for k in self.r.scan_iter(match=pattern))
+
+    def status(self) -> dict[str, Any]:
+        def load(h: dict) -> dict[str, Any]:
+            return {k.decode(): json.loads(v) for k, v in sorted(h.items())}
+
+        audit = self.r.xrevrange(self.key("audit"), count=20)
+        return {
+            "kpis": load(self.r.hgetall(self.key("kpi:latest"))),
+            "open_alerts": load(self.r.hgetall(self.key("alerts:open"))),
+            "workers": load(self.r.hgetall(self.key("workers"))),
+            "recent_audit": [{k.decode(): v.decode() for k, v in fields.items() if k != b"body"}
+                             for _, fields in audit],
+        }
+
+    def clear(self) -> int:
+        keys = list(self.r.scan_iter(match=f"{self.prefix}*"))
+        return self.r.delete(*keys) if keys else 0
