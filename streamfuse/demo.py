@@ -215,6 +215,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                         raise RuntimeError(f"{name} exited with {p.returncode}; see {log_dir / name}.log")
         for _ in range(5):  # pick up the last acks and snapshots
             observer.poll(200)
+        observer.consumer.close()
         summary = {
             "duration_s": duration_s,
             "faults": [str(f) for f in faults],
