@@ -1,0 +1,133 @@
+"""The bundle manifest (``manifest.json``): format, validation, version ids. No torch.
+
+Format ``streamfuse.bundle/1``::
+
+    {"format": "streamfuse.bundle/1", "version": "b-…", "created_ms": 1700000000000,
+     "classes": ["normal", …], "modalities": ["image", "audio", "series"],
+     "configs": {"image": {ModalityConfig.to_dict(), incl. "version"}, …},
+     "weights": {"image": {"sha256": "…", "bytes": 123}, …},
+     "fusion": {"mode": "ume", "version": "ume"},
+     "baselines": {"image": {"top1": 0.9, "macro_f1": 0.9, "n": 120}, …, "fused": {…}},
+     "test": {same shape as baselines, or {}}, "training": {…}}
+
+``baselines`` are validation metrics (what the monitor compares live KPIs with);
+``test`` are held-out metrics for reports. Weights live next to the manifest as
+``<modality>.safetensors``; their sha256 is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from streamfuse.errors import ModelError
+from streamfuse.events import MODALITIES
+from streamfuse.models.config import FUSION_MODES, ModalityConfig
+
+FORMAT = "streamfuse.bundle/1"
+MANIFEST = "manifest.json"
+HOW_TO_FIX = "run `streamfuse train --data DIR --out MODELS` to create a bundle, or point the model directory at one"
+REQUIRED = ("version", "created_ms", "classes", "modalities", "configs", "weights", "fusion", "baselines")
+
+
+def weights_file(bundle_dir: Path, modality: str) -> Path:
+    """Where a modality's weights live (fixed names: the manifest holds no paths)."""
+    return bundle_dir / f"{modality}.safetensors"
+
+
+def bundle_version(versions: Mapping[str, str], classes: Sequence[str]) -> str:
+    """A content-derived bundle id: the same unit versions and classes give the same id.
+
+    Examples:
+        >>> bundle_version({"image": "image-1", "fusion": "ume"}, ["a", "b"])
+        'b-1389633a0314'
+    """
+    blob = json.dumps({"versions": dict(sorted(versions.items())), "classes": list(classes)}, sort_keys=True)
+    return "b-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate a bundle's manifest without loading any weights.
+
+    Args:
+        path: the bundle directory.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ModelError: the directory or manifest is missing, unreadable or inconsistent;
+            ``path`` on the error is the file or directory at fault.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model bundle {path} does not exist; {HOW_TO_FIX}", path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ModelError(f"{file} is missing, so {path} is not a model bundle; {HOW_TO_FIX}", file)
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}; {HOW_TO_FIX}", file) from None
+    check_manifest(manifest, file)
+    return manifest
+
+
+def check_manifest(man: Any, where: Path) -> None:
+    """Validate a manifest's structure and its internal consistency.
+
+    Raises:
+        ModelError: naming ``where`` and the first problem found.
+    """
+
+    def fail(msg: str) -> ModelError:
+        return ModelError(f"{where}: {msg}; re-export the bundle or {HOW_TO_FIX}", where)
+
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise fail(f"format must be {FORMAT!r}")
+    for key in REQUIRED:
+        if key not in man:
+            raise fail(f"manifest field {key!r} is missing")
+    if not isinstance(man["version"], str) or not man["version"] or not isinstance(man["created_ms"], int):
+        raise fail("version must be a non-empty string and created_ms an integer (epoch ms)")
+    mods, classes = man["modalities"], man["classes"]
+    if not isinstance(mods, list) or not mods or len(set(mods)) != len(mods) or set(mods) - set(MODALITIES):
+        raise fail(f"modalities {mods!r} must be distinct values of {list(MODALITIES)}")
+    for key in ("configs", "weights"):
+        if not isinstance(man[key], dict) or sorted(man[key]) != sorted(mods):
+            have = sorted(man[key]) if isinstance(man[key], dict) else man[key]
+            raise fail(f"{key} cover {have!r}, modalities are {mods}")
+    for m in mods:
+        try:
+            cfg = ModalityConfig.from_dict(man["configs"][m])
+        except ModelError as exc:
+            raise fail(f"configs.{m}: {exc}") from None
+        if cfg.modality != m or list(cfg.classes) != classes:
+            raise fail(f"the {m} config does not match modality {m!r} and classes {classes}")
+        if not isinstance(man["weights"][m], dict) or not isinstance(man["weights"][m].get("sha256"), str):
+            raise fail(f"weights.{m}.sha256 is missing")
+    fusion = man["fusion"]
+    if not (isinstance(fusion, dict) and fusion.get("mode") in FUSION_MODES and isinstance(fusion.get("version"), str)):
+        raise fail(f"fusion must be {{'mode': one of {list(FUSION_MODES)}, 'version': str}}")
+    for section in ("baselines", "test"):
+        scores = man.get(section) or {}
+        if not isinstance(scores, dict):
+            raise fail(f"{section} must be a map")
+        for unit, values in scores.items():
+            ok = isinstance(values, dict) and all(
+                isinstance(values.get(k), (int, float)) and 0 <= values[k] <= 1 for k in ("top1", "macro_f1")
+            )
+            if not ok:
+                raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
