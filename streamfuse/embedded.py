@@ -51,9 +51,9 @@ class EmbeddedBroker:
     """Start and stop a local broker on a free port.
 
     Examples:
-        >>> with EmbeddedBroker() as broker:          # doctest: +SKIP
-        ...     print(broker.bootstrap)
-        127.0.0.1:40123
+        >>> with EmbeddedBroker() as broker:
+        ...     print(broker.bootstrap.startswith("127.0.0.1:"))
+        True
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0) -> None:
