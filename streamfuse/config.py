@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamfuse.alerts.config import AlertSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +84,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     monitor: MonitorSettings = MonitorSettings()
     sim: SimSettings = SimSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @property
     def bundle_dir(self) -> Path:

@@ -85,3 +85,45 @@ def serve(registry: CollectorRegistry, port: int) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, registry=registry)
+
+
+class SyncMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.readings = Counter(
+            "streamfuse_sync_readings_total", "Sensor readings consumed.", ["modality"], registry=registry
+        )
+        self.samples = Counter("streamfuse_sync_samples_total", "Synchronized samples emitted.", registry=registry)
+        self.late = Counter(
+            "streamfuse_sync_late_readings_total", "Readings that arrived after their slot closed.", ["modality"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "streamfuse_sync_duplicate_readings_total", "Readings ignored as duplicates (same event id).",
+            ["modality"], registry=registry,
+        )
+        self.missing = Counter(
+            "streamfuse_sync_missing_total", "Samples emitted without this modality.", ["modality"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "streamfuse_sync_rejected_total", "Inputs sent to the dead-letter topic.", ["reason"], registry=registry
+        )
+
+
+class AlertMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.alerts = Counter(
+            "streamfuse_alerts_received_total", "Alert events consumed by the dispatcher.", ["status"],
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "streamfuse_alerts_notifications_total", "Notification attempts by receiver type and outcome.",
+            ["receiver", "outcome"], registry=registry,
+        )
+        self.delivery = Histogram(
+            "streamfuse_alerts_delivery_seconds", "Time from alert to successful delivery.", ["receiver"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900), registry=registry,
+        )
+        self.queued = Gauge(
+            "streamfuse_alerts_queued", "Notifications waiting for delivery.", ["receiver"], registry=registry
+        )
