@@ -11,13 +11,27 @@ import typer
 from rich.console import Console
 
 from streamfuse.config import Settings
-from streamfuse.errors import StreamfuseError
+from streamfuse.errors import ModelError, StreamfuseError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
                        "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
-topics_app = typer.Typer(no_args_is_help=True, help="Create or list the Kafka topics.")
+topics_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Create or list the Kafka topics.")
 app.add_typer(topics_app, name="topics")
+
+
+def _register_subcommands() -> None:
+    # Each area owns its commands; they are mounted here so `streamfuse --help` lists them all.
+    from streamfuse.alerts.cli import alerts_app
+    from streamfuse.models.cli import dataset_app, models_app, train
+
+    app.command(help=train.__doc__)(train)
+    app.add_typer(dataset_app, name="dataset")
+    app.add_typer(models_app, name="models")
+    app.add_typer(alerts_app, name="alerts")
+
+
+_register_subcommands()
 console = Console()
 log = logging.getLogger("streamfuse")
 
@@ -107,14 +121,24 @@ def simulate(
     speed: float = typer.Option(1.0, help="Event-time seconds per wall-clock second (1 = real time)."),
     max_speed: bool = typer.Option(False, "--max-speed", help="Publish as fast as possible (event time unchanged)."),
     malformed_every: int = typer.Option(0, help="Every N samples also publish malformed records (0 = never)."),
+    per_modality_topics: bool = typer.Option(
+        False, "--per-modality-topics", help="Publish each reading to <prefix>sensor.<modality> (run `streamfuse "
+                                             "sync` to align them) instead of aligned samples."),
+    jitter_ms: int = typer.Option(40, help="With --per-modality-topics: event-time jitter of each reading, ms."),
+    reorder: float = typer.Option(0.05, help="With --per-modality-topics: share of readings published out of order."),
+    drop: float = typer.Option(0.02, help="With --per-modality-topics: share of readings never published."),
 ) -> None:
-    """Run the simulated plant: samples to <prefix>samples, labels (late) to <prefix>labels."""
-    from streamfuse.sim.publish import SimPublisher
+    """Run the simulated plant: samples (or per-modality readings) and, late, labels."""
+    from streamfuse.sim.publish import ReadingDisorder, SimPublisher
 
     settings = _settings()
     sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
-    pub = SimPublisher(settings.model_copy(update={"sim": sim}), _parse_faults(fault), speed=None if max_speed else speed,
-                       malformed_every=malformed_every)
+    settings = settings.model_copy(update={"sim": sim})
+    disorder = ReadingDisorder(jitter_ms=jitter_ms, reorder_prob=reorder,
+                               reorder_ms=int(500 / sim.rate_hz), drop_prob=drop) if per_modality_topics else None
+    pub = SimPublisher(settings, _parse_faults(fault), speed=None if max_speed else speed,
+                       malformed_every=malformed_every, per_modality_topics=per_modality_topics,
+                       **({"disorder": disorder} if disorder else {}))
     try:
         stats = pub.run(duration_s=duration)
     except KeyboardInterrupt:
@@ -133,21 +157,49 @@ def worker(
     """Run an inference worker: samples → per-modality models + fusion → predictions."""
     import signal
 
+    from streamfuse.demo import ensure_models
     from streamfuse.inference.worker import InferenceWorker
-    from streamfuse.models.bundle import load_bundle
-    from streamfuse.models.runtime import resolve_device
-    from streamfuse.demo import ensure_demo_bundle
 
     settings = _settings(verbose)
     over = {k: v for k, v in (("max_batch", max_batch), ("max_delay_ms", max_delay_ms)) if v is not None}
     settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=over)})
-    if settings.bundle == "demo":
-        ensure_demo_bundle(settings, console)
-    bundle = load_bundle(settings.bundle_dir, resolve_device(settings.worker.device))
-    w = InferenceWorker(settings, bundle)
+    if settings.worker.threads:
+        import torch
+
+        # On a shared CPU, more threads than cores-per-process thrash (measured 20x slower).
+        torch.set_num_threads(settings.worker.threads)
+    registry = ensure_models(settings, console)
+    bundle = registry.load_active(settings.worker.device)
+    w = InferenceWorker(settings, bundle, model_registry=registry)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     n = w.run(max_samples=max_samples)
     console.print(f"worker {w.worker_id} stopped after {n} predictions")
+
+
+@app.command()
+def sync(
+    max_samples: Optional[int] = typer.Option(None, help="Stop after this many samples."),
+    metrics_port: int = typer.Option(0, help="Serve Prometheus /metrics on this port (0 = off)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Align per-modality readings (<prefix>sensor.*) into samples (<prefix>samples) by event time."""
+    import signal
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from streamfuse.metrics import serve
+    from streamfuse.sync_app import run_sync
+
+    settings = _settings(verbose)
+    stop, registry = threading.Event(), CollectorRegistry()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve(registry, metrics_port)
+    try:
+        n = run_sync(settings, stop=stop, max_samples=max_samples, registry=registry)
+    except KeyboardInterrupt:
+        n = 0
+    console.print(f"sync stopped after {n} samples")
 
 
 @app.command()
@@ -155,8 +207,14 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the monitor (faust): KPIs, degradation alerts, rollback commands."""
     from streamfuse.monitor.app import run_monitor
 
+    from streamfuse.registry import Registry
+
     settings = _settings(verbose)
-    run_monitor(settings, settings.bundle_dir, loglevel="info" if verbose else "warn")
+    baselines = Registry(settings).baselines()
+    if not baselines:
+        raise ModelError("the model registry has no active versions, so there are no baselines to monitor "
+                         "against: start a worker first (it imports the bundle) or `streamfuse models import DIR`")
+    run_monitor(settings, baselines, loglevel="info" if verbose else "warn")
 
 
 @app.command()

@@ -36,6 +36,7 @@ class WorkerSettings(BaseModel):
     max_batch: int = Field(32, ge=1, le=4096)
     max_delay_ms: int = Field(20, ge=0, le=60_000)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = Field(1, ge=0)  # torch CPU threads; 0 = torch's default (one per core)
     metrics_port: int = Field(0, ge=0, le=65535)  # 0 = no /metrics endpoint
 
 
@@ -51,6 +52,21 @@ class MonitorSettings(BaseModel):
     resolve_windows: int = Field(2, ge=1)
     dry_run: bool = False  # alert only, issue no commands
     metrics_port: int = Field(0, ge=0, le=65535)
+    detect_scopes: tuple[str, ...] = ("global", "line")  # where the label-based degradation runs
+    # Sensor health: a reading is flat at or below this signal std (image grey levels,
+    # audio in [-1, 1], series in its own units); a fault fires above these rates.
+    flat_std: dict[str, float] = {"image": 0.25, "audio": 1e-4, "series": 1e-6}
+    sensor_fault_rate: float = Field(0.5, gt=0.0, le=1.0)
+    max_abs_skew_ms: float = Field(500.0, gt=0.0)
+    dominance_share: float = Field(0.7, gt=0.0, le=1.0)
+    drift_delta: float = Field(0.1, gt=0.0)  # Page-Hinkley on label-free proxies: >= 2x window noise
+    drift_threshold: float = Field(1.0, gt=0.0)
+    fusion_margin: float = Field(0.05, ge=0.0, le=1.0)
+    cooldown_ms: int = Field(30_000, ge=0)
+    max_actions_per_hour: int = Field(20, ge=1)
+    rollback_after_activation_ms: int = Field(120_000, ge=0)
+    fusion_action: Literal["set_fusion_mode", "rollback_fusion"] = "set_fusion_mode"
+    ack_timeout_ms: int = Field(15_000, ge=100)  # wall time a worker has to ack a command
 
 
 class SimSettings(BaseModel):

@@ -52,10 +52,33 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     say(f"training the demo bundle on {n_train} simulated samples (first run only) ...")
     manifest = train_bundle(plant.dataset(n_train, seed=1), plant.dataset(n_val, seed=2),
                             plant.dataset(n_test, seed=3), out, epochs=epochs, seed=settings.sim.seed,
-                            device=settings.worker.device)
+                            device=settings.worker.device, fusion="auto")
     base = ", ".join(f"{m} {v['top1']:.2f}" for m, v in manifest["baselines"].items())
     say(f"demo bundle ready in {time.monotonic() - t0:.0f} s at {out} (validation top-1: {base})")
     return out
+
+
+def ensure_models(settings: Settings, console=None):
+    """The model registry, with active versions: imports ``settings.bundle_dir`` when the
+    registry has none (training the demo bundle first when the bundle is ``demo``).
+
+    Raises:
+        ModelError: nothing is active and there is no bundle to import.
+    """
+    from streamfuse.errors import ModelError
+    from streamfuse.registry import Registry
+
+    registry = Registry(settings)
+    if registry.active():
+        return registry
+    if settings.bundle == "demo":
+        ensure_demo_bundle(settings, console)
+    if not (settings.bundle_dir / "manifest.json").is_file():
+        raise ModelError(f"the model registry has no active versions and there is no bundle at "
+                         f"{settings.bundle_dir}: run `streamfuse train --data DIR --out MODELS` and "
+                         "`streamfuse models import MODELS`", settings.bundle_dir)
+    registry.import_bundle(settings.bundle_dir, actor="startup")
+    return registry
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -105,7 +128,8 @@ class Observer:
     settings: Settings
     start_ms: int
     counts: dict[str, int] = field(default_factory=dict)
-    kpis: dict[str, KpiSnapshot] = field(default_factory=dict)
+    kpis: dict[str, KpiSnapshot] = field(default_factory=dict)  # latest global snapshot per modality
+    kpi_log: list[KpiSnapshot] = field(default_factory=list)  # every global and line snapshot
     alerts: list[dict[str, Any]] = field(default_factory=list)
     commands: list[dict[str, Any]] = field(default_factory=list)
     acks: list[dict[str, Any]] = field(default_factory=list)
@@ -142,19 +166,24 @@ class Observer:
                 elif kind == "predictions":
                     self.prediction_counts[ev.sample_id] += 1
                     self.predictions[ev.sample_id] = ev
-                elif isinstance(ev, KpiSnapshot) and ev.scope == "global":
-                    self.kpis[ev.modality] = ev
+                elif isinstance(ev, KpiSnapshot):
+                    if ev.scope != "asset":
+                        self.kpi_log.append(ev)
+                    if ev.scope == "global":
+                        self.kpis[ev.modality] = ev
                 elif isinstance(ev, Alert):
                     self.alerts.append({"modality": ev.modality, "kind": ev.kind, "status": ev.status,
                                         "scope": ev.scope, "scope_id": ev.scope_id, "t_s": self.t_s(ev.event_ms),
                                         "alert_id": ev.alert_id, "summary": ev.summary})
                 elif isinstance(ev, Command):
-                    self.commands.append({"action": ev.action, "modality": ev.modality,
-                                          "t_s": self.t_s(ev.issued_ms), "command_id": ev.command_id,
-                                          "alert_id": ev.alert_id})
+                    self.commands.append({"action": ev.action, "modality": ev.modality, "scope": ev.scope,
+                                          "scope_id": ev.scope_id, "version": ev.version,
+                                          "fusion_mode": ev.fusion_mode, "t_s": self.t_s(ev.issued_ms),
+                                          "command_id": ev.command_id, "alert_id": ev.alert_id})
                 elif isinstance(ev, Ack):
                     self.acks.append({"command_id": ev.command_id, "worker_id": ev.worker_id,
-                                      "status": ev.status, "masked": list(ev.masked)})
+                                      "status": ev.status, "reason": ev.reason, "masked": list(ev.masked),
+                                      "versions": dict(ev.versions), "t_s": self.t_s(ev.ts_ms)})
 
     def table(self, sim_stats, elapsed_s: float, duration_s: float):
         from rich.table import Table
@@ -177,6 +206,44 @@ class Observer:
         return table
 
 
+def fault_report(observer: Observer, faults: tuple[FaultSpec, ...], window_ms: int,
+                 duration_s: float) -> dict[str, Any]:
+    """Alert → command → ack chains, detection delay per fault (in windows) and fused
+    accuracy before, during and after each fault, from what the observer read."""
+    chains = []
+    for a in observer.alerts:
+        if a["status"] != "firing":
+            continue
+        cmds = [c for c in observer.commands if c["alert_id"] == a["alert_id"]]
+        chains.append({"alert": {k: a[k] for k in ("t_s", "kind", "modality", "scope", "scope_id", "summary")},
+                       "commands": [{"t_s": c["t_s"], "action": c["action"], "modality": c["modality"],
+                                     "scope": c["scope"], "scope_id": c["scope_id"],
+                                     "acks": [{"worker_id": k["worker_id"], "status": k["status"], "t_s": k["t_s"]}
+                                              for k in observer.acks if k["command_id"] == c["command_id"]]}
+                                    for c in cmds]})
+
+    def fused_acc(t0: float, t1: float) -> float | None:
+        snaps = [k for k in observer.kpi_log if k.scope == "global" and k.modality == "fused" and k.n_labelled
+                 and t0 <= observer.t_s(k.window_start_ms) and observer.t_s(k.window_end_ms) <= t1]
+        n = sum(k.n_labelled for k in snaps)
+        return round(sum(k.n_correct for k in snaps) / n, 4) if n else None
+
+    per_fault = []
+    for f in faults:
+        end = f.end_s if f.end_s is not None else duration_s
+        hits = [a for a in observer.alerts if a["status"] == "firing" and a["modality"] == f.modality
+                and a["t_s"] >= f.start_s]
+        first = min((a["t_s"] for a in hits), default=None)
+        per_fault.append({
+            "fault": str(f),
+            "first_alert_t_s": first,
+            "detection_delay_windows": None if first is None else round((first - f.start_s) * 1000 / window_ms, 1),
+            "fused_accuracy": {"before": fused_acc(0, f.start_s), "during": fused_acc(f.start_s, end),
+                               "after": fused_acc(end, duration_s) if f.end_s is not None else None},
+        })
+    return {"chains": chains, "fault_detection": per_fault}
+
+
 def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...], summary_path: Path | None,
              console, log_dir: Path, malformed_every: int = 200) -> dict[str, Any]:
     from rich.live import Live
@@ -196,7 +263,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         store = StatusStore(connect(settings), settings.redis_prefix)
         store.clear()  # the demo's own prefix: a fresh status for this run
         ensure_topics(settings)
-        ensure_demo_bundle(settings, console)
+        ensure_models(settings, console)
         procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir)]
         start_ms = int(time.time() * 1000)
         sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
@@ -232,6 +299,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
             "final_kpis": {m: {"accuracy": k.accuracy, "agreement": k.agreement,
                                "mean_contribution": k.mean_contribution, "masked_rate": k.masked_rate}
                            for m, k in sorted(observer.kpis.items())},
+            **fault_report(observer, faults, settings.monitor.kpi_window_ms, duration_s),
         }
         if summary_path is not None:
             summary_path.parent.mkdir(parents=True, exist_ok=True)

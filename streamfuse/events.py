@@ -48,6 +48,11 @@ REASONS = (
     "bad_image",
     "bad_audio",
     "bad_series",
+    "no_usable_modality",
+    # the synchronizer's: valid readings that joined no sample
+    "late_reading",  # its slot had already closed
+    "outside_tolerance",  # too far from every slot time
+    "extra_reading",  # a second reading of one modality for one slot
 )
 
 
@@ -97,7 +102,14 @@ class Prediction:
     line_id: str = ""
     missing: tuple[str, ...] = ()  # absent or undecodable; not computed
     masked: tuple[str, ...] = ()  # computed (shadow) but left out of the fusion
-    contributions: dict[str, float] = field(default_factory=dict)  # shares, sum to 1
+    contributions: dict[str, float] = field(default_factory=dict)  # leave-one-out shares, sum to 1
+    shapley: dict[str, float] = field(default_factory=dict)  # exact Shapley values (<= 4 modalities)
+    confidence: dict[str, float] = field(default_factory=dict)  # each modality's max probability
+    entropy: dict[str, float] = field(default_factory=dict)  # each modality's entropy, nats
+    agreement: dict[str, bool] = field(default_factory=dict)  # modality label == fused label
+    signal_std: dict[str, float] = field(default_factory=dict)  # raw signal spread (sensor health)
+    digest: dict[str, int] = field(default_factory=dict)  # CRC-32 of each reading's payload
+    skew_ms: dict[str, int] = field(default_factory=dict)  # reading time - sample time
     versions: dict[str, str] = field(default_factory=dict)  # modality / "fusion" -> version
     worker_id: str = ""
     produced_ms: int = 0
@@ -128,15 +140,29 @@ class KpiSnapshot:
     window_end_ms: int
     n: int
     n_labelled: int = 0
+    n_correct: int = 0
+    n_truth_classes: int = 0  # distinct true classes among the labelled samples
     accuracy: float | None = None
     accuracy_low: float | None = None  # Wilson bound
     accuracy_high: float | None = None
     macro_f1: float | None = None
     agreement: float | None = None  # with the fused label
     mean_confidence: float | None = None
+    mean_entropy: float | None = None
     mean_contribution: float | None = None
+    dominance: float | None = None  # fused label follows this modality while another disagrees
     missing_rate: float = 0.0
     masked_rate: float = 0.0
+    n_flat: int = 0  # readings with a flat signal
+    n_stuck: int = 0  # readings identical to the asset's previous one
+    n_missing: int = 0
+    mean_abs_skew_ms: float | None = None  # |reading time - sample time|
+    # Fused only: the best single modality or UME on the same labelled samples (paired).
+    ref_modality: str = ""
+    ref_n: int = 0
+    ref_correct: int = 0
+    ref_fused_correct: int = 0
+    ref_discordant: int = 0  # exactly one of fused and reference right
     mean_latency_ms: float | None = None
 
 
@@ -175,6 +201,8 @@ class Command:
     fusion_mode: str | None = None
     alert_id: str | None = None
     reason: str = ""
+    scope: str = "global"  # mask / unmask apply to: global | line | asset
+    scope_id: str = ""  # the line or asset id
 
     ACTIONS: ClassVar[tuple[str, ...]] = (
         "mask_modality",

@@ -70,6 +70,11 @@ class StatusStore:
                                       "status": ack.status}, maxlen=100_000, approximate=True)
         pipe.execute()
 
+    def claim(self, kind: str, ident: str, ttl_s: int = 7 * 24 * 3600) -> bool:
+        """True the first time ``(kind, ident)`` is claimed: a restarted monitor that
+        re-derives the same alert or command does not publish it twice."""
+        return bool(self.r.set(self.key(f"claimed:{kind}:{ident}"), "1", nx=True, ex=ttl_s))
+
     def mark_ready(self, component: str, ident: str, ttl_s: int = 3600) -> None:
         self.r.set(self.key(f"ready:{component}:{ident}"), "1", ex=ttl_s)
 

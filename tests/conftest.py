@@ -60,6 +60,9 @@ def settings(broker, trained_bundle) -> Settings:
         worker={"group": f"workers-{tag}", "max_batch": 16, "max_delay_ms": 20, "device": "cpu"},
         monitor={"app_id": f"monitor-{tag}", "kpi_window_ms": 5000, "label_grace_ms": 15000},
     )
+    from streamfuse.demo import ensure_models
+
+    ensure_models(s)  # imports the trained bundle into this test's registry namespace
     yield s
     StatusStore(connect(s), s.redis_prefix).clear()
     _delete_topics(s)
@@ -75,3 +78,32 @@ def _delete_topics(s: Settings) -> None:
             admin.delete_topics(names)
     finally:
         admin.close()
+
+
+def add_image_version(settings: Settings, tmp_path: Path, *, corrupt: bool = False, seed: int = 123) -> str:
+    """Store a new image model version in the registry (not activated): random weights
+    (a bad model), or with ``corrupt`` a weights file truncated after it was stored."""
+    import torch
+
+    from streamfuse.models.bundle_io import write_weights
+    from streamfuse.models.encoders import create_model
+    from streamfuse.models.units import UNIT_WEIGHTS, read_unit_manifest, write_unit
+    from streamfuse.registry import Registry
+
+    registry = Registry(settings)
+    good = registry.active()["image"]
+    man = read_unit_manifest(registry.root / "image" / good)
+    torch.manual_seed(seed)
+    model = create_model(registry.load_unit("image", good).module.sf_config)
+    version = f"image-bad{seed}{'c' if corrupt else ''}"
+    model.set_version(version)
+    work = tmp_path / version
+    work.mkdir()
+    entry = write_weights(work / UNIT_WEIGHTS, model, {"unit": "image", "version": version})
+    manifest = {**man, "version": version, "config": {**man["config"], "version": version},
+                "weights": {**man["weights"], **entry, "file": UNIT_WEIGHTS}}
+    stored = write_unit(registry.root, manifest, work / UNIT_WEIGHTS)
+    if corrupt:
+        data = (stored / UNIT_WEIGHTS).read_bytes()
+        (stored / UNIT_WEIGHTS).write_bytes(data[: len(data) // 2])
+    return version

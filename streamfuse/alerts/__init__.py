@@ -1,1 +1,5 @@
-"""Alert lifecycle (pure) and, later, subscriptions and delivery."""
+"""Alerts: lifecycle (pure), subscriptions and silences (Redis), delivery (webhooks,
+Alertmanager, Redis pub/sub), the HTTP API and the ``streamfuse alerts`` commands.
+
+Nothing heavy is imported here: ``streamfuse.config`` imports :mod:`streamfuse.alerts.config`.
+"""

@@ -1,8 +1,19 @@
-"""Settings of alert routing and delivery (``STREAMFUSE_ALERTS__*``)."""
+"""Settings of alert routing and delivery (``STREAMFUSE_ALERTS__*``).
+
+Only pydantic here: ``streamfuse.config`` imports this module, so it stays light.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
+
+
+class InhibitRuleSettings(BaseModel):
+    """While an alert matching ``source`` fires, alerts matching ``target`` with equal ``equal`` labels are muted."""
+
+    source: list[str]
+    target: list[str]
+    equal: list[str] = []
 
 
 class AlertSettings(BaseModel):
@@ -10,3 +21,20 @@ class AlertSettings(BaseModel):
     allow_private_targets: bool = False  # webhooks to 10/8, 172.16/12, 192.168/16, loopback
     request_timeout_s: float = Field(5.0, gt=0)
     give_up_s: float = Field(3600.0, gt=0)  # then the notification goes to the dead-letter topic
+    # Grouping (Alertmanager's route knobs): alerts with equal `group_by` labels travel together.
+    group_by: list[str] = ["kind", "modality"]
+    group_wait_s: float = Field(2.0, ge=0)  # a new group waits this long for more alerts
+    group_interval_s: float = Field(10.0, ge=0)  # later changes of a group wait this long after its last send
+    repeat_interval_s: float = Field(4 * 3600.0, gt=0)  # re-notify alerts still firing
+    # Retries: exponential backoff from `backoff_initial_s`, doubling, capped, with jitter.
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    inhibit_rules: list[InhibitRuleSettings] = [
+        InhibitRuleSettings(source=["kind=sensor_fault"], target=["kind=degradation"], equal=["asset", "modality"])
+    ]
+    external_url: str = ""  # this deployment's dashboard; webhook `externalURL` and alerts' `generatorURL`
+    # HTTP API of `streamfuse alerts serve`.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(9095, ge=0, le=65535)
+    api_token: SecretStr | None = None  # when set, the API wants `Authorization: Bearer <token>`
+    metrics_port: int = Field(0, ge=0, le=65535)  # dispatcher /metrics (0 = off)

@@ -4,7 +4,7 @@ At-least-once: offsets are committed only after the batch's predictions (and dea
 records) are flushed; ``sample_id`` makes re-processing idempotent downstream. Commands
 on ``control`` are read by every worker (no consumer group) from the start of the topic,
 so a worker that starts late reaches the current desired state, and are applied between
-batches.
+batches (:mod:`streamfuse.inference.commands`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -26,28 +24,23 @@ from streamfuse.events import (
     MSGPACK, Ack, Command, DeadLetter, Prediction, Sample, content_type_of, decode, encode, headers,
     split_bad_readings,
 )
-from streamfuse.inference.contributions import leave_one_out_shares
+from streamfuse.inference.commands import CommandHandler
+from streamfuse.inference.signals import signal_stats
+from streamfuse.inference.contributions import (
+    MAX_SHAPLEY_MODALITIES, confidence_entropy, leave_one_out_shares, shapley_values, subset_table,
+)
 from streamfuse.kafka import make_consumer, make_producer
 from streamfuse.metrics import WorkerMetrics, serve
 from streamfuse.models.bundle import Bundle
-from streamfuse.models.fusion import ume
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HDRS = headers(MSGPACK)
+RECONCILE_S = 2.0  # how often a worker compares what it serves with the registry
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass
-class WorkerState:
-    """What the commands have set; reported in every Ack."""
-
-    masked: set[str] = field(default_factory=set)
-    fusion_mode: str = "ume"
-    seen_commands: set[str] = field(default_factory=set)
 
 
 class InferenceWorker:
@@ -57,21 +50,27 @@ class InferenceWorker:
         settings: effective settings (bootstrap, topics, batching knobs).
         bundle: the loaded model bundle.
         worker_id: unique per process; defaults to ``host-pid``.
-        registry: Prometheus registry for this worker's metrics.
+        metrics_registry: Prometheus registry for this worker's metrics.
+        model_registry: the model registry (versions, hot swaps); None = serve ``bundle`` only.
     """
 
     def __init__(self, settings: Settings, bundle: Bundle, worker_id: str | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 metrics_registry: CollectorRegistry | None = None, model_registry=None) -> None:
         self.settings = settings
         self.bundle = bundle
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.topics = Topics(settings.topic_prefix)
-        self.registry = registry or CollectorRegistry()
-        self.metrics = WorkerMetrics(self.registry)
-        self.state = WorkerState(fusion_mode=bundle.fusion_mode)
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = WorkerMetrics(self.metrics_registry)
+        self.commands = CommandHandler(self, model_registry)
+        self._next_reconcile = 0.0
         self.processed = 0
         self._stop = threading.Event()
         self.metrics.versions.info({m: v for m, v in bundle.versions.items()})
+
+    @property
+    def state(self):
+        return self.commands.state
 
     def stop(self) -> None:
         self._stop.set()
@@ -81,7 +80,7 @@ class InferenceWorker:
     def run(self, max_samples: int | None = None) -> int:
         """Consume until stopped (or ``max_samples`` predictions); returns the count."""
         wcfg = self.settings.worker
-        serve(self.registry, wcfg.metrics_port)
+        serve(self.metrics_registry, wcfg.metrics_port)
         consumer = make_consumer(self.settings, wcfg.group, self.worker_id, max_poll_records=wcfg.max_batch)
         control = make_consumer(self.settings, None, f"{self.worker_id}-control")
         producer = make_producer(self.settings, self.worker_id)
@@ -92,11 +91,12 @@ class InferenceWorker:
                    for p in sorted(control.partitions_for_topic(self.topics.control) or {0})]
             control.assign(ctl)
             control.seek_to_beginning(*ctl)
+            catch_up_to = control.end_offsets(ctl)  # commands before these are history
             consumer.subscribe([self.topics.samples])
             log.info("worker %s serving bundle %s (batch <= %d, delay <= %d ms)",
                      self.worker_id, self.bundle.version, wcfg.max_batch, wcfg.max_delay_ms)
             while not self._stop.is_set() and (max_samples is None or self.processed < max_samples):
-                self._apply_commands(control, producer)
+                self._apply_commands(control, producer, catch_up_to)
                 records, first_at = self._collect(consumer)
                 if not records:
                     continue
@@ -104,6 +104,7 @@ class InferenceWorker:
                 producer.flush()
                 consumer.commit()  # only after the outputs are flushed
         finally:
+            self.commands.close()
             consumer.close()
             control.close()
             producer.close()
@@ -158,28 +159,35 @@ class InferenceWorker:
         started = time.monotonic()
         self.metrics.queue_wait.observe(started - first_at)
         b = self.bundle
-        probs = torch.zeros(len(samples), len(b.modalities), len(b.classes))
-        present = torch.zeros(len(samples), len(b.modalities), dtype=torch.bool)
-        for j, m in enumerate(b.modalities):
-            t0 = time.monotonic()
-            rows = [i for i, (_, s) in enumerate(samples) if m in s.readings]
-            out = b.modality_probs_checked(m, [samples[i][1].readings[m] for i in rows])
-            good = [rows[k] for k in out.indices]
-            probs[good, j] = out.probs
-            present[good, j] = True
-            for k, exc in out.errors:
-                exc.modality = exc.modality or m
-                self._dead(producer, samples[rows[k]][0], exc)
-            self.metrics.compute.labels(m).observe(time.monotonic() - t0)
-        masked = torch.tensor([m in self.state.masked for m in b.modalities])
-        fused_in = present & ~masked
-        fused = ume(probs, fused_in).numpy()
-        shares = leave_one_out_shares(probs.numpy(), fused_in.numpy())
+        enc = b.encode([s.readings for _, s in samples])
+        for m, seconds in enc.seconds.items():
+            self.metrics.compute.labels(m).observe(seconds)
+        for row, exc in enc.errors:
+            self._dead(producer, samples[row][0], exc)
+        masked = torch.tensor([[self.state.masked_for(m, smp) for m in b.modalities] for _, smp in samples],
+                              dtype=torch.bool).reshape(len(samples), len(b.modalities))
+        use = enc.computed & ~masked
+        fused = b.fuse(enc, use, self.state.fusion_mode).numpy()
+        usable = use.any(dim=1).numpy()
+        players, y = use.numpy(), fused.argmax(axis=1)
+        values = subset_table(lambda u: b.fuse(enc, torch.from_numpy(u), self.state.fusion_mode).numpy(),
+                              players, y)
+        shares = leave_one_out_shares(values, players)
+        shapley = shapley_values(values, players) if len(b.modalities) <= MAX_SHAPLEY_MODALITIES else None
+        probs, computed = enc.modality_probs.numpy(), enc.computed.numpy()
+        conf, ent = confidence_entropy(probs)
         done_ms = now_ms()
         latency = (time.monotonic() - first_at) * 1000
-        pn, presn = probs.numpy(), present.numpy()
+        produced = 0
         for i, (msg, s) in enumerate(samples):
-            y = int(np.argmax(fused[i]))
+            if not usable[i]:
+                self._dead(producer, msg, InvalidEvent(
+                    "no_usable_modality", f"sample {s.sample_id}: no modality left to fuse (missing: "
+                    f"{sorted(set(b.modalities) - {m for j, m in enumerate(b.modalities) if computed[i, j]})}, "
+                    f"masked: {list(self.state.masked_labels())})"))
+                continue
+            present = [(j, m) for j, m in enumerate(b.modalities) if computed[i, j]]
+            stats = {m: signal_stats(s.readings[m]) for _, m in present}
             pred = Prediction(
                 sample_id=s.sample_id,
                 asset_id=s.asset_id,
@@ -187,63 +195,56 @@ class InferenceWorker:
                 ts_ms=s.ts_ms,
                 classes=b.classes,
                 fused_probs=tuple(float(x) for x in fused[i]),
-                fused_label=b.classes[y],
+                fused_label=b.classes[y[i]],
                 fusion_mode=self.state.fusion_mode,
-                modality_probs={m: tuple(float(x) for x in pn[i, j]) for j, m in enumerate(b.modalities)
-                                if presn[i, j]},
-                missing=tuple(m for j, m in enumerate(b.modalities) if not presn[i, j]),
-                masked=tuple(m for j, m in enumerate(b.modalities) if presn[i, j] and m in self.state.masked),
-                contributions={m: float(shares[i, j]) for j, m in enumerate(b.modalities) if shares[i, j] > 0},
+                modality_probs={m: tuple(float(x) for x in probs[i, j]) for j, m in present},
+                missing=tuple(m for j, m in enumerate(b.modalities) if not computed[i, j]),
+                masked=tuple(m for j, m in present if masked[i, j]),
+                contributions={m: float(shares[i, j]) for j, m in present if players[i, j]},
+                shapley={m: float(shapley[i, j]) for j, m in present if players[i, j]} if shapley is not None else {},
+                confidence={m: float(conf[i, j]) for j, m in present},
+                entropy={m: float(ent[i, j]) for j, m in present},
+                agreement={m: bool(probs[i, j].argmax() == y[i]) for j, m in present},
+                signal_std={m: st[0] for m, st in stats.items()},
+                digest={m: st[1] for m, st in stats.items()},
+                skew_ms={m: s.readings[m].ts_ms - s.ts_ms for _, m in present},
                 versions=dict(b.versions),
                 worker_id=self.worker_id,
                 produced_ms=done_ms,
                 latency_ms=latency,
             )
             producer.send(self.topics.predictions, key=msg.key, value=encode(pred), headers=HDRS)
+            produced += 1
         self.processed += len(samples)
-        self.metrics.samples.inc(len(samples))
+        self.metrics.samples.inc(produced)
         self.metrics.batches.inc()
         self.metrics.batch_size.observe(len(samples))
 
     # ------------------------------------------------------------------ commands
 
-    def _apply_commands(self, control, producer) -> None:
+    def _apply_commands(self, control, producer, catch_up_to: dict | None = None) -> None:
         polled = control.poll(timeout_ms=0)
-        for msgs in polled.values():
+        acks: list[tuple[Command, str, str]] = []
+        for tp, msgs in polled.items():
             for msg in msgs:
                 try:
                     cmd = decode(msg.value, content_type_of(msg.headers), expect=Command)
                 except InvalidEvent as exc:
                     self._dead(producer, msg, exc)
                     continue
-                status, reason = self.apply(cmd)
-                self.metrics.commands.labels(cmd.action, status).inc()
-                ack = Ack(cmd.command_id, self.worker_id, status, now_ms(), reason,
-                          tuple(sorted(self.state.masked)), dict(self.bundle.versions), self.state.fusion_mode)
-                producer.send(self.topics.acks, key=self.worker_id.encode(), value=encode(ack), headers=HDRS)
-                log.info("command %s %s(%s): %s %s", cmd.command_id, cmd.action, cmd.modality, status, reason)
-        if polled:
+                catching_up = catch_up_to is not None and msg.offset < catch_up_to.get(tp, 0)
+                result = self.commands.apply(cmd, catching_up)
+                if result is not None:
+                    acks.append((cmd, *result))
+        if self.commands.registry is not None and time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + RECONCILE_S
+            self.commands.reconcile()
+        acks += self.commands.finish_swaps()
+        for cmd, status, reason in acks:
+            self.metrics.commands.labels(cmd.action, status).inc()
+            ack = Ack(cmd.command_id, self.worker_id, status, now_ms(), reason, self.state.masked_labels(),
+                      dict(self.bundle.versions), self.state.fusion_mode)
+            producer.send(self.topics.acks, key=self.worker_id.encode(), value=encode(ack), headers=HDRS)
+            log.info("command %s %s(%s): %s %s", cmd.command_id, cmd.action, cmd.modality, status, reason)
+        if acks:
             producer.flush()
-
-    def apply(self, cmd: Command) -> tuple[str, str]:
-        """Apply one command to this worker's state; returns (status, reason)."""
-        st = self.state
-        if cmd.command_id in st.seen_commands:
-            return "duplicate", "already applied"
-        st.seen_commands.add(cmd.command_id)
-        if cmd.action in ("mask_modality", "unmask_modality"):
-            if cmd.modality not in self.bundle.modalities:
-                return "rejected", f"unknown modality {cmd.modality!r}; bundle has {list(self.bundle.modalities)}"
-            if cmd.action == "mask_modality":
-                st.masked.add(cmd.modality)
-            else:
-                st.masked.discard(cmd.modality)
-            self.metrics.masked.labels(cmd.modality).set(1 if cmd.modality in st.masked else 0)
-            return "applied", ""
-        if cmd.action == "set_fusion_mode":
-            if cmd.fusion_mode != "ume":
-                return "rejected", f"fusion mode {cmd.fusion_mode!r} is not available in bundle {self.bundle.version}"
-            st.fusion_mode = "ume"
-            return "applied", ""
-        # Model swaps need the model registry's version history, which this worker has not got.
-        return "rejected", f"{cmd.action} needs a model registry; this worker serves one fixed bundle"

@@ -1,4 +1,4 @@
-"""Per-modality models, fusion, bundles and stage-1 training.
+"""Per-modality models, fusion (ume / weighted / head), bundles, datasets and two-stage training.
 
 Names are imported lazily, so that ``streamfuse.models.metrics`` (pure numpy) can be
 used without importing torch.
@@ -21,17 +21,27 @@ _EXPORTS = {
     "CheckedBatch": "preprocess",
     "ume": "fusion",
     "FUSION_MODES": "config",
+    "FusionConfig": "fusion",
+    "FusionSet": "fusion",
+    "FusionUnit": "fusion",
     "top1": "metrics",
     "macro_f1": "metrics",
     "Bundle": "bundle",
-    "FusedOutput": "bundle",
-    "load_bundle": "bundle",
-    "save_bundle": "bundle",
+    "Encoded": "outputs",
+    "FusedOutput": "outputs",
+    "LoadedUnit": "outputs",
+    "load_bundle": "bundle_io",
+    "save_bundle": "bundle_io",
     "read_manifest": "manifest",
     "train_bundle": "train",
     "TrainOptions": "train",
+    "FusionOptions": "train",
     "EpochReport": "train",
     "resolve_device": "runtime",
+    "Dataset": "dataset",
+    "DatasetError": "dataset",
+    "load_dataset": "dataset",
+    "export_sim": "dataset",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,112 +1,105 @@
-"""Model bundles on disk: ``manifest.json`` plus one ``<modality>.safetensors`` per modality.
+"""A loaded model bundle: one model per modality plus the fusion step, for inference.
 
-:func:`save_bundle` writes one (atomically), :func:`load_bundle` loads it for inference
-as a :class:`Bundle`. Weights are only ever read with safetensors (never pickle), and
-every file is checked against the sha256 in the manifest (see
-:mod:`streamfuse.models.manifest` for the format).
+:meth:`Bundle.encode` runs every modality's model once per sample and keeps its class
+probabilities and features; :meth:`Bundle.fuse` combines any subset of them with any
+available fusion mode (cheap: no model runs), which is what leave-one-out and Shapley
+contributions need. :meth:`Bundle.with_unit` returns a new bundle with one unit (a
+modality's model or the fusion) swapped, so a worker swaps atomically by reassigning.
+
+Bundles are written and read by :mod:`streamfuse.models.bundle_io` (``save_bundle``,
+``load_bundle``, re-exported here) and assembled from registry units by
+:mod:`streamfuse.registry`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import copy
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from streamfuse.errors import InvalidEvent, ModelError
-from streamfuse.events import MODALITIES, SensorEvent
+from streamfuse.events import SensorEvent
 from streamfuse.models.config import ModalityConfig
-from streamfuse.models.encoders import SensorModel, create_model
-from streamfuse.models.fusion import ume
-from streamfuse.models.manifest import (
-    FORMAT,
-    HOW_TO_FIX,
-    MANIFEST,
-    bundle_version,
-    check_manifest,
-    file_sha256,
-    read_manifest,
-    weights_file,
-)
+from streamfuse.models.encoders import SensorModel
+from streamfuse.models.fusion import FusionUnit, ume
+from streamfuse.models.manifest import MANIFEST, bundle_version
+from streamfuse.models.outputs import CheckedProbs, Encoded, FusedOutput, LoadedUnit
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked
-from streamfuse.models.runtime import autocast, resolve_device
+from streamfuse.models.runtime import autocast
 
 __all__ = [
-    "Bundle", "CheckedProbs", "FusedOutput", "bundle_version", "load_bundle", "read_manifest", "save_bundle",
-    "weights_digest",
+    "MANIFEST", "Bundle", "CheckedProbs", "Encoded", "FusedOutput", "LoadedUnit", "bundle_version", "load_bundle",
+    "read_manifest", "save_bundle", "weights_digest",
 ]
+log = logging.getLogger(__name__)
+_IO = {"load_bundle", "save_bundle", "weights_digest", "read_manifest"}
 
 
-class CheckedProbs(NamedTuple):
-    """Probabilities ``[n_good, C]`` for the readings that decoded; see ``CheckedBatch``."""
+def __getattr__(name: str) -> Any:  # the I/O functions' historical home; lazy to avoid an import cycle
+    if name in _IO:
+        from streamfuse.models import bundle_io
 
-    probs: torch.Tensor
-    indices: list[int]
-    errors: list[tuple[int, InvalidEvent]]
-
-
-class FusedOutput(NamedTuple):
-    """Output of :meth:`Bundle.predict` for ``B`` samples and the bundle's ``M`` modalities.
-
-    Attributes:
-        probs: ``[B, C]`` fused probabilities (uniform where nothing was present).
-        modality_probs: ``[B, M, C]``; rows of absent modalities are zero.
-        present: ``[B, M]`` bool, the modalities that were fused.
-        errors: ``(sample position, error)`` for readings that failed to decode.
-    """
-
-    probs: torch.Tensor
-    modality_probs: torch.Tensor
-    present: torch.Tensor
-    errors: list[tuple[int, InvalidEvent]]
+        return getattr(bundle_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Bundle:
-    """A loaded bundle: one model per modality plus the fusion step, ready for inference.
+    """One model per modality plus the fusion step, ready for inference.
 
     Attributes:
-        path: the bundle directory.
-        manifest: the parsed manifest.
-        version: the bundle's version id.
+        path: where it was loaded from (a bundle directory, or the registry's units).
+        manifest: the bundle manifest (for a registry bundle: assembled from its units).
+        version: the bundle's version id (derived from the unit versions and classes).
         classes: class names, in probability order.
-        modalities: the modalities, in the order of :meth:`predict`'s ``M`` axis.
+        modalities: the modalities, in the order of every ``M`` axis.
         configs: modality -> :class:`ModalityConfig`.
         versions: modality -> weights version, plus ``"fusion"`` -> fusion version.
         baselines: validation metrics per modality and ``"fused"``.
-        fusion_mode: ``"ume"``.
+        fusion: the :class:`FusionUnit`.
+        fusion_modes: the fusion modes :meth:`fuse` accepts (always ``"ume"``).
+        fusion_mode: the active mode (``fusion.mode``, or ``"ume"`` when that mode cannot
+            be used with these encoders; ``fusion_note`` then says why).
         device: where the models run.
         models: modality -> :class:`SensorModel` (eval mode, on ``device``).
         max_batch: inputs are processed in chunks of at most this many readings.
     """
 
     def __init__(
-        self, path: Path, manifest: dict[str, Any], models: dict[str, SensorModel], device: torch.device
+        self, path: Path, manifest: dict[str, Any], models: dict[str, SensorModel], device: torch.device,
+        fusion: FusionUnit | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
-        self.version: str = manifest["version"]
         self.classes: tuple[str, ...] = tuple(manifest["classes"])
         self.modalities: tuple[str, ...] = tuple(manifest["modalities"])
-        self.configs = {m: model.sf_config for m, model in models.items()}
+        self.configs = {m: models[m].sf_config for m in self.modalities}
+        self.fusion = fusion if fusion is not None else FusionUnit.ume_only()
         self.versions = {m: cfg.version for m, cfg in self.configs.items()}
-        self.versions["fusion"] = manifest["fusion"]["version"]
+        self.versions["fusion"] = self.fusion.version
+        self.version: str = manifest.get("version") or bundle_version(self.versions, self.classes)
         self.baselines: dict[str, dict[str, float]] = manifest["baselines"]
-        self.fusion_mode: str = manifest["fusion"]["mode"]
+        self.fusion_modes: tuple[str, ...] = self.fusion.available(self.modalities, self.versions)
+        self.fusion_mode: str = self.fusion.mode if self.fusion.mode in self.fusion_modes else "ume"
+        self.fusion_note = ""
+        if self.fusion_mode != self.fusion.mode:
+            self.fusion_note = (f"fusion {self.fusion.version} mode {self.fusion.mode!r} was trained on encoders "
+                                f"{dict(self.fusion.trained_on)}, not {self.versions}; using 'ume'")
+            log.warning("bundle %s: %s", self.version, self.fusion_note)
         self.device = device
         self.models = models
         self.max_batch = 256
 
     def __repr__(self) -> str:
         mods = list(self.modalities)
-        return f"Bundle({str(self.path)!r}, version={self.version!r}, modalities={mods}, device={self.device})"
+        return (f"Bundle({str(self.path)!r}, version={self.version!r}, modalities={mods}, "
+                f"fusion={self.fusion_mode!r}, device={self.device})")
+
+    # ------------------------------------------------------------------ per modality
 
     def _run(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), autocast(self.device):
@@ -151,8 +144,87 @@ class Bundle:
             errors += [(start + i, e) for i, e in batch.errors]
         return CheckedProbs(torch.cat(probs), indices, errors)
 
+    # ------------------------------------------------------------------ encode + fuse
+
+    def encode(self, samples: Sequence[Mapping[str, SensorEvent]]) -> Encoded:
+        """Run every modality's model once on a batch of samples.
+
+        A modality missing from a sample, or whose reading fails to decode, is not
+        computed for it (its error is in ``errors``). Modalities the bundle lacks are ignored.
+
+        Args:
+            samples: modality -> reading maps, e.g. ``[s.readings for s in samples]``.
+
+        Returns:
+            An :class:`Encoded` (float32 / bool tensors on the CPU).
+        """
+        n, c = len(samples), len(self.classes)
+        probs = torch.zeros(n, len(self.modalities), c)
+        computed = torch.zeros(n, len(self.modalities), dtype=torch.bool)
+        features: dict[str, torch.Tensor] = {}
+        errors: list[tuple[int, InvalidEvent]] = []
+        seconds: dict[str, float] = {}
+        for j, m in enumerate(self.modalities):
+            t0 = time.perf_counter()
+            model, cfg = self.models[m], self.configs[m]
+            feats = torch.zeros(n, model.num_features)
+            rows = [i for i, s in enumerate(samples) if m in s]
+            for start in range(0, len(rows), self.max_batch):
+                chunk = rows[start : start + self.max_batch]
+                batch = batch_tensor_checked(cfg, [samples[i][m] for i in chunk], self.device)
+                if batch.indices:
+                    with torch.inference_mode(), autocast(self.device):
+                        f, logits = model.forward_both(batch.tensor)
+                    good = [chunk[k] for k in batch.indices]
+                    probs[good, j] = logits.float().softmax(dim=-1).cpu()
+                    feats[good] = f.float().cpu()
+                    computed[good, j] = True
+                errors += [(chunk[k], e) for k, e in batch.errors]
+            features[m] = feats
+            seconds[m] = time.perf_counter() - t0  # .cpu() above waited for the device
+        return Encoded(probs, features, computed, sorted(errors, key=lambda pair: pair[0]), seconds)
+
+    def fuse(self, enc: Encoded, use: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        """Fuse the modalities in ``use`` (intersected with ``enc.computed``).
+
+        Cheap (no model runs), so it can be called for every subset of modalities.
+
+        Args:
+            enc: the output of :meth:`encode` on this bundle.
+            use: ``[B, M]`` bool, the modalities to fuse per sample.
+            mode: one of :attr:`fusion_modes`; None = :attr:`fusion_mode`.
+
+        Returns:
+            ``[B, C]`` float32 probabilities on the CPU; uniform for a row with nothing to fuse.
+
+        Raises:
+            ModelError: ``mode`` is not available, or ``use`` does not fit ``enc``.
+
+        Examples:
+            >>> b = Bundle.__new__(Bundle)
+            >>> b.modalities, b.fusion_modes, b.fusion_mode = ("image", "audio"), ("ume",), "ume"
+            >>> b.fusion = FusionUnit.ume_only()
+            >>> p = torch.tensor([[[0.75, 0.25], [0.25, 0.75]]])
+            >>> enc = Encoded(p, {}, torch.tensor([[True, True]]), [], {})
+            >>> b.fuse(enc, torch.tensor([[True, False]])).tolist()
+            [[0.75, 0.25]]
+        """
+        mode = self.fusion_mode if mode is None else mode
+        if mode not in self.fusion_modes:
+            raise ModelError(f"fusion mode {mode!r} is not available in this bundle; available: "
+                             f"{list(self.fusion_modes)}", getattr(self, "path", None))
+        use = torch.as_tensor(use, dtype=torch.bool).cpu()
+        if use.shape != enc.computed.shape:
+            raise ModelError(f"use has shape {list(use.shape)}, the encoded batch {list(enc.computed.shape)}")
+        use = use & enc.computed
+        with torch.inference_mode():
+            if mode == "ume" or self.fusion.fusion is None:
+                return ume(enc.modality_probs, use)
+            feats = [enc.features[m] for m in self.modalities]
+            return self.fusion.fusion.fuse(mode, enc.modality_probs, feats, use)
+
     def predict(self, samples: Sequence[Mapping[str, SensorEvent]]) -> FusedOutput:
-        """Per-modality and UME-fused probabilities for a batch of samples.
+        """Per-modality and fused probabilities (active fusion mode) for a batch of samples.
 
         A modality that is missing from a sample, or whose reading fails to decode, is
         left out of that sample's fusion. Modalities the bundle lacks are ignored.
@@ -163,128 +235,52 @@ class Bundle:
         Returns:
             A :class:`FusedOutput` (tensors float32 / bool on the CPU).
         """
-        n, c = len(samples), len(self.classes)
-        mp = torch.zeros(n, len(self.modalities), c)
-        present = torch.zeros(n, len(self.modalities), dtype=torch.bool)
-        errors: list[tuple[int, InvalidEvent]] = []
-        for j, m in enumerate(self.modalities):
-            rows = [i for i, s in enumerate(samples) if m in s]
-            out = self.modality_probs_checked(m, [samples[i][m] for i in rows])
-            good = [rows[k] for k in out.indices]
-            mp[good, j] = out.probs
-            present[good, j] = True
-            errors += [(rows[k], e) for k, e in out.errors]
-        return FusedOutput(ume(mp, present), mp, present, sorted(errors, key=lambda pair: pair[0]))
+        enc = self.encode(samples)
+        return FusedOutput(self.fuse(enc, enc.computed), enc.modality_probs, enc.computed, enc.errors)
 
+    # ------------------------------------------------------------------ unit swaps
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 (hex) of a model's state: names, dtypes, shapes and values."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    def with_unit(self, unit: str, loaded: LoadedUnit) -> Bundle:
+        """A new bundle with one unit replaced; this one is left untouched.
 
+        Args:
+            unit: one of :attr:`modalities`, or ``"fusion"``.
+            loaded: the unit (``Registry.load_unit``).
 
-def save_bundle(
-    path: str | Path, models: Mapping[str, nn.Module], manifest: Mapping[str, Any], *, overwrite: bool = False
-) -> dict[str, Any]:
-    """Write a bundle directory (atomically: a temporary sibling, then a rename).
+        Returns:
+            The new :class:`Bundle` (same device). If its fusion mode cannot be used with
+            the new encoders (``head`` reads features of specific versions), it serves
+            ``"ume"`` and says so in ``fusion_note``.
 
-    Args:
-        path: the bundle directory to create.
-        models: modality -> :class:`SensorModel`; their ``sf_config`` go into the manifest.
-        manifest: at least ``version`` and ``created_ms`` (epoch ms); usually also
-            ``fusion``, ``baselines``, ``test``, ``training``. ``format``, ``classes``,
-            ``modalities``, ``configs`` and ``weights`` are filled in from ``models``.
-        overwrite: replace an existing bundle at ``path``.
-
-    Returns:
-        The manifest as written.
-
-    Raises:
-        ModelError: no models, inconsistent classes/modalities, missing fields, or
-            ``path`` exists and ``overwrite`` is False.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ModelError(f"{path} already exists; choose a new directory or pass overwrite=True", path)
-    order = [m for m in MODALITIES if m in models]
-    if not order or len(order) != len(models):
-        raise ModelError(f"models must be a non-empty map over {list(MODALITIES)}, got {list(models)}", path)
-    configs = {m: _config_of(models[m], m, path) for m in order}
-    classes = list(configs[order[0]].classes)
-    for key, value in (("classes", classes), ("modalities", order)):
-        if key in manifest and list(manifest[key]) != value:
-            raise ModelError(f"manifest {key} {list(manifest[key])} do not match the models' {value}", path)
-    out: dict[str, Any] = {"format": FORMAT, "fusion": {"mode": "ume", "version": "ume"}, "baselines": {}, "test": {}}
-    out.update(manifest)
-    out.update(format=FORMAT, classes=classes, modalities=order, configs={m: c.to_dict() for m, c in configs.items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        out["weights"] = {}
-        for m in order:
-            file = weights_file(tmp, m)
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in models[m].state_dict().items()}
-            meta = {"format": FORMAT, "modality": m, "config": json.dumps(configs[m].to_dict())}
-            save_file(state, file, metadata=meta)  # self-describing: the registry can list a file alone
-            out["weights"][m] = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
-        check_manifest(out, path)
-        (tmp / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _config_of(model: nn.Module, modality: str, path: Path) -> ModalityConfig:
-    cfg = getattr(model, "sf_config", None)
-    if not isinstance(cfg, ModalityConfig) or cfg.modality != modality:
-        raise ModelError(f"models[{modality!r}] is not a {modality} model from create_model()", path)
-    return cfg
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle for inference (safetensors only; every file checked by sha256).
-
-    Args:
-        path: the bundle directory.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
-
-    Returns:
-        The :class:`Bundle`, models in eval mode on ``device``.
-
-    Raises:
-        ModelError: the directory, manifest or a weights file is missing, corrupt or
-            inconsistent with the manifest; the message names the path and the fix.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    dev = resolve_device(device)
-    models: dict[str, SensorModel] = {}
-    for m in manifest["modalities"]:
-        file = weights_file(path, m)
-        if not file.is_file():
-            raise ModelError(f"weights file {file} is missing (manifest lists {m}); {HOW_TO_FIX}", file)
-        if file_sha256(file) != manifest["weights"][m]["sha256"]:
-            raise ModelError(
-                f"{file} does not match the sha256 in {path / MANIFEST}: modified or partly copied; {HOW_TO_FIX}", file
-            )
-        model = create_model(ModalityConfig.from_dict(manifest["configs"][m]))
-        try:
-            model.load_state_dict(load_file(file), strict=True)
-        except (SafetensorError, RuntimeError) as exc:
-            raise ModelError(f"{file} does not fit its {m} config: {exc}; {HOW_TO_FIX}", file) from None
-        models[m] = model.to(dev).eval()
-    return Bundle(path, manifest, models, dev)
+        Raises:
+            ModelError: an unknown unit, a mismatch between ``unit`` and ``loaded``, or
+                other classes than this bundle's.
+        """
+        if unit not in (*self.modalities, "fusion") or loaded.unit != unit:
+            raise ModelError(f"cannot put a {loaded.unit!r} unit in place of {unit!r}; units of this bundle: "
+                             f"{[*self.modalities, 'fusion']}", self.path)
+        man = copy.deepcopy(self.manifest)
+        models, fusion = dict(self.models), self.fusion
+        if unit == "fusion":
+            if not isinstance(loaded.module, FusionUnit):
+                raise ModelError(f"fusion unit {loaded.version} did not load as a fusion step", self.path)
+            fusion, man["fusion"] = loaded.module, loaded.manifest.get("fusion", {"mode": "ume", "version": "ume"})
+            man["baselines"]["fused"] = loaded.baseline
+        else:
+            model = loaded.module
+            if not isinstance(model, SensorModel) or model.sf_config.modality != unit:
+                raise ModelError(f"unit {unit} version {loaded.version} is not a {unit} model", self.path)
+            if model.sf_config.classes != self.classes:
+                raise ModelError(f"{unit} version {loaded.version} has classes {list(model.sf_config.classes)}, "
+                                 f"this bundle {list(self.classes)}; activate a version trained on the same "
+                                 "classes", self.path)
+            models[unit] = model.to(self.device).eval()
+            man["configs"][unit] = model.sf_config.to_dict()
+            man["weights"][unit] = loaded.manifest.get("weights", {})
+            man["baselines"][unit] = loaded.baseline
+        if unit == "fusion" and tuple(loaded.manifest.get("classes", self.classes)) != self.classes:
+            raise ModelError(f"fusion version {loaded.version} has other classes than this bundle "
+                             f"{list(self.classes)}", self.path)
+        versions = {m: models[m].sf_config.version for m in self.modalities} | {"fusion": fusion.version}
+        man["version"] = bundle_version(versions, self.classes)
+        return Bundle(self.path, man, models, self.device, fusion)

@@ -23,7 +23,7 @@ DEFAULT_ARCHS: dict[str, str] = {
     "audio": "sf_audio_cnn",
     "series": "sf_series_cnn",
 }
-FUSION_MODES: tuple[str, ...] = ("ume",)  # learned modes must beat UME on validation first
+FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head")  # learned modes must beat UME on validation first
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

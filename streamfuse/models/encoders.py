@@ -53,6 +53,16 @@ class SensorModel(nn.Module):
         """Pooled pre-logit features ``[B, num_features]`` (input of a fusion head)."""
         return self.net.forward_head(self.net.forward_features(self.frontend(x)), pre_logits=True)
 
+    def head_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features ``[B, num_features]`` and logits ``[B, num_classes]`` of the
+        front end's output ``z``, from one pass through the backbone."""
+        fmap = self.net.forward_features(z)
+        return self.net.forward_head(fmap, pre_logits=True), self.net.forward_head(fmap)
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits of the input ``x`` (see :meth:`head_outputs`)."""
+        return self.head_outputs(self.frontend(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, num_classes]``."""
         return self.net(self.frontend(x))
@@ -109,6 +119,11 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def create_frontend(cfg: ModalityConfig) -> nn.Module:
+    """The parameter-free signal front end of ``cfg``'s model (log-mel for audio)."""
+    return LogMel(cfg) if cfg.modality == "audio" else nn.Identity()
 
 
 def create_model(cfg: ModalityConfig, *, weights: str | Path | None = None) -> SensorModel:

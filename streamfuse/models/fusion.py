@@ -1,17 +1,41 @@
-"""Fusion of per-modality class probabilities. Pure torch, no I/O.
+"""Fusion of per-modality outputs: ``ume``, ``weighted`` and ``head``. Pure torch, no I/O.
 
-The default, and the fallback every learned fusion must beat on validation, is the
-Uni-Modal Ensemble (:func:`ume`): the mean of the present modalities' probabilities.
+Every mode takes the per-modality class probabilities ``[B, M, C]``, the per-modality
+pre-logit features (``M`` tensors ``[B, D_m]``) and a mask ``use [B, M]`` of the
+modalities that take part, and returns fused probabilities ``[B, C]``:
+
+- ``ume`` (:func:`ume`): the mean of the used modalities' probabilities. No parameters;
+  the default, and the fallback every learned mode must beat on validation.
+- ``weighted`` (:class:`WeightedFusion`): one learned logit per modality; the weights are
+  the softmax of the logits *over the used modalities only*, so they always sum to 1.
+  Zero logits are exactly UME.
+- ``head`` (:class:`HeadFusion`): a small MLP over the concatenated, layer-normalized
+  features; an unused modality's features are zeroed and a presence indicator is
+  appended, so the head knows what is missing (it is trained with modality dropout).
+
+A row with no modality in use gets the uniform distribution in every mode.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+from torch import nn
 
 from streamfuse.errors import ModelError
+from streamfuse.events import MODALITIES
 from streamfuse.models.config import FUSION_MODES
 
-__all__ = ["FUSION_MODES", "ume"]
+__all__ = [
+    "FUSION_MODES", "LEARNED_MODES", "FusionConfig", "FusionSet", "FusionUnit", "HeadFusion", "WeightedFusion",
+    "fusion_version", "ume",
+]
+LEARNED_MODES: tuple[str, ...] = tuple(m for m in FUSION_MODES if m != "ume")
 
 
 def ume(probs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -40,9 +64,7 @@ def ume(probs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         >>> ume(p[:1], torch.tensor([[False, False]])).tolist()
         [[0.5, 0.5]]
     """
-    if probs.dim() != 3 or present.shape != probs.shape[:2]:
-        shapes = f"{list(probs.shape)} and {list(present.shape)}"
-        raise ModelError(f"ume needs probs [B, M, C] and present [B, M]; got {shapes}")
+    _check_shapes(probs, present)
     mask = present.to(device=probs.device, dtype=torch.bool).unsqueeze(-1)
     p = torch.where(mask, probs.float(), torch.zeros((), device=probs.device))
     total = p.sum(dim=1)  # [B, C]
@@ -50,3 +72,238 @@ def ume(probs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     uniform = torch.full_like(total, 1.0 / probs.shape[-1])
     fused = torch.where(norm > 0, total / norm.clamp_min(torch.finfo(torch.float32).tiny), uniform)
     return fused.to(probs.dtype)
+
+
+def _check_shapes(probs: torch.Tensor, use: torch.Tensor) -> None:
+    if probs.dim() != 3 or use.shape != probs.shape[:2]:
+        shapes = f"{list(probs.shape)} and {list(use.shape)}"
+        raise ModelError(f"fusion needs probs [B, M, C] and a mask [B, M]; got {shapes}")
+
+
+def _uniform_where_empty(fused: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    empty = ~use.any(dim=1, keepdim=True)
+    return torch.where(empty, torch.full_like(fused, 1.0 / fused.shape[-1]), fused)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Shapes of a bundle's learned fusion modes (saved with their weights).
+
+    Attributes:
+        modalities: the modalities, in the order of the ``M`` axis.
+        classes: class names, in probability order.
+        feature_dims: ``D_m`` of each modality's features (the ``head`` input).
+        hidden: width of the ``head`` MLP's hidden layer.
+        dropout: dropout in the ``head`` MLP while training.
+
+    Raises:
+        ModelError: unknown or repeated modalities, fewer than two classes, or
+            ``feature_dims`` not one positive integer per modality.
+
+    Examples:
+        >>> cfg = FusionConfig(("image", "series"), ("ok", "bad"), (64, 32))
+        >>> FusionConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    modalities: tuple[str, ...]
+    classes: tuple[str, ...]
+    feature_dims: tuple[int, ...]
+    hidden: int = 64
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("modalities", "classes", "feature_dims"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        mods = self.modalities
+        if not mods or len(set(mods)) != len(mods) or set(mods) - set(MODALITIES):
+            raise ModelError(f"fusion modalities {list(mods)} must be distinct values of {list(MODALITIES)}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ModelError(f"fusion needs at least two distinct classes, got {list(self.classes)}")
+        dims = self.feature_dims
+        if len(dims) != len(mods) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise ModelError(f"feature_dims {list(dims)} must be one positive integer per modality {list(mods)}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ModelError(f"fusion hidden must be a positive integer, got {self.hidden!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"fusion dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FusionConfig:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ModelError: on unknown or missing keys, or invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise ModelError(f"a fusion config must be a map, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ModelError(f"unknown fusion config keys {unknown}; upgrade streamfuse or re-train")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"invalid fusion config: {exc}") from None
+
+
+class WeightedFusion(nn.Module):
+    """Learned per-modality weights, softmax-normalized over the modalities in use.
+
+    Examples:
+        >>> f = WeightedFusion(2)
+        >>> p = torch.tensor([[[0.75, 0.25], [0.25, 0.75]]])
+        >>> f(p, [], torch.tensor([[True, True]])).tolist()  # zero logits: UME
+        [[0.5, 0.5]]
+        >>> f(p, [], torch.tensor([[True, False]])).tolist()  # renormalized
+        [[0.75, 0.25]]
+    """
+
+    def __init__(self, n_modalities: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(n_modalities))
+
+    def weights(self, use: torch.Tensor) -> torch.Tensor:
+        """``[B, M]`` weights: 0 for unused modalities, summing to 1 where any is used."""
+        logits = self.logits.float().expand(use.shape).masked_fill(~use, float("-inf"))
+        return torch.nan_to_num(logits.softmax(dim=1), nan=0.0)  # an all-unused row is NaN: zero it
+
+    def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor], use: torch.Tensor) -> torch.Tensor:
+        del features  # weights act on probabilities only
+        use = use.to(device=probs.device, dtype=torch.bool)
+        _check_shapes(probs, use)
+        w = self.weights(use).unsqueeze(-1)
+        fused = (torch.where(use.unsqueeze(-1), probs.float(), 0.0) * w).sum(dim=1)
+        return _uniform_where_empty(fused, use)
+
+
+class HeadFusion(nn.Module):
+    """A small MLP over concatenated per-modality features plus presence indicators.
+
+    Each modality's features are layer-normalized (their scales differ), multiplied by
+    its presence (so an absent modality contributes exactly zero), concatenated with the
+    ``[B, M]`` presence indicators and mapped to class logits.
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in cfg.feature_dims)
+        n_in = sum(cfg.feature_dims) + len(cfg.feature_dims)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, len(cfg.classes))
+        )
+
+    def logits(self, features: Sequence[torch.Tensor], use: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` logits (rows with nothing in use are meaningless; see :meth:`forward`)."""
+        if len(features) != len(self.norms):
+            raise ModelError(f"head fusion needs {len(self.norms)} feature tensors, got {len(features)}")
+        w = use.float()
+        parts = [norm(h.float()) * w[:, j : j + 1] for j, (norm, h) in enumerate(zip(self.norms, features))]
+        return self.mlp(torch.cat([*parts, w], dim=1))
+
+    def forward(self, probs: torch.Tensor, features: Sequence[torch.Tensor], use: torch.Tensor) -> torch.Tensor:
+        use = use.to(device=probs.device, dtype=torch.bool)
+        _check_shapes(probs, use)
+        return _uniform_where_empty(self.logits(features, use).float().softmax(dim=-1), use)
+
+
+class FusionSet(nn.Module):
+    """UME plus a bundle's learned fusion modes (a module per mode; keys ``<mode>.<param>``).
+
+    Args:
+        cfg: the shapes shared by every mode.
+        modes: the learned modes to build (a subset of :data:`LEARNED_MODES`).
+
+    Raises:
+        ModelError: on an unknown mode.
+
+    Examples:
+        >>> fs = FusionSet(FusionConfig(("image", "audio"), ("a", "b"), (4, 4)), ["weighted", "head"])
+        >>> fs.modes
+        ('ume', 'weighted', 'head')
+        >>> p = torch.tensor([[[0.75, 0.25], [0.25, 0.75]]])
+        >>> h = [torch.zeros(1, 4), torch.zeros(1, 4)]
+        >>> [fs.fuse(m, p, h, torch.tensor([[False, False]])).tolist() for m in fs.modes]
+        [[[0.5, 0.5]], [[0.5, 0.5]], [[0.5, 0.5]]]
+    """
+
+    def __init__(self, cfg: FusionConfig, modes: Sequence[str] = ()) -> None:
+        super().__init__()
+        bad = [m for m in modes if m not in LEARNED_MODES]
+        if bad:
+            raise ModelError(f"unknown learned fusion mode(s) {bad}; valid: {list(LEARNED_MODES)}")
+        self.cfg = cfg
+        self.learned = nn.ModuleDict()
+        for mode in LEARNED_MODES:  # fixed order: the same modes give the same keys
+            if mode in modes:
+                self.learned[mode] = WeightedFusion(len(cfg.modalities)) if mode == "weighted" else HeadFusion(cfg)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("ume", *self.learned.keys())
+
+    def fuse(
+        self, mode: str, probs: torch.Tensor, features: Sequence[torch.Tensor], use: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused probabilities ``[B, C]`` (float32) of one mode; see the module docstring.
+
+        Raises:
+            ModelError: ``mode`` is not one of :attr:`modes`, or the shapes do not fit.
+        """
+        if mode == "ume":
+            return ume(probs.float(), use.to(device=probs.device, dtype=torch.bool))
+        if mode not in self.learned:
+            raise ModelError(f"fusion mode {mode!r} is not in this bundle; available: {list(self.modes)}")
+        return self.learned[mode](probs, features, use)
+
+
+@dataclass(frozen=True)
+class FusionUnit:
+    """The fusion step of a bundle: the learned modes, the active one and provenance.
+
+    Attributes:
+        fusion: the :class:`FusionSet` (eval mode, on the CPU), or None for UME only.
+        mode: the active mode.
+        version: ``"ume"`` for UME without learned weights, else ``fusion-<hex>``.
+        trained_on: modality -> encoder version the learned modes were trained on;
+            ``head`` is only usable with exactly these encoders.
+    """
+
+    fusion: FusionSet | None
+    mode: str
+    version: str
+    trained_on: Mapping[str, str]
+
+    @classmethod
+    def ume_only(cls) -> FusionUnit:
+        return cls(None, "ume", "ume", {})
+
+    def available(self, modalities: Sequence[str], versions: Mapping[str, str]) -> tuple[str, ...]:
+        """Modes usable with these modalities (in order) and encoder versions."""
+        if self.fusion is None or tuple(modalities) != self.fusion.cfg.modalities:
+            return ("ume",)
+        same = all(versions.get(m) == self.trained_on.get(m) for m in modalities)
+        # weighted acts on probabilities, which keep their meaning across encoder versions;
+        # head reads features, which do not.
+        return tuple(m for m in self.fusion.modes if m != "head" or same)
+
+
+def fusion_version(mode: str, fusion: FusionSet | None, trained_on: Mapping[str, str]) -> str:
+    """A content-derived fusion version: the active mode, the weights and their encoders.
+
+    Examples:
+        >>> fusion_version("ume", None, {})
+        'ume'
+    """
+    if fusion is None or not len(fusion.learned):
+        return "ume"
+    h = hashlib.sha256(f"{mode}|{sorted(trained_on.items())}|{fusion.cfg.to_dict()}|".encode())
+    for name, t in sorted(fusion.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return "fusion-" + h.hexdigest()[:12]

@@ -6,13 +6,18 @@ Format ``streamfuse.bundle/1``::
      "classes": ["normal", …], "modalities": ["image", "audio", "series"],
      "configs": {"image": {ModalityConfig.to_dict(), incl. "version"}, …},
      "weights": {"image": {"sha256": "…", "bytes": 123}, …},
-     "fusion": {"mode": "ume", "version": "ume"},
+     "fusion": {"mode": "head", "version": "fusion-…", "modes": ["ume", "weighted", "head"],
+                "config": {FusionConfig.to_dict()}, "trained_on": {"image": "image-…", …},
+                "weights": {"sha256": "…", "bytes": 123, "tensors": {…}},
+                "candidates": {"ume": {"val": {…}, "test": {…}, "encoders": "stage1"}, …}},
      "baselines": {"image": {"top1": 0.9, "macro_f1": 0.9, "n": 120}, …, "fused": {…}},
      "test": {same shape as baselines, or {}}, "training": {…}}
 
 ``baselines`` are validation metrics (what the monitor compares live KPIs with);
 ``test`` are held-out metrics for reports. Weights live next to the manifest as
-``<modality>.safetensors``; their sha256 is checked on load.
+``<modality>.safetensors`` (and ``fusion.safetensors`` when there are learned fusion
+modes); their sha256 is checked on load. A UME-only fusion is just
+``{"mode": "ume", "version": "ume"}``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.config import FUSION_MODES, ModalityConfig
+from streamfuse.models.fusion import FusionConfig
 
 FORMAT = "streamfuse.bundle/1"
 MANIFEST = "manifest.json"
+FUSION_FILE = "fusion.safetensors"
 HOW_TO_FIX = "run `streamfuse train --data DIR --out MODELS` to create a bundle, or point the model directory at one"
 REQUIRED = ("version", "created_ms", "classes", "modalities", "configs", "weights", "fusion", "baselines")
 
@@ -121,6 +128,7 @@ def check_manifest(man: Any, where: Path) -> None:
     fusion = man["fusion"]
     if not (isinstance(fusion, dict) and fusion.get("mode") in FUSION_MODES and isinstance(fusion.get("version"), str)):
         raise fail(f"fusion must be {{'mode': one of {list(FUSION_MODES)}, 'version': str}}")
+    _check_fusion(fusion, mods, classes, fail)
     for section in ("baselines", "test"):
         scores = man.get(section) or {}
         if not isinstance(scores, dict):
@@ -131,3 +139,24 @@ def check_manifest(man: Any, where: Path) -> None:
             )
             if not ok:
                 raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
+
+
+def _check_fusion(fusion: dict[str, Any], mods: list[str], classes: list[str], fail: Any) -> None:
+    modes = fusion.get("modes", ["ume"])
+    if not isinstance(modes, list) or "ume" not in modes or set(modes) - set(FUSION_MODES):
+        raise fail(f"fusion.modes {modes!r} must list 'ume' and other values of {list(FUSION_MODES)}")
+    if fusion["mode"] not in modes:
+        raise fail(f"fusion.mode {fusion['mode']!r} is not one of fusion.modes {modes}")
+    if len(modes) == 1:
+        return
+    for key in ("config", "trained_on", "weights"):
+        if not isinstance(fusion.get(key), dict):
+            raise fail(f"fusion.{key} is missing (needed by the learned modes {modes[1:]})")
+    try:
+        cfg = FusionConfig.from_dict(fusion["config"])
+    except ModelError as exc:
+        raise fail(f"fusion.config: {exc}") from None
+    if list(cfg.modalities) != mods or list(cfg.classes) != classes:
+        raise fail(f"fusion.config modalities/classes do not match {mods} / {classes}")
+    if not isinstance(fusion["weights"].get("sha256"), str):
+        raise fail("fusion.weights.sha256 is missing")

@@ -1,20 +1,27 @@
 """The monitor as a faust-streaming app: decode, call :class:`MonitorCore`, emit.
 
-One agent reads predictions and labels (both keyed by asset_id, co-partitioned) so that
-they reach the logic in arrival order, and the workers' acks for the audit trail. Outputs go to ``kpis``, ``alerts`` and
-``control``; rejected inputs to ``deadletter``; the latest state to Redis.
+One agent reads predictions, labels (both keyed by asset_id, co-partitioned) and the
+workers' acks, so that they reach the logic in arrival order. Outputs go to ``kpis``,
+``alerts`` and ``control``; rejected inputs to ``deadletter``; the latest state and the
+alert → command → ack audit trail to Redis.
+
+Restart safety: open KPI records live in a changelogged faust table (``records``) and
+the detectors' and policy's state in another (``state``, written whenever a window
+closes), so a killed monitor resumes where it stopped; alerts and commands have
+deterministic ids and are claimed in Redis before they are published, so re-processing
+after a restart publishes none twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.errors import InvalidEvent, ModelError
+from streamfuse.errors import InvalidEvent
 from streamfuse.events import (
     MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, decode, encode,
 )
@@ -26,17 +33,11 @@ from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
+GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate")
 
 
-def load_baselines(bundle_dir: Path) -> dict[str, dict[str, float]]:
-    """Validation baselines from a bundle's manifest (no torch needed)."""
-    path = bundle_dir / "manifest.json"
-    if not path.is_file():
-        raise ModelError(
-            f"no model bundle manifest at {path}: run `streamfuse train` or `streamfuse demo` first, "
-            "or set STREAMFUSE_MODEL_DIR / STREAMFUSE_BUNDLE", path,
-        )
-    return json.loads(path.read_text())["baselines"]
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def create_app(settings: Settings, baselines: dict[str, dict[str, float]], registry: CollectorRegistry | None = None):
@@ -55,34 +56,64 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(topics.predictions, topics.labels, topics.acks, **raw)
     out = {name: app.topic(getattr(topics, name), **raw) for name in ("kpis", "alerts", "control", "deadletter")}
-    core = MonitorCore(baselines, settings.monitor)
+    records = app.Table("records", default=None, partitions=settings.partitions)
+    state = app.Table("state", default=None, partitions=settings.partitions)
     store = StatusStore(connect(settings), settings.redis_prefix)
+
+    def sink(key: str, value) -> None:
+        if value is None:
+            records.pop(key, None)
+        else:
+            records[key] = value
+
+    core = MonitorCore(baselines, settings.monitor, sink)
+    restored = {"done": False, "seq": 0}
+
+    def restore() -> None:
+        snaps = [v for k, v in state.items() if k.startswith("core@") and v]
+        best = max(snaps, key=lambda v: v["seq"], default=None)
+        if best is not None or len(records):
+            core.load_state_dict(best["core"] if best else {}, list(records.items()))
+            restored["seq"] = best["seq"] if best else 0
+            log.warning("monitor restored: %d open records, %d open alerts", len(records), len(core.open_alerts()))
+        restored["done"] = True
+
+    def checkpoint(partition: int) -> None:
+        restored["seq"] += 1
+        state[f"core@{partition}"] = {"seq": restored["seq"], "core": core.state_dict()}
 
     async def emit(result: Outputs) -> None:
         for s in result.kpis:
             await out["kpis"].send(key=f"{s.scope}|{s.scope_id}|{s.modality}".encode(), value=encode(s),
                                    headers=HEADERS)
             if s.scope == "global":
-                for kpi in ("accuracy", "agreement", "mean_contribution", "mean_confidence", "missing_rate"):
+                for kpi in GAUGED:
                     value = getattr(s, kpi)
                     if value is not None:
                         metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
         store.put_kpis(result.kpis)
         for a in result.alerts:
+            if not store.claim("alert", f"{a.alert_id}:{a.status}"):
+                continue  # already published before a restart
             await out["alerts"].send(key=a.fingerprint.encode(), value=encode(a), headers=HEADERS)
             store.put_alert(a)
             metrics.alerts.labels(a.kind, a.status).inc()
             metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
             log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
         for c in result.commands:
+            if not store.claim("command", c.command_id):
+                continue
             await out["control"].send(key=(c.modality or "").encode(), value=encode(c), headers=HEADERS)
+            core.issued(c, now_ms())
             store.put_command(c)
             metrics.commands.labels(c.action).inc()
-            log.warning("command %s %s %s", c.command_id, c.action, c.modality)
+            log.warning("command %s %s %s %s:%s", c.command_id, c.action, c.modality, c.scope, c.scope_id)
 
     @app.agent(source)
     async def monitor(stream):
         async for event in stream.events():
+            if not restored["done"]:
+                restore()  # tables are recovered before the first event is delivered
             msg = event.message
             try:
                 ev = decode(event.value, content_type_of(event.headers),
@@ -95,14 +126,23 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                 continue
             if isinstance(ev, Ack):
                 metrics.events.labels("ack").inc()
+                core.on_ack(ev)
                 store.put_ack(ev)
             elif isinstance(ev, Label):
                 metrics.events.labels("label").inc()
                 core.on_label(ev)
             else:
                 metrics.events.labels("prediction").inc()
-                await emit(core.on_prediction(ev, f"{msg.topic}:{msg.partition}"))
+                result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
+                if result.kpis:
+                    checkpoint(msg.partition)
+                await emit(result)
             metrics.pending_labels.set(core.kpis.pending_labels)
+
+    @app.timer(1.0)
+    async def housekeeping() -> None:
+        if restored["done"]:
+            await emit(core.tick(now_ms()))
 
     @app.task
     async def ready() -> None:
@@ -111,9 +151,9 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     return app
 
 
-def run_monitor(settings: Settings, bundle_dir: Path, loglevel: str = "warn") -> None:
+def run_monitor(settings: Settings, baselines: dict[str, dict[str, float]], loglevel: str = "warn") -> None:
     """Run the monitor in the foreground until SIGTERM / Ctrl-C."""
     from faust.worker import Worker
 
-    app = create_app(settings, load_baselines(bundle_dir))
+    app = create_app(settings, baselines)
     Worker(app, loglevel=loglevel).execute_from_commandline()

@@ -1,21 +1,37 @@
-"""The monitor's logic in one pure object: predictions and labels in; KPI snapshots,
-alerts and commands out. The faust app only decodes, calls this and emits."""
+"""The monitor's logic in one pure object: predictions, labels and acks in; KPI
+snapshots, alerts and commands out. The faust app only decodes, calls this and emits.
+
+Detectors run on closed KPI windows:
+
+* ``sensor_fault`` per (asset, modality): flat or stuck signals, dropouts, clock skew —
+  a broken sensor, not a broken model; it inhibits the degradation alert of that
+  modality in every scope that contains the asset;
+* ``degradation`` per (scope in ``detect_scopes``, modality): accuracy below the
+  bundle's stage-1 baseline with statistical confidence;
+* ``drift`` (global, label-free): Page-Hinkley on each modality's confidence and
+  agreement with the fused label;
+* ``dominance`` (global): one modality's contribution share above a threshold while the
+  others are healthy;
+* ``fusion_regression`` (global): fused accuracy below the best single modality or UME;
+* ``command_unacked``: a command some live worker did not acknowledge in time.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamfuse.alerts.lifecycle import fingerprint
 from streamfuse.config import MonitorSettings
 from streamfuse.errors import ConfigError
-from streamfuse.events import Alert, Command, KpiSnapshot, Label, Prediction
-from streamfuse.monitor.detectors import AccuracyDegradation
-from streamfuse.monitor.kpis import KpiEngine
-from streamfuse.monitor.policy import PolicyConfig, RollbackPolicy
+from streamfuse.events import Ack, Alert, Command, KpiSnapshot, Label, Prediction
+from streamfuse.monitor import detectors as d
+from streamfuse.monitor.kpis import FUSED, UME, KpiEngine, Sink
+from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
 
-# Asset-level label accuracy over one window is too noisy to act on: a fogged camera
-# whose model guesses one class looks perfect while the machine is in that state.
-DETECT_SCOPES = ("global",)
+SCOPE_RANK = {"asset": 0, "line": 1, "global": 2}
+SEVERITY = {"sensor_fault": "warning", "degradation": "critical", "drift": "warning", "dominance": "warning",
+            "fusion_regression": "critical", "command_unacked": "critical", "action_suppressed": "warning"}
 
 
 @dataclass
@@ -24,86 +40,254 @@ class Outputs:
     alerts: list[Alert] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
 
+    def extend(self, other: "Outputs") -> None:
+        self.kpis += other.kpis
+        self.alerts += other.alerts
+        self.commands += other.commands
+
 
 class MonitorCore:
     """Args:
-        baselines: ``{modality: {"top1": ..., "macro_f1": ...}}`` from the model bundle.
-        settings: window, grace and detector settings.
+        baselines: ``{modality: {"top1": ..., "macro_f1": ...}}`` of the active models.
+        settings: windows, detector thresholds, policy.
+        sink: persistence of the KPI engine's records (see :mod:`streamfuse.monitor.kpis`).
     """
 
-    def __init__(self, baselines: dict[str, dict[str, float]], settings: MonitorSettings) -> None:
-        self.baselines = {m: b for m, b in baselines.items() if m != "fused"}
-        self.settings = settings
+    def __init__(self, baselines: dict[str, dict[str, float]], settings: MonitorSettings,
+                 sink: Sink | None = None) -> None:
+        self.baselines = {m: b for m, b in baselines.items() if m != FUSED}
+        self.settings = s = settings
         for m, b in self.baselines.items():
-            if not settings.degradation_margin < b["top1"] <= 1.0:
+            if not s.degradation_margin < b["top1"] <= 1.0:
                 raise ConfigError(
                     f"baseline top-1 {b['top1']:.3f} of modality {m!r} leaves no room for the degradation "
-                    f"margin {settings.degradation_margin}: retrain the model or lower "
+                    f"margin {s.degradation_margin}: retrain the model or lower "
                     "STREAMFUSE_MONITOR__DEGRADATION_MARGIN"
                 )
-        self.kpis = KpiEngine(settings.kpi_window_ms, settings.label_grace_ms, settings.max_pending_labels)
-        self.policy = RollbackPolicy(PolicyConfig(dry_run=settings.dry_run))
-        self._detectors: dict[tuple[str, str, str], AccuracyDegradation] = {}
-        self._episodes: dict[str, int] = {}  # fingerprint -> start of the firing episode
+        self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink)
+        self.policy = RollbackPolicy(PolicyConfig(
+            dry_run=s.dry_run, cooldown_ms=s.cooldown_ms, max_actions_per_hour=s.max_actions_per_hour,
+            rollback_after_activation_ms=s.rollback_after_activation_ms, fusion_action=s.fusion_action))
+        self._detectors: dict[str, Any] = {}
+        self._episodes: dict[str, dict[str, Any]] = {}  # fingerprint -> {start, labels, inhibited}
+        self._versions: dict[str, str] = {}  # modality -> version seen in predictions
+        self._version_changes: dict[str, tuple[str, str, int]] = {}
+        self._workers: dict[str, int] = {}  # worker id -> last prediction event time
+        self._lines: dict[str, str] = {}  # asset id -> line id
+        self._saved_detectors: dict[str, Any] = {}  # restored state, applied when a detector is made
+        self._episode_what: dict[str, str] = {}  # fingerprint -> what the firing alert said
+        self._pending: dict[str, dict[str, Any]] = {}  # command id -> {issued, expected, acked, alerted}
+
+    # ------------------------------------------------------------------ inputs
 
     def on_label(self, label: Label) -> Outputs:
         self.kpis.add_label(label)
         return Outputs()
 
     def on_prediction(self, pred: Prediction, source: str = "") -> Outputs:
+        for m, v in pred.versions.items():
+            old = self._versions.get(m)
+            if old is not None and old != v:
+                self._version_changes[m] = (old, v, pred.ts_ms)
+            self._versions[m] = v
+        if pred.worker_id:
+            self._workers[pred.worker_id] = pred.ts_ms
+        self._lines[pred.asset_id] = pred.line_id
         out = Outputs(kpis=self.kpis.add_prediction(pred, source))
-        for snap in out.kpis:
-            alert = self._detect(snap)
-            if alert is not None:
-                out.alerts.append(alert)
-                out.commands.extend(self.policy.decide(alert))
+        self._detect(out)
         return out
 
-    def open_alerts(self) -> list[str]:
-        return sorted(self._episodes)
+    def on_ack(self, ack: Ack) -> None:
+        p = self._pending.get(ack.command_id)
+        if p is not None:
+            p["acked"][ack.worker_id] = ack.status
 
-    def _detect(self, snap: KpiSnapshot) -> Alert | None:
-        base = self.baselines.get(snap.modality)
-        if base is None or snap.scope not in DETECT_SCOPES or snap.accuracy is None:
-            return None
-        key = (snap.scope, snap.scope_id, snap.modality)
+    def tick(self, now_ms: int) -> Outputs:
+        """Wall-clock housekeeping: alert on commands a live worker has not acked in time."""
+        out = Outputs()
+        for cid, p in list(self._pending.items()):
+            missing = sorted(set(p["expected"]) - set(p["acked"]))
+            if not missing:
+                del self._pending[cid]
+            elif now_ms - p["issued_wall"] >= self.settings.ack_timeout_ms and not p["alerted"]:
+                p["alerted"] = True
+                out.alerts.append(self._alert("command_unacked", "firing", p["modality"] or "", "global", "",
+                                              self.kpis.watermark or 0, None, None,
+                                              f"command {cid} not acknowledged by {', '.join(missing)}",
+                                              extra={"command": cid}))
+        return out
+
+    def issued(self, cmd: Command, now_ms: int) -> None:
+        """The app published ``cmd`` at wall time ``now_ms``; expect acks from live workers."""
+        live = [w for w, t in self._workers.items() if (self.kpis.watermark or t) - t <= 4 * self.settings.kpi_window_ms]
+        self._pending[cmd.command_id] = {"issued_wall": now_ms, "expected": live, "acked": {},
+                                         "alerted": False, "modality": cmd.modality}
+
+    def open_alerts(self) -> list[str]:
+        return sorted(fp for fp, e in self._episodes.items() if not e["inhibited"])
+
+    # ------------------------------------------------------------------ detection
+
+    def _detector(self, key: str, factory):
         det = self._detectors.get(key)
         if det is None:
-            s = self.settings
-            det = self._detectors[key] = AccuracyDegradation(
-                baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z, min_n=s.min_labelled,
-                fire_windows=s.fire_windows, resolve_windows=s.resolve_windows,
-            )
-        det.update(round(snap.accuracy * snap.n_labelled), snap.n_labelled)
+            det = self._detectors[key] = factory()
+            saved = self._saved_detectors.pop(key, None)
+            if saved is not None:
+                det.load_state_dict(saved[1])
+        return det
+
+    def _detect(self, out: Outputs) -> None:
+        s = self.settings
+        snaps = out.kpis
+        # Sensor faults first: they inhibit degradation alerts decided in the same window.
+        for k in snaps:
+            if k.scope != "asset" or k.modality in (FUSED, UME):
+                continue
+            total = k.n + k.n_missing
+            checks = [("flatline", k.n_flat, k.n), ("stuck", k.n_stuck, k.n), ("dropout", k.n_missing, total)]
+            for fault, events, n in checks:
+                det = self._detector(f"sensor|{fault}|{k.scope_id}|{k.modality}", lambda: d.RateAlarm(
+                    threshold=s.sensor_fault_rate, fire_windows=s.fire_windows, resolve_windows=s.resolve_windows,
+                    min_n=max(1, s.min_labelled // 2)))
+                det.update(events, n)
+                self._transition(out, det, "sensor_fault", k, events / n if n else None, s.sensor_fault_rate,
+                                 f"{fault}: {events}/{n} readings", {"fault": fault})
+            det = self._detector(f"sensor|clock_skew|{k.scope_id}|{k.modality}", lambda: d.SkewAlarm(
+                max_abs_skew_ms=s.max_abs_skew_ms, fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
+            det.update(k.mean_abs_skew_ms, k.n)
+            self._transition(out, det, "sensor_fault", k, k.mean_abs_skew_ms, s.max_abs_skew_ms,
+                             f"clock skew {k.mean_abs_skew_ms} ms", {"fault": "clock_skew"})
+        glob = {k.modality: k for k in snaps if k.scope == "global"}
+        # Narrow scopes first: a line's alert explains (and inhibits) the fleet-wide one.
+        for k in sorted(snaps, key=lambda k: SCOPE_RANK.get(k.scope, 9)):
+            base = self.baselines.get(k.modality)
+            if base is None:
+                continue
+            if k.scope in s.detect_scopes:
+                det = self._detector(f"degradation|{k.scope}|{k.scope_id}|{k.modality}", lambda: d.AccuracyDegradation(
+                    baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z, min_n=s.min_labelled,
+                    fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
+                # A window whose labels are all one class cannot tell a classifier from a
+                # constant guess (a fogged camera looks perfect while the machine is normal).
+                informative = k.n_truth_classes >= 2
+                det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0)
+                acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
+                self._transition(out, det, "degradation", k, k.accuracy, det.threshold,
+                                 f"accuracy {acc} < {det.threshold:.2f} (baseline {base['top1']:.2f})")
+            if k.scope != "global":
+                continue
+            for proxy in ("mean_confidence", "agreement"):
+                value = getattr(k, proxy)
+                det = self._detector(f"drift|{proxy}|{k.modality}", lambda: d.PageHinkley(
+                    delta=s.drift_delta, threshold=s.drift_threshold, direction="down",
+                    min_n=s.min_labelled, resolve_windows=s.resolve_windows))
+                det.update(value, k.n)  # None is no evidence (and clears `changed`)
+                self._transition(out, det, "drift", k, value, None, f"{proxy} dropped (Page-Hinkley)",
+                                 {"proxy": proxy})
+            if k.mean_contribution is not None:
+                others_ok = not any(e["labels"].get("modality") not in (k.modality, None)
+                                    and e["labels"]["kind"] in ("degradation", "sensor_fault")
+                                    for e in self._episodes.values())
+                det = self._detector(f"dominance|{k.modality}", lambda: d.Dominance(
+                    threshold=s.dominance_share, fire_windows=s.fire_windows + 1, resolve_windows=s.resolve_windows))
+                det.update(k.mean_contribution, others_ok)
+                self._transition(out, det, "dominance", k, k.mean_contribution, s.dominance_share,
+                                 f"contribution share {k.mean_contribution:.2f}")
+        fused = glob.get(FUSED)
+        if fused is not None and fused.ref_modality:
+            det = self._detector("fusion_regression", lambda: d.FusionRegression(
+                margin=s.fusion_margin, z=s.confidence_z, min_n=s.min_labelled,
+                fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
+            det.update(fused.ref_fused_correct, fused.ref_correct, fused.ref_n, fused.ref_discordant)
+            self._transition(out, det, "fusion_regression", fused, fused.accuracy, None,
+                             f"accuracy {fused.ref_fused_correct}/{fused.ref_n} below "
+                             f"{fused.ref_modality} {fused.ref_correct}/{fused.ref_n}")
+
+    def _inhibited(self, kind: str, k: KpiSnapshot) -> bool:
+        """A sensor fault inhibits the degradation of its modality in every scope holding
+        its asset; a line's degradation inhibits the fleet-wide one of the same modality
+        (act on the narrowest scope that explains it)."""
+        if kind != "degradation":
+            return False
+        for e in self._episodes.values():
+            lab = e["labels"]
+            if (k.scope == "global" and lab["kind"] == "degradation" and lab["scope"] == "line"
+                    and lab["modality"] == k.modality and not e["inhibited"]):
+                return True
+            if lab["kind"] == "sensor_fault" and lab["modality"] == k.modality and not e["inhibited"]:
+                if k.scope == "global" or (k.scope == "asset" and lab["scope_id"] == k.scope_id) or (
+                        k.scope == "line" and e.get("line") == k.scope_id):
+                    return True
+        return False
+
+    def _transition(self, out: Outputs, det, kind: str, k: KpiSnapshot, value, threshold, what: str,
+                    extra: dict[str, str] | None = None) -> None:
         if not det.changed:
-            return None
-        labels = {"kind": "degradation", "modality": snap.modality, "scope": snap.scope, "scope_id": snap.scope_id}
+            return
+        alert = self._alert(kind, "firing" if det.firing else "resolved", k.modality, k.scope, k.scope_id,
+                            k.window_end_ms, value, threshold, what, extra)
+        if alert is None:
+            return
+        out.alerts.append(alert)
+        out.commands.extend(self.policy.decide(alert, PolicyContext(k.window_end_ms, dict(self._version_changes))))
+
+    def _alert(self, kind: str, status: str, modality: str, scope: str, scope_id: str, at_ms: int,
+               value, threshold, what: str, extra: dict[str, str] | None = None) -> Alert | None:
+        labels = {"kind": kind, "modality": modality, "scope": scope, "scope_id": scope_id, **(extra or {})}
         fp = fingerprint(labels)
-        acc = det.last[0] if det.last else None
-        if det.firing:
-            start = self._episodes[fp] = snap.window_end_ms
-            status, ends = "firing", None
-            summary = (f"{snap.modality} accuracy {acc:.2f} < {det.threshold:.2f} "
-                       f"(baseline {det.baseline:.2f} - margin {det.margin:.2f}) for {det.fire_windows} windows")
+        if status == "firing":
+            snap = KpiSnapshot(scope, scope_id, modality, at_ms, at_ms, 0)
+            inhibited = self._inhibited(kind, snap)
+            self._episodes[fp] = {"start": at_ms, "labels": labels, "inhibited": inhibited,
+                                  "line": self._line_of(scope_id) if scope == "asset" else None}
+            if inhibited:
+                return None
+            start, ends = at_ms, None
         else:
-            start = self._episodes.pop(fp, snap.window_end_ms)
-            status, ends = "resolved", snap.window_end_ms
-            summary = f"{snap.modality} accuracy back to {acc:.2f} >= {det.threshold:.2f}"
-        where = "fleet" if snap.scope == "global" else f"{snap.scope} {snap.scope_id}"
-        return Alert(
-            fingerprint=fp,
-            alert_id=f"{fp}@{start}",
-            status=status,
-            kind="degradation",
-            severity="critical" if snap.scope == "global" else "warning",
-            modality=snap.modality,
-            scope=snap.scope,
-            scope_id=snap.scope_id,
-            starts_ms=start,
-            event_ms=snap.window_end_ms,
-            ends_ms=ends,
-            summary=f"{where}: {summary}",
-            labels=labels,
-            value=acc,
-            threshold=det.threshold,
-        )
+            episode = self._episodes.pop(fp, None)
+            if episode is None or episode["inhibited"]:
+                return None
+            start, ends = episode["start"], at_ms
+        where = "fleet" if scope == "global" else f"{scope} {scope_id}"
+        if status == "resolved":
+            what = f"recovered (was: {self._episode_what.pop(fp, what)})"
+        else:
+            self._episode_what[fp] = what
+        return Alert(fingerprint=fp, alert_id=f"{fp}@{start}", status=status, kind=kind,
+                     severity=SEVERITY[kind], modality=modality, scope=scope, scope_id=scope_id,
+                     starts_ms=start, event_ms=at_ms, ends_ms=ends, summary=f"{where}: {modality} {what}",
+                     labels=labels, value=value, threshold=threshold)
+
+    def _line_of(self, asset_id: str) -> str | None:
+        return self._lines.get(asset_id)
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kpis": self.kpis.state_dict(),
+            "detectors": {k: [type(v).__name__, v.state_dict()] for k, v in self._detectors.items()},
+            "episodes": self._episodes,
+            "versions": self._versions,
+            "version_changes": {m: list(v) for m, v in self._version_changes.items()},
+            "workers": self._workers,
+            "lines": self._lines,
+            "pending": self._pending,
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], entries) -> None:
+        """Continue from a :meth:`state_dict` plus the KPI sink's entries."""
+        self.kpis.restore(state.get("kpis"), entries)
+        self._episodes = dict(state.get("episodes", {}))
+        self._versions = dict(state.get("versions", {}))
+        self._version_changes = {m: tuple(v) for m, v in state.get("version_changes", {}).items()}
+        self._workers = dict(state.get("workers", {}))
+        self._lines = dict(state.get("lines", {}))
+        self._pending = dict(state.get("pending", {}))
+        self.policy.load_state_dict(state.get("policy", {}))
+        # Detectors are made lazily (their settings come from the baselines); each takes
+        # its saved state when it is made.
+        self._detectors = {}
+        self._saved_detectors = dict(state.get("detectors", {}))

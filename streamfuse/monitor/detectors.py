@@ -2,17 +2,79 @@
 
 Constructor arguments are public attributes; derived state is private, rebuilt by
 ``reset()`` and serializable with ``state_dict()`` / ``load_state_dict()`` (checkpointed
-by the monitor). Results are read from properties; nothing auto-resets.
+by the monitor as plain JSON). Results are read from properties; nothing auto-resets.
+
+Every detector sees one value per KPI window and shares one hysteresis rule: a window is
+*bad*, *good*, or neither (inside the band between the two conditions), or it is no
+evidence at all (too few samples; the streaks are left as they are). The alert fires
+after ``fire_windows`` consecutive bad windows and resolves after ``resolve_windows``
+consecutive good ones; a window in the band breaks both streaks. Because *good* is
+stricter than *not bad*, a signal hovering at the threshold cannot flap.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from streamfuse.monitor.stats import wilson_interval
 
+DIRECTIONS = ("down", "up", "both")
 
-class AccuracyDegradation:
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_counts(events: int, n: int, what: str = "events") -> None:
+    if n < 0 or events < 0 or events > n:
+        raise ValueError(f"need 0 <= {what} <= n, got {what}={events}, n={n}")
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+class _Hysteresis:
+    """Streak counting shared by the detectors (``fire_windows`` / ``resolve_windows``)."""
+
+    fire_windows: int
+    resolve_windows: int
+
+    def _reset_hysteresis(self) -> None:
+        self._firing = False
+        self._changed = False
+        self._bad = 0
+        self._good = 0
+
+    def _step(self, bad: bool, good: bool) -> None:
+        self._bad = self._bad + 1 if bad else 0
+        self._good = self._good + 1 if good else 0
+        if not self._firing and self._bad >= self.fire_windows:
+            self._firing, self._changed = True, True
+        elif self._firing and self._good >= self.resolve_windows:
+            self._firing, self._changed = False, True
+
+    @property
+    def firing(self) -> bool:
+        """Whether the alert is open."""
+        return self._firing
+
+    @property
+    def changed(self) -> bool:
+        """Whether the last ``update`` fired or resolved the alert."""
+        return self._changed
+
+    def _hysteresis_state(self) -> dict[str, Any]:
+        return {"firing": self._firing, "bad": self._bad, "good": self._good}
+
+    def _load_hysteresis(self, state: dict[str, Any]) -> None:
+        self._firing, self._bad, self._good = bool(state["firing"]), int(state["bad"]), int(state["good"])
+
+
+class AccuracyDegradation(_Hysteresis):
     """A modality's accuracy below its stage-1 baseline, with statistical confidence.
 
     Each ``update(correct, n)`` is one KPI window. A window is *bad* when the Wilson
@@ -75,10 +137,7 @@ class AccuracyDegradation:
         return self.baseline - self.margin
 
     def reset(self) -> None:
-        self._firing = False
-        self._changed = False
-        self._bad = 0
-        self._good = 0
+        self._reset_hysteresis()
         self._last: tuple[float, float, float] | None = None  # accuracy, low, high
 
     def update(self, correct: int, n: int) -> None:
@@ -88,22 +147,7 @@ class AccuracyDegradation:
         acc = correct / n
         low, high = wilson_interval(correct, n, self.z)
         self._last = (acc, low, high)
-        bad, good = high < self.threshold, acc >= self.threshold
-        self._bad = self._bad + 1 if bad else 0
-        self._good = self._good + 1 if good else 0
-        if not self._firing and self._bad >= self.fire_windows:
-            self._firing, self._changed = True, True
-        elif self._firing and self._good >= self.resolve_windows:
-            self._firing, self._changed = False, True
-
-    @property
-    def firing(self) -> bool:
-        return self._firing
-
-    @property
-    def changed(self) -> bool:
-        """Whether the last ``update`` fired or resolved the alert."""
-        return self._changed
+        self._step(bad=high < self.threshold, good=acc >= self.threshold)
 
     @property
     def last(self) -> tuple[float, float, float] | None:
@@ -111,10 +155,563 @@ class AccuracyDegradation:
         return self._last
 
     def state_dict(self) -> dict[str, Any]:
-        return {"firing": self._firing, "bad": self._bad, "good": self._good,
-                "last": list(self._last) if self._last else None}
+        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
-        self._firing, self._bad, self._good = bool(state["firing"]), int(state["bad"]), int(state["good"])
+        self._load_hysteresis(state)
+        self._last = tuple(state["last"]) if state.get("last") else None
+
+
+class PageHinkley(_Hysteresis):
+    """A shift in the mean of a label-free per-window proxy (confidence, agreement,
+    contribution share), by Page-Hinkley against a frozen reference level.
+
+    The first ``warmup_windows`` windows that count set the reference level ``μ``
+    (their mean); they are no evidence. After that, for direction ``"down"``, each
+    window ``x`` adds to the cumulative statistic
+    ``PH = max(0, PH + (μ - δ) - x)``, which grows while the level sits more than
+    ``delta`` below the reference and shrinks by at least ``delta`` per window
+    otherwise (``"up"`` mirrors it; ``"both"`` keeps the two and uses the larger).
+    A window is *bad* when ``PH > threshold``; the alert fires after ``fire_windows``
+    bad windows, so ``fire_windows=1`` is the plain Page-Hinkley alarm: the statistic
+    already integrates the evidence.
+
+    Why a frozen reference rather than river's running mean of everything seen: with a
+    running mean the faulty windows leak into the reference, so detection slows the
+    longer the fault lasts and the statistic's return after recovery depends on how
+    long the stream had been running. The reference is learned again only by
+    :meth:`rebase` or :meth:`reset`.
+
+    Resolving: while firing, a window is *good* when its value is back within
+    ``delta / 2`` of the reference (``x >= μ - δ/2`` for ``"down"``); the alert
+    resolves after ``resolve_windows`` such windows in a row. Half of ``delta``, not
+    ``delta``: a level that stays a little beyond ``delta`` (which the statistic flags,
+    slowly) must not resolve whenever noise lifts two windows over the edge. At that moment, and only then, the
+    cumulative sums restart from zero (the restart of Page's scheme after an alarm,
+    at the transition the caller sees through ``changed``); otherwise the sum built up
+    during a long fault would still exceed the threshold after recovery and re-fire
+    the alert at once. To accept a new level as normal instead (a deliberate model
+    change, a replaced sensor) call :meth:`rebase`: the next ``warmup_windows`` windows
+    become the reference and an open alert resolves once windows clear against it.
+
+    Args:
+        delta: the tolerated shift, in the proxy's units: half the shift to detect is
+            the classic choice, and it should be at least twice the noise of one
+            window's value so that a recovered level reliably clears ``delta / 2``.
+        threshold: ``λ``, the cumulative excess that raises the alarm.
+        min_n: samples a window needs to count (``update``'s ``n``).
+        warmup_windows: counted windows that set the reference level.
+        direction: ``"down"``, ``"up"`` or ``"both"``.
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive windows back within ``delta / 2`` before resolving.
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(3)
+        >>> ph = PageHinkley(delta=0.05, threshold=0.5, warmup_windows=5)
+        >>> history = []
+        >>> for w in range(20):
+        ...     level = 0.6 if 8 <= w < 14 else 0.85     # mean confidence drops in windows 8..13
+        ...     ph.update(rng.gauss(level, 0.02))
+        ...     history.append("F" if ph.firing else ".")
+        >>> "".join(history)
+        '..........FFFFF.....'
+        >>> round(ph.reference, 3), ph.statistic < ph.threshold
+        (0.855, True)
+    """
+
+    def __init__(
+        self,
+        delta: float = 0.05,
+        threshold: float = 0.5,
+        min_n: int = 1,
+        warmup_windows: int = 5,
+        direction: str = "down",
+        fire_windows: int = 1,
+        resolve_windows: int = 2,
+    ) -> None:
+        if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
+            raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+        _check_int("min_n", min_n, 1)
+        _check_int("warmup_windows", warmup_windows, 1)
+        _check_int("fire_windows", fire_windows, 1)
+        _check_int("resolve_windows", resolve_windows, 1)
+        self.delta = delta
+        self.threshold = threshold
+        self.min_n = min_n
+        self.warmup_windows = warmup_windows
+        self.direction = direction
+        self.fire_windows = fire_windows
+        self.resolve_windows = resolve_windows
+        self.reset()
+
+    def reset(self) -> None:
+        self._reset_hysteresis()
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Learn the reference again from the next ``warmup_windows`` windows.
+
+        Keeps the alert state: an open alert resolves once ``resolve_windows`` windows
+        are back within ``delta / 2`` of the new reference.
+        """
+        self._changed = False
+        self._bad = self._good = 0
+        self._n_ref = 0
+        self._sum_ref = 0.0
+        self._reference: float | None = None
+        self._down = 0.0  # evidence that the level dropped
+        self._up = 0.0  # evidence that the level rose
+
+    def update(self, x: float | None, n: int = 1) -> None:
+        """One window's proxy value ``x`` over ``n`` samples; ``None`` is no evidence."""
+        self._changed = False
+        if x is None or n < self.min_n:
+            return
+        _check_finite("x", x)
+        if self._reference is None:
+            self._n_ref += 1
+            self._sum_ref += x
+            if self._n_ref >= self.warmup_windows:
+                self._reference = self._sum_ref / self._n_ref
+            return
+        ref, delta = self._reference, self.delta
+        self._down = max(0.0, self._down + (ref - delta) - x)
+        self._up = max(0.0, self._up + x - (ref + delta))
+        edge = delta / 2
+        cleared = {"down": x >= ref - edge, "up": x <= ref + edge, "both": abs(x - ref) <= edge}
+        self._step(bad=self.statistic > self.threshold, good=cleared[self.direction])
+        if self._changed and not self._firing:
+            self._down = self._up = 0.0
+
+    @property
+    def reference(self) -> float | None:
+        """The reference level; ``None`` while warming up."""
+        return self._reference
+
+    @property
+    def statistic(self) -> float:
+        """The Page-Hinkley statistic in the configured direction (compared with ``threshold``)."""
+        return {"down": self._down, "up": self._up, "both": max(self._down, self._up)}[self.direction]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._hysteresis_state(), "n_ref": self._n_ref, "sum_ref": self._sum_ref,
+                "reference": self._reference, "down": self._down, "up": self._up}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._load_hysteresis(state)
+        self._n_ref, self._sum_ref = int(state["n_ref"]), float(state["sum_ref"])
+        self._reference = None if state["reference"] is None else float(state["reference"])
+        self._down, self._up = float(state["down"]), float(state["up"])
+
+
+class Dominance(_Hysteresis):
+    """One modality dominating the fused decision while the others are healthy.
+
+    A window is *bad* when the modality's mean contribution share is above
+    ``threshold`` and the other modalities are healthy (no open degradation or sensor
+    fault: a modality that carries the decision because the others are masked or
+    broken is not dominating, it is covering). A window is *good* when the share is
+    below ``threshold - hysteresis``, whatever the others do. Fires after
+    ``fire_windows`` bad windows in a row, resolves after ``resolve_windows`` good ones.
+
+    Args:
+        threshold: share in (0, 1) above which the modality dominates.
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive good windows before resolving.
+        hysteresis: how far below ``threshold`` the share must fall to count as good.
+        min_n: samples a window needs to count (``update``'s ``n``).
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(11)
+        >>> dom = Dominance(threshold=0.6, fire_windows=3, resolve_windows=3, hysteresis=0.05)
+        >>> history = []
+        >>> for w in range(16):
+        ...     level = 0.8 if 3 <= w < 9 else 0.4        # image takes over in windows 3..8
+        ...     dom.update(rng.gauss(level, 0.03), others_healthy=True)
+        ...     history.append("F" if dom.firing else ".")
+        >>> "".join(history)
+        '.....FFFFFF.....'
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.6,
+        fire_windows: int = 3,
+        resolve_windows: int = 3,
+        hysteresis: float = 0.05,
+        min_n: int = 1,
+    ) -> None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if not 0.0 <= hysteresis < threshold:
+            raise ValueError(f"hysteresis must be in [0, threshold={threshold}), got {hysteresis!r}")
+        _check_int("fire_windows", fire_windows, 1)
+        _check_int("resolve_windows", resolve_windows, 1)
+        _check_int("min_n", min_n, 1)
+        self.threshold = threshold
+        self.fire_windows = fire_windows
+        self.resolve_windows = resolve_windows
+        self.hysteresis = hysteresis
+        self.min_n = min_n
+        self.reset()
+
+    def reset(self) -> None:
+        self._reset_hysteresis()
+        self._last: float | None = None
+
+    def update(self, share: float | None, others_healthy: bool, n: int = 1) -> None:
+        """One window's mean contribution share of the modality; ``None`` is no evidence."""
+        self._changed = False
+        if share is None or n < self.min_n:
+            return
+        _check_finite("share", share)
+        self._last = share
+        self._step(bad=share > self.threshold and others_healthy, good=share < self.threshold - self.hysteresis)
+
+    @property
+    def last(self) -> float | None:
+        """The share of the last window that counted."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._hysteresis_state(), "last": self._last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._load_hysteresis(state)
+        self._last = state.get("last")
+
+
+class RateAlarm(_Hysteresis):
+    """A rate of bad readings above a threshold, with statistical confidence: flatlined
+    or stuck signals, dropouts (missing readings).
+
+    A window of ``n`` readings with ``events`` bad ones is *bad* when the Wilson lower
+    bound of ``events / n`` is above ``threshold`` (so a small window cannot fire on
+    noise) and *good* when the point rate is at or below ``threshold - hysteresis``.
+    Windows with fewer than ``min_n`` readings are no evidence. The default hysteresis
+    is half the threshold: without it a sensor whose true fault rate sits a little above
+    the threshold would resolve and re-fire whenever a window happened to come out low.
+
+    Args:
+        threshold: rate in [0, 1) above which the sensor is faulty.
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive good windows before resolving.
+        min_n: readings a window needs to count.
+        hysteresis: how far below ``threshold`` the rate must fall to count as good;
+            ``None`` is half the threshold.
+        z: normal quantile of the Wilson bound (1.96 ≈ 95 %).
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(5)
+        >>> dropout = RateAlarm(threshold=0.2, fire_windows=2, resolve_windows=2, min_n=10)
+        >>> history = []
+        >>> for w in range(12):
+        ...     p = 0.7 if 3 <= w < 7 else 0.02          # the microphone drops out in windows 3..6
+        ...     missing = sum(rng.random() < p for _ in range(30))
+        ...     dropout.update(missing, 30)
+        ...     history.append("F" if dropout.firing else ".")
+        >>> "".join(history)
+        '....FFFF....'
+        >>> dropout.update(3, 4)     # too few readings: no evidence
+        >>> dropout.changed, dropout.firing
+        (False, False)
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        fire_windows: int = 2,
+        resolve_windows: int = 2,
+        min_n: int = 10,
+        hysteresis: float | None = None,
+        z: float = 1.96,
+    ) -> None:
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+        if hysteresis is None:
+            hysteresis = threshold / 2
+        if not 0.0 <= hysteresis <= threshold:
+            raise ValueError(f"hysteresis must be in [0, threshold={threshold}], or None for half of it, "
+                             f"got {hysteresis!r}")
+        if not z > 0:
+            raise ValueError(f"z must be > 0, got {z!r}")
+        _check_int("fire_windows", fire_windows, 1)
+        _check_int("resolve_windows", resolve_windows, 1)
+        _check_int("min_n", min_n, 1)
+        self.threshold = threshold
+        self.fire_windows = fire_windows
+        self.resolve_windows = resolve_windows
+        self.min_n = min_n
+        self.hysteresis = hysteresis
+        self.z = z
+        self.reset()
+
+    def reset(self) -> None:
+        self._reset_hysteresis()
+        self._last: tuple[float, float, float] | None = None  # rate, low, high
+
+    def update(self, events: int, n: int) -> None:
+        """``events`` bad readings out of ``n`` in one window."""
+        self._changed = False
+        _check_counts(events, n)
+        if n < self.min_n:
+            return
+        rate = events / n
+        low, high = wilson_interval(events, n, self.z)
+        self._last = (rate, low, high)
+        self._step(bad=low > self.threshold, good=rate <= self.threshold - self.hysteresis)
+
+    @property
+    def last(self) -> tuple[float, float, float] | None:
+        """(rate, Wilson low, Wilson high) of the last window that counted."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._load_hysteresis(state)
+        self._last = tuple(state["last"]) if state.get("last") else None
+
+
+class SkewAlarm(_Hysteresis):
+    """Clock skew between an asset's modalities: the mean absolute offset of a
+    modality's readings from their sample slots above a limit.
+
+    A window is *bad* when the mean absolute skew exceeds ``max_abs_skew_ms`` and *good*
+    when it is at or below ``max_abs_skew_ms - hysteresis_ms``. Windows with fewer than
+    ``min_n`` matched readings (or no skew measured) are no evidence.
+
+    Args:
+        max_abs_skew_ms: the largest acceptable mean absolute skew.
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive good windows before resolving.
+        min_n: matched readings a window needs to count.
+        hysteresis_ms: how far below the limit the skew must fall to count as good;
+            ``None`` is a quarter of ``max_abs_skew_ms``.
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(2)
+        >>> skew = SkewAlarm(max_abs_skew_ms=200.0)
+        >>> history = []
+        >>> for w in range(10):
+        ...     offset = 450.0 if 2 <= w < 6 else 20.0    # the camera's clock runs late in windows 2..5
+        ...     skew.update(abs(rng.gauss(offset, 30.0)), n=20)
+        ...     history.append("F" if skew.firing else ".")
+        >>> "".join(history)
+        '...FFFF...'
+        >>> skew.hysteresis_ms
+        50.0
+    """
+
+    def __init__(
+        self,
+        max_abs_skew_ms: float,
+        fire_windows: int = 2,
+        resolve_windows: int = 2,
+        min_n: int = 5,
+        hysteresis_ms: float | None = None,
+    ) -> None:
+        if not (isinstance(max_abs_skew_ms, (int, float)) and math.isfinite(max_abs_skew_ms)
+                and max_abs_skew_ms > 0):
+            raise ValueError(f"max_abs_skew_ms must be a finite number > 0, got {max_abs_skew_ms!r}")
+        if hysteresis_ms is None:
+            hysteresis_ms = max_abs_skew_ms / 4
+        if not 0.0 <= hysteresis_ms < max_abs_skew_ms:
+            raise ValueError(f"hysteresis_ms must be in [0, max_abs_skew_ms={max_abs_skew_ms}), "
+                             f"or None for a quarter of it, got {hysteresis_ms!r}")
+        _check_int("fire_windows", fire_windows, 1)
+        _check_int("resolve_windows", resolve_windows, 1)
+        _check_int("min_n", min_n, 1)
+        self.max_abs_skew_ms = max_abs_skew_ms
+        self.fire_windows = fire_windows
+        self.resolve_windows = resolve_windows
+        self.min_n = min_n
+        self.hysteresis_ms = float(hysteresis_ms)
+        self.reset()
+
+    def reset(self) -> None:
+        self._reset_hysteresis()
+        self._last: float | None = None
+
+    def update(self, mean_abs_skew_ms: float | None, n: int) -> None:
+        """One window's mean absolute skew over ``n`` matched readings."""
+        self._changed = False
+        if mean_abs_skew_ms is None or n < self.min_n:
+            return
+        _check_finite("mean_abs_skew_ms", mean_abs_skew_ms)
+        self._last = mean_abs_skew_ms
+        self._step(bad=mean_abs_skew_ms > self.max_abs_skew_ms,
+                   good=mean_abs_skew_ms <= self.max_abs_skew_ms - self.hysteresis_ms)
+
+    @property
+    def last(self) -> float | None:
+        """The mean absolute skew of the last window that counted."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._hysteresis_state(), "last": self._last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._load_hysteresis(state)
+        self._last = state.get("last")
+
+
+def paired_difference_interval(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """Agresti–Min interval for the difference of two paired proportions.
+
+    On ``n`` samples judged by two classifiers, ``b`` is how many only the first got
+    wrong and ``c`` how many only the second got wrong; the difference of the second's
+    accuracy minus the first's is ``(b - c) / n``. Adding ½ to each cell of the 2×2
+    table before the Wald interval (Agresti & Min, 2005) keeps its coverage near the
+    nominal level even for small or zero discordant counts.
+
+    Returns:
+        (point difference, lower bound, upper bound), the bounds clipped to [-1, 1].
+
+    Examples:
+        >>> [round(v, 3) for v in paired_difference_interval(b=30, c=5, n=200)]
+        [0.125, 0.068, 0.179]
+        >>> [round(v, 3) for v in paired_difference_interval(b=0, c=0, n=50)]
+        [0.0, -0.038, 0.038]
+    """
+    if n <= 0:
+        return 0.0, -1.0, 1.0
+    pb, pc = (b + 0.5) / (n + 2), (c + 0.5) / (n + 2)
+    diff = pb - pc
+    half = z * math.sqrt(max(0.0, pb + pc - diff * diff) / (n + 2))
+    return (b - c) / n, max(-1.0, diff - half), min(1.0, diff + half)
+
+
+class FusionRegression(_Hysteresis):
+    """The fused decision less accurate than a reference on the same labelled samples,
+    with statistical confidence. The reference is the better of the best single
+    modality and the Uni-Modal Ensemble (UME) on that window.
+
+    Fused and reference are judged on the *same* samples, so the test is paired: only
+    the discordant samples carry information (``b``: the reference right and the fused
+    label wrong; ``c``: the reverse), and the difference in accuracy is
+    ``d = (b - c) / n``. A window is *bad* when the lower bound of the Agresti–Min
+    interval of ``d`` (:func:`paired_difference_interval`) is above ``margin``: the
+    fused decision is worse by more than the margin with confidence (one-sided level
+    ``1 - Φ(-z)``, 97.5 % at ``z = 1.96``). A window is *good* when the point ``d`` is
+    at or below ``margin - hysteresis`` (by default ``d <= 0``: the fused decision at
+    least as accurate as the reference), so that a fusion a little worse than the margin
+    does not resolve and re-fire on every lucky window.
+
+    Pass ``discordant = b + c`` (samples on which exactly one of the two is right). When
+    it is not known, the largest count that the two accuracies allow is assumed; that
+    is the widest interval, so the test stays valid (never fires more easily) but is
+    less powerful.
+
+    The reference is the best of several candidates chosen on the same window, which
+    flatters it a little (the winner's curse); the margin and ``fire_windows``
+    consecutive windows absorb that. For strict control with ``k`` candidates, use the
+    Bonferroni quantile (``z = 2.39`` for ``k = 3`` at one-sided 2.5 %).
+
+    Args:
+        margin: tolerated accuracy gap, in [0, 1).
+        z: normal quantile of the bound.
+        min_n: labelled samples a window needs to count.
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive good windows before resolving.
+        hysteresis: how far below ``margin`` the point gap must fall to count as good,
+            in [0, margin]; ``None`` is ``margin``.
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(1)
+        >>> reg = FusionRegression(margin=0.02, min_n=20)
+        >>> history = []
+        >>> for w in range(12):
+        ...     drop = 0.3 if 4 <= w < 8 else 0.03       # a bad fusion head in windows 4..7
+        ...     pairs = []                                # (reference right, fused right) per sample
+        ...     for _ in range(80):
+        ...         r = rng.random() < 0.9
+        ...         pairs.append((r, r and rng.random() > drop or not r and rng.random() < 0.3))
+        ...     ref, fused = sum(r for r, _ in pairs), sum(f for _, f in pairs)
+        ...     reg.update(fused, ref, 80, discordant=sum(r != f for r, f in pairs))
+        ...     history.append("F" if reg.firing else ".")
+        >>> "".join(history)
+        '.....FFFF...'
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.02,
+        z: float = 1.96,
+        min_n: int = 30,
+        fire_windows: int = 2,
+        resolve_windows: int = 2,
+        hysteresis: float | None = None,
+    ) -> None:
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+        if hysteresis is None:
+            hysteresis = margin
+        if not 0.0 <= hysteresis <= margin:
+            raise ValueError(f"hysteresis must be in [0, margin={margin}], or None for margin, got {hysteresis!r}")
+        if not z > 0:
+            raise ValueError(f"z must be > 0, got {z!r}")
+        _check_int("min_n", min_n, 1)
+        _check_int("fire_windows", fire_windows, 1)
+        _check_int("resolve_windows", resolve_windows, 1)
+        self.margin = margin
+        self.z = z
+        self.min_n = min_n
+        self.fire_windows = fire_windows
+        self.resolve_windows = resolve_windows
+        self.hysteresis = hysteresis
+        self.reset()
+
+    def reset(self) -> None:
+        self._reset_hysteresis()
+        self._last: tuple[float, float, float] | None = None  # difference, low, high
+
+    def update(self, fused_correct: int, reference_correct: int, n: int, discordant: int | None = None) -> None:
+        """One window: ``n`` labelled samples, how many the fused decision and the
+        reference got right, and on how many exactly one of them was right."""
+        self._changed = False
+        _check_counts(fused_correct, n, "fused_correct")
+        _check_counts(reference_correct, n, "reference_correct")
+        gap = reference_correct - fused_correct  # = b - c
+        # c (fused right, reference wrong) can be at most min(fused right, reference wrong).
+        widest = abs(gap) + 2 * min(fused_correct, n - reference_correct, reference_correct, n - fused_correct)
+        if discordant is None:
+            discordant = widest
+        elif not (abs(gap) <= discordant <= widest and (discordant - gap) % 2 == 0):
+            raise ValueError(f"discordant={discordant} is impossible with fused_correct={fused_correct}, "
+                             f"reference_correct={reference_correct}, n={n}: it must be in "
+                             f"[{abs(gap)}, {widest}] with the parity of {abs(gap)}")
+        if n < self.min_n:
+            return
+        b, c = (discordant + gap) // 2, (discordant - gap) // 2
+        self._last = paired_difference_interval(b, c, n, self.z)
+        diff, low, _ = self._last
+        self._step(bad=low > self.margin, good=diff <= self.margin - self.hysteresis)
+
+    @property
+    def last(self) -> tuple[float, float, float] | None:
+        """(reference minus fused accuracy, lower bound, upper bound) of the last window that counted."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._load_hysteresis(state)
         self._last = tuple(state["last"]) if state.get("last") else None

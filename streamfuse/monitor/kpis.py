@@ -1,24 +1,34 @@
 """Rolling per-modality KPIs over event-time windows, with the late-label join.
 
 Pure logic: plain values and event timestamps in, :class:`KpiSnapshot` values out. A
-window ``[start, start + window_ms)`` closes once the watermark (the largest prediction
-event time seen) passes its end plus ``grace_ms``, the time it waits for late labels.
+window ``[start, start + window_ms)`` closes once the watermark (the minimum over input
+partitions of the largest prediction event time seen) passes its end plus ``grace_ms``,
+the time it waits for late labels.
+
+State that must survive a restart goes through a *sink* (``put(key, value | None)``):
+one entry per open record (``r:<sample_id>``) and per waiting label (``l:<sample_id>``);
+the monitor backs it with a changelogged faust table and rebuilds the engine from it
+with :meth:`KpiEngine.restore`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from streamfuse.events import KpiSnapshot, Label, Prediction
 from streamfuse.monitor.stats import macro_f1, wilson_interval
 
 FUSED = "fused"
 UME = "ume"  # the Uni-Modal Ensemble recomputed from per-modality probabilities
+Sink = Callable[[str, Any], None]
 
 
 @dataclass
 class _Record:
+    window: int
     asset_id: str
     line_id: str
     fused: str
@@ -26,9 +36,13 @@ class _Record:
     ume: str | None
     labels: dict[str, str]  # modality -> its own argmax label (computed modalities only)
     conf: dict[str, float]
+    entropy: dict[str, float]
     contributions: dict[str, float]
-    missing: tuple[str, ...]
-    masked: tuple[str, ...]
+    missing: list[str]
+    masked: list[str]
+    flat: list[str]  # modalities whose signal is flat
+    stuck: list[str]  # modalities whose reading repeats the previous one byte for byte
+    skew_ms: dict[str, int]
     latency_ms: float
     truth: str | None = None
 
@@ -52,6 +66,9 @@ class KpiEngine:
         grace_ms: how long after its end a window waits for late labels.
         max_pending_labels: labels whose prediction has not arrived yet are kept up to
             this many (oldest evicted first), so state stays bounded.
+        flat_std: per modality, a reading whose signal standard deviation is at or below
+            this counts as flat (a dead or stuck sensor).
+        sink: receives every change of the persistent state (see the module docstring).
 
     Examples:
         >>> from streamfuse.events import Prediction, Label
@@ -67,25 +84,63 @@ class KpiEngine:
         [('global', 'fused', 1, 1.0), ('global', 'image', 1, 1.0), ('global', 'ume', 1, 1.0)]
     """
 
-    def __init__(self, window_ms: int, grace_ms: int, max_pending_labels: int = 100_000) -> None:
+    def __init__(self, window_ms: int, grace_ms: int, max_pending_labels: int = 100_000,
+                 flat_std: dict[str, float] | None = None, sink: Sink | None = None) -> None:
         if window_ms <= 0 or grace_ms < 0 or max_pending_labels <= 0:
             raise ValueError("window_ms > 0, grace_ms >= 0 and max_pending_labels > 0 are required")
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.max_pending_labels = max_pending_labels
+        self.flat_std = dict(flat_std or {})
+        self.sink = sink
         self.reset()
 
     def reset(self) -> None:
         self._windows: dict[int, _Window] = {}
         self._index: dict[str, int] = {}  # sample_id -> window start, open windows only
         self._pending: OrderedDict[str, str] = OrderedDict()
-        self._closed_before = None  # windows starting before this are closed
-        self.watermark: int | None = None
+        self._closed_before: int | None = None  # windows starting before this are closed
         self._source_max: dict[str, int] = {}
+        self._last_digest: dict[str, int] = {}  # "asset|modality" -> digest of the last reading
+        self.watermark: int | None = None
         self.late_predictions = 0
         self.late_labels = 0
         self.evicted_labels = 0
         self.duplicates = 0
+
+    # ------------------------------------------------------------------ persistence
+
+    def _put(self, key: str, value: Any) -> None:
+        if self.sink is not None:
+            self.sink(key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's small state (records and labels live in the sink)."""
+        return {"closed_before": self._closed_before, "source_max": dict(self._source_max),
+                "last_digest": dict(self._last_digest),
+                "counters": [self.late_predictions, self.late_labels, self.evicted_labels, self.duplicates]}
+
+    def restore(self, state: dict[str, Any] | None, entries: Iterable[tuple[str, Any]]) -> None:
+        """Rebuild from :meth:`state_dict` and the sink's entries (after a restart)."""
+        self.reset()
+        if state:
+            self._closed_before = state["closed_before"]
+            self._source_max = dict(state["source_max"])
+            self._last_digest = dict(state["last_digest"])
+            self.late_predictions, self.late_labels, self.evicted_labels, self.duplicates = state["counters"]
+            self.watermark = min(self._source_max.values()) if self._source_max else None
+        for key, value in entries:
+            if value is None:
+                continue
+            kind, sid = key.split(":", 1)
+            if kind == "r":
+                rec = _Record(**value)
+                self._windows.setdefault(rec.window, _Window(rec.window)).records[sid] = rec
+                self._index[sid] = rec.window
+            elif kind == "l":
+                self._pending[sid] = value
+
+    # ------------------------------------------------------------------ input
 
     @property
     def pending_labels(self) -> int:
@@ -94,14 +149,18 @@ class KpiEngine:
     def add_label(self, label: Label) -> None:
         start = self._index.get(label.sample_id)
         if start is not None:
-            self._windows[start].records[label.sample_id].truth = label.label
+            rec = self._windows[start].records[label.sample_id]
+            rec.truth = label.label
+            self._put(f"r:{label.sample_id}", dataclasses.asdict(rec))
             return
         if self._closed_before is not None and label.ts_ms < self._closed_before:
             self.late_labels += 1  # its window already closed
             return
         self._pending[label.sample_id] = label.label
+        self._put(f"l:{label.sample_id}", label.label)
         if len(self._pending) > self.max_pending_labels:
-            self._pending.popitem(last=False)
+            sid, _ = self._pending.popitem(last=False)
+            self._put(f"l:{sid}", None)
             self.evicted_labels += 1
 
     def add_prediction(self, pred: Prediction, source: str = "") -> list[KpiSnapshot]:
@@ -119,9 +178,12 @@ class KpiEngine:
         elif pred.sample_id in self._index:
             self.duplicates += 1  # at-least-once delivery: count each sample once
         else:
-            window = self._windows.setdefault(start, _Window(start))
-            window.records[pred.sample_id] = self._record(pred)
+            rec = self._record(pred, start)
+            self._windows.setdefault(start, _Window(start)).records[pred.sample_id] = rec
             self._index[pred.sample_id] = start
+            if rec.truth is not None:
+                self._put(f"l:{pred.sample_id}", None)
+            self._put(f"r:{pred.sample_id}", dataclasses.asdict(rec))
         self._source_max[source] = max(self._source_max.get(source, pred.ts_ms), pred.ts_ms)
         self.watermark = min(self._source_max.values())
         return self.advance(self.watermark)
@@ -135,6 +197,7 @@ class KpiEngine:
             window = self._windows.pop(start)
             for sid in window.records:
                 self._index.pop(sid, None)
+                self._put(f"r:{sid}", None)
             self._closed_before = start + self.window_ms
             out.extend(self._snapshots(window))
         # Windows that got nothing are closed too: a prediction for one now is late.
@@ -142,7 +205,7 @@ class KpiEngine:
         self._closed_before = max(self._closed_before or passed, passed)
         return out
 
-    def _record(self, pred: Prediction) -> _Record:
+    def _record(self, pred: Prediction, start: int) -> _Record:
         fused, fused_conf = _argmax(pred.classes, pred.fused_probs)
         labels, conf = {}, {}
         for m, probs in pred.modality_probs.items():
@@ -152,9 +215,17 @@ class KpiEngine:
             k = len(pred.modality_probs)
             mean = tuple(sum(p[i] for p in pred.modality_probs.values()) / k for i in range(len(pred.classes)))
             ume = _argmax(pred.classes, mean)[0]
+        flat = [m for m, std in pred.signal_std.items() if std <= self.flat_std.get(m, 0.0)]
+        stuck = []
+        for m, digest in pred.digest.items():
+            key = f"{pred.asset_id}|{m}"
+            if self._last_digest.get(key) == digest:
+                stuck.append(m)
+            self._last_digest[key] = digest
         return _Record(
-            pred.asset_id, pred.line_id, fused, fused_conf, ume, labels, conf, dict(pred.contributions),
-            pred.missing, pred.masked, pred.latency_ms, self._pending.pop(pred.sample_id, None),
+            start, pred.asset_id, pred.line_id, fused, fused_conf, ume, labels, conf, dict(pred.entropy),
+            dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
+            pred.latency_ms, self._pending.pop(pred.sample_id, None),
         )
 
     def _snapshots(self, window: _Window) -> list[KpiSnapshot]:
@@ -171,21 +242,29 @@ class KpiEngine:
         return out
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: list[_Record]) -> KpiSnapshot:
+    unit = m not in (FUSED, UME)
     if m == FUSED:
-        pairs = [(r.fused, r.fused, r.fused_conf, r) for r in recs]
+        pairs = [(r.fused, r.fused_conf, r) for r in recs]
     elif m == UME:
-        pairs = [(r.ume, r.fused, None, r) for r in recs if r.ume is not None]
+        pairs = [(r.ume, None, r) for r in recs if r.ume is not None]
     else:
-        pairs = [(r.labels[m], r.fused, r.conf[m], r) for r in recs if m in r.labels]
+        pairs = [(r.labels[m], r.conf[m], r) for r in recs if m in r.labels]
     n = len(pairs)
-    labelled = [(pred, r.truth) for pred, _, _, r in pairs if r.truth is not None]
+    labelled = [(pred, r.truth) for pred, _, r in pairs if r.truth is not None]
     correct = sum(p == t for p, t in labelled)
     low, high = wilson_interval(correct, len(labelled)) if labelled else (None, None)
-    confs = [c for _, _, c, _ in pairs if c is not None]
-    lat = [r.latency_ms for r in recs]
-    in_fusion = [r for _, _, _, r in pairs if m not in r.masked]
-    contrib = [r.contributions.get(m, 0.0) for r in in_fusion] if m not in (FUSED, UME) else []
+    computed = [r for _, _, r in pairs]
+    in_fusion = [r for r in computed if m not in r.masked]
+    # Dominance index: the fused label follows this modality while another present one disagrees.
+    dominant = [r.labels[m] == r.fused and any(lbl != r.fused for o, lbl in r.labels.items() if o != m)
+                for r in computed] if unit else []
+    skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
+    ref = _best_reference(recs) if m == FUSED else {}
     return KpiSnapshot(
         scope=scope,
         scope_id=scope_id,
@@ -194,14 +273,39 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         window_end_ms=end,
         n=n,
         n_labelled=len(labelled),
+        n_correct=correct,
+        n_truth_classes=len({t for _, t in labelled}),
         accuracy=correct / len(labelled) if labelled else None,
         accuracy_low=low,
         accuracy_high=high,
         macro_f1=macro_f1([t for _, t in labelled], [p for p, _ in labelled]) if labelled else None,
-        agreement=(sum(p == f for p, f, _, _ in pairs) / n) if n and m != FUSED else None,
-        mean_confidence=sum(confs) / len(confs) if confs else None,
-        mean_contribution=sum(contrib) / len(contrib) if contrib else None,
-        missing_rate=sum(m in r.missing for r in recs) / len(recs) if m not in (FUSED, UME) else 0.0,
-        masked_rate=sum(m in r.masked for r in recs) / len(recs) if m not in (FUSED, UME) else 0.0,
-        mean_latency_ms=sum(lat) / len(lat) if lat and m == FUSED else None,
+        agreement=(sum(p == r.fused for p, _, r in pairs) / n) if n and m != FUSED else None,
+        mean_confidence=_mean([c for _, c, _ in pairs if c is not None]),
+        mean_entropy=_mean([r.entropy[m] for r in computed if m in r.entropy]) if unit else None,
+        mean_contribution=_mean([r.contributions.get(m, 0.0) for r in in_fusion]) if unit else None,
+        dominance=_mean([float(d) for d in dominant]),
+        missing_rate=sum(m in r.missing for r in recs) / len(recs) if unit else 0.0,
+        masked_rate=sum(m in r.masked for r in recs) / len(recs) if unit else 0.0,
+        n_flat=sum(m in r.flat for r in computed) if unit else 0,
+        n_stuck=sum(m in r.stuck for r in computed) if unit else 0,
+        n_missing=sum(m in r.missing for r in recs) if unit else 0,
+        mean_abs_skew_ms=_mean(skews),
+        mean_latency_ms=_mean([r.latency_ms for r in recs]) if m == FUSED else None,
+        **ref,
     )
+
+
+def _best_reference(recs: list[_Record]) -> dict[str, Any]:
+    """Paired counts of the fused label against the best single modality or UME, each
+    on the labelled samples it has an answer for (for the fusion-regression test)."""
+    best: dict[str, Any] = {}
+    for ref in sorted({m for r in recs for m in r.labels} | {UME}):
+        pairs = [(r.fused == r.truth, (r.ume if ref == UME else r.labels[ref]) == r.truth) for r in recs
+                 if r.truth is not None and (r.ume is not None if ref == UME else ref in r.labels)]
+        if not pairs:
+            continue
+        ref_correct = sum(b for _, b in pairs)
+        if not best or ref_correct / len(pairs) > best["ref_correct"] / best["ref_n"]:
+            best = {"ref_modality": ref, "ref_n": len(pairs), "ref_correct": ref_correct,
+                    "ref_fused_correct": sum(a for a, _ in pairs), "ref_discordant": sum(a != b for a, b in pairs)}
+    return best

@@ -439,28 +439,6 @@ def alert(status: str = "firing", kind: str = "degradation", scope: str = "globa
     return Alert("fp1", "fp1@5000", status, kind, "critical", "image", scope, scope_id, 5000, 9000, summary="s")
 
 
-def test_policy_firing_masks_resolved_unmasks() -> None:
-    (mask,) = RollbackPolicy().decide(alert("firing"))
-    assert (mask.command_id, mask.action, mask.modality, mask.alert_id, mask.issued_ms) == (
-        "fp1@5000:mask_modality", "mask_modality", "image", "fp1@5000", 9000)
-    assert "degradation firing" in mask.reason
-    (unmask,) = RollbackPolicy().decide(alert("resolved"))
-    assert (unmask.command_id, unmask.action, unmask.alert_id) == (
-        "fp1@5000:unmask_modality", "unmask_modality", "fp1@5000")
-    # re-processing the same alert gives the same command (idempotent downstream)
-    assert RollbackPolicy().decide(alert("firing")) == [mask]
-
-
-def test_policy_acts_only_on_configured_scopes_and_kinds() -> None:
-    policy = RollbackPolicy()
-    assert policy.decide(alert(scope="asset", scope_id="a1")) == []
-    assert policy.decide(alert(scope="line", scope_id="L1")) == []
-    assert policy.decide(alert(kind="dominance")) == []
-    assert RollbackPolicy(PolicyConfig(dry_run=True)).decide(alert()) == []
-    wide = RollbackPolicy(PolicyConfig(act_on_scopes=("global", "asset")))
-    assert [c.action for c in wide.decide(alert(scope="asset", scope_id="a1"))] == ["mask_modality"]
-
-
 # ---------------------------------------------------------------------------- MonitorCore end to end
 
 FAULT_FROM, FAULT_TO, END = 20_000, 40_000, 55_000
@@ -491,7 +469,7 @@ def synthetic_stream():
 
 
 SETTINGS = dict(kpi_window_ms=1000, label_grace_ms=2000, min_labelled=10, fire_windows=2, resolve_windows=2,
-                degradation_margin=0.15)
+                degradation_margin=0.15, detect_scopes=("global",))
 BASELINES = {"image": {"top1": 0.9, "macro_f1": 0.9}, "audio": {"top1": 0.9, "macro_f1": 0.9},
              "fused": {"top1": 0.95, "macro_f1": 0.95}}
 
@@ -512,7 +490,13 @@ def run_core(**overrides) -> tuple[MonitorCore, list[tuple[int, Outputs]]]:
 
 def test_monitor_core_end_to_end() -> None:
     core, outs = run_core()
-    alerts = [(t, a) for t, o in outs for a in o.alerts]
+    every = [(t, a.kind, a.modality, a.status) for t, o in outs for a in o.alerts]
+    # Besides the image degradation: the fused label follows the confident, wrong image, so
+    # audio's agreement with it drops (label-free drift) and the fusion falls below audio.
+    assert [e for e in every if e[1] != "degradation"] == [
+        (24_000, "drift", "audio", "firing"), (24_000, "fusion_regression", "fused", "firing"),
+        (44_000, "drift", "audio", "resolved"), (44_000, "fusion_regression", "fused", "resolved")]
+    alerts = [(t, a) for t, o in outs for a in o.alerts if a.kind == "degradation"]
     commands = [(t, c) for t, o in outs for c in o.commands]
     assert all(t >= FAULT_FROM for t, _ in alerts)  # nothing before the fault
     glob = [a for _, a in alerts if a.scope == "global"]
@@ -528,6 +512,7 @@ def test_monitor_core_end_to_end() -> None:
     assert "image accuracy 0.00 < 0.75" in firing.summary and firing.summary.startswith("fleet:")
     emitted_at = next(t for t, o in outs if firing in o.alerts)
     assert emitted_at >= 22_000 + 2_000  # end of the window + grace
+    assert "recovered" in resolved.summary
     # resolves after two good windows once the image recovers at 40 s
     assert (resolved.fingerprint, resolved.alert_id, resolved.starts_ms) == (
         firing.fingerprint, firing.alert_id, 22_000)
@@ -544,6 +529,7 @@ def test_monitor_core_end_to_end() -> None:
         for c in o.commands:
             assert any(a.alert_id == c.alert_id and a.scope == "global" for a in o.alerts)
     assert core.open_alerts() == []
+    assert [s.action for s in core.policy.suppressed] == []
 
 
 def test_monitor_core_kpis_show_the_fault() -> None:
@@ -563,12 +549,13 @@ def test_monitor_core_open_alerts_while_firing() -> None:
             core.on_label(ev)
         elif ev.ts_ms < 30_000:
             core.on_prediction(ev)
-    assert len(core.open_alerts()) == 1  # global only: asset scope is not detected on
+    # image degradation (global only: asset scope is not detected on), audio drift, fusion regression
+    assert len(core.open_alerts()) == 3
 
 
 def test_monitor_core_dry_run_alerts_without_commands() -> None:
     _, outs = run_core(dry_run=True)
-    alerts = [a for _, o in outs for a in o.alerts]
+    alerts = [a for _, o in outs for a in o.alerts if a.kind == "degradation"]
     glob = [(a.modality, a.status) for a in alerts if a.scope == "global"]
     assert glob == [("image", "firing"), ("image", "resolved")]
     assert [c for _, o in outs for c in o.commands] == []
@@ -584,7 +571,7 @@ def test_monitor_core_ignores_modalities_without_baseline() -> None:
     alerts = []
     for kind, ev in synthetic_stream():
         alerts += core.on_label(ev).alerts if kind == "label" else core.on_prediction(ev).alerts
-    assert alerts == []
+    assert [a for a in alerts if a.kind == "degradation" or a.modality == "image"] == []
     assert core.baselines == {"audio": {"top1": 0.9}}
 
 

@@ -1,0 +1,162 @@
+"""Predictions per second through the monitor, against the raw faust consume rate of
+the same messages, in one run on the embedded broker.
+
+Both sides are faust workers in their own processes reading the same backlog of
+predictions and labels: the reference only counts events; the monitor decodes, joins
+labels, keeps KPI windows, runs the detectors and checkpoints its tables. Each exposes
+a Prometheus counter; the rate is measured between the first and the last event.
+
+    python bench/monitor_throughput.py --predictions 20000 --json out/monitor_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from streamfuse.config import Settings
+from streamfuse.embedded import EmbeddedBroker, free_port
+from streamfuse.events import MSGPACK, Label, Prediction, encode, headers
+from streamfuse.kafka import make_producer
+from streamfuse.topics import Topics, ensure_topics
+
+CLASSES = ("bearing", "imbalance", "normal", "overheat")
+MODALITIES = ("audio", "image", "series")
+
+
+def synthetic(n: int, seed: int = 0):
+    """Predictions of 8 assets at 5 Hz, each with its label; the image model gets worse halfway."""
+    rng = random.Random(seed)
+    t0 = 1_800_000_000_000
+    for i in range(n):
+        asset = f"asset-{i % 8}"
+        ts = t0 + (i // 8) * 200
+        truth = rng.randrange(4)
+        probs = {}
+        for m in MODALITIES:
+            good = rng.random() < (0.85 if not (m == "image" and i > n // 2) else 0.3)
+            k = truth if good else rng.randrange(4)
+            p = [0.1 / 3] * 4
+            p[k] = 0.9
+            probs[m] = tuple(p)
+        fused = tuple(sum(probs[m][c] for m in MODALITIES) / 3 for c in range(4))
+        y = max(range(4), key=fused.__getitem__)
+        sid = f"b-{i}"
+        pred = Prediction(sid, asset, ts, CLASSES, fused, CLASSES[y], "ume", probs, line_id=f"line-{i % 2}",
+                          contributions={m: 1 / 3 for m in MODALITIES}, versions={m: "v1" for m in MODALITIES},
+                          worker_id="bench", signal_std={m: 1.0 for m in MODALITIES},
+                          digest={m: rng.getrandbits(32) for m in MODALITIES})
+        yield pred, Label(sid, asset, ts, CLASSES[truth], line_id=f"line-{i % 2}")
+
+
+RAW_APP = r"""
+import os, sys
+import faust
+from prometheus_client import Counter, start_http_server
+from streamfuse.config import Settings
+from streamfuse.kafka import faust_config
+from streamfuse.topics import Topics
+s = Settings()
+start_http_server(int(os.environ["BENCH_PORT"]))
+events = Counter("bench_events_total", "events")
+app = faust.App("raw-" + s.monitor.app_id, **faust_config(s), web_enabled=False, autodiscover=False,
+                datadir="/tmp/raw-" + s.monitor.app_id)
+t = Topics(s.topic_prefix)
+source = app.topic(t.predictions, t.labels, key_serializer="raw", value_serializer="raw")
+@app.agent(source)
+async def count(stream):
+    async for event in stream.events():
+        events.inc()
+from faust.worker import Worker
+Worker(app, loglevel="warn").execute_from_commandline()
+"""
+
+
+def scrape(port: int, name: str) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def measure(cmd: list[str], env: dict, port: int, metric: str, total: int, timeout_s: float) -> float:
+    proc = subprocess.Popen(cmd, env={**env, "BENCH_PORT": str(port)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        first = last = None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            n = scrape(port, metric)
+            now = time.monotonic()
+            if n > 0 and first is None:
+                first = (now, n)
+            if n >= total:
+                last = (now, n)
+                break
+            time.sleep(0.05)
+        if first is None or last is None:
+            raise SystemExit(f"{cmd[-1]}: did not consume {total} events within {timeout_s} s")
+        return (last[1] - first[1]) / max(1e-3, last[0] - first[0])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--predictions", type=int, default=20000)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tag = uuid.uuid4().hex[:6]
+    with EmbeddedBroker() as broker:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, broker="tansu", topic_prefix=f"mbench{tag}.",
+                            redis_prefix=f"mbench:{tag}:")
+        ensure_topics(settings)
+        producer = make_producer(settings, "bench")
+        t, hdrs = Topics(settings.topic_prefix), headers(MSGPACK)
+        for pred, label in synthetic(args.predictions):
+            producer.send(t.predictions, key=pred.asset_id.encode(), value=encode(pred), headers=hdrs)
+            producer.send(t.labels, key=label.asset_id.encode(), value=encode(label), headers=hdrs)
+        producer.flush()
+        producer.close()
+        total = 2 * args.predictions
+        env = {**os.environ, "STREAMFUSE_KAFKA_BOOTSTRAP": broker.bootstrap, "STREAMFUSE_BROKER": "tansu",
+               "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix, "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix,
+               "STREAMFUSE_MONITOR__APP_ID": f"mbench-{tag}", "STREAMFUSE_MONITOR__KPI_WINDOW_MS": "5000"}
+        raw = measure([sys.executable, "-c", RAW_APP], env, free_port(), "bench_events_total", total, 600)
+        print(f"raw faust consume: {raw:9.0f} events/s")
+        port = free_port()
+        baselines = json.dumps({m: {"top1": 0.85, "macro_f1": 0.85} for m in MODALITIES})
+        mon = measure([sys.executable, "-c",
+                       "import json,sys; from streamfuse.config import Settings; "
+                       "from streamfuse.monitor.app import run_monitor; "
+                       f"run_monitor(Settings(), json.loads({baselines!r}))"],
+                      {**env, "STREAMFUSE_MONITOR__METRICS_PORT": str(port)}, port,
+                      "streamfuse_monitor_events_total", total, 600)
+        print(f"monitor:           {mon:9.0f} events/s  ({mon / 2:.0f} predictions/s with their labels)")
+        print(f"ratio monitor/raw: {mon / raw:.3f}")
+        from streamfuse.store import StatusStore, connect
+
+        StatusStore(connect(settings), settings.redis_prefix).clear()
+    result = {"raw_events_per_s": round(raw, 1), "monitor_events_per_s": round(mon, 1),
+              "monitor_predictions_per_s": round(mon / 2, 1), "ratio": round(mon / raw, 3),
+              "predictions": args.predictions, "machine": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

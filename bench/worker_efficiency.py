@@ -1,0 +1,186 @@
+"""How close does the worker get to the models' own speed?
+
+One run, on this machine, with the demo models:
+
+1. model_only_sps — forward passes of the same models at the same batch size on tensors
+   already in memory (the ceiling: no Kafka, no decoding, no fusion, no encoding);
+2. worker_sps — Kafka in → predictions out on the embedded broker: a backlog of samples
+   drained by one InferenceWorker (measured between its first and last prediction);
+3. latency p50 / p99 at 70 % of the measured worker capacity: samples published at that
+   rate, latency = prediction produce time − sample publish time.
+
+Prints the ratio worker_sps / model_only_sps and writes JSON (``--json PATH``).
+
+    python bench/worker_efficiency.py --samples 2000 --json out/worker_efficiency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from streamfuse.config import Settings
+from streamfuse.demo import ensure_demo_bundle
+from streamfuse.embedded import EmbeddedBroker
+from streamfuse.events import MSGPACK, Prediction, decode, encode, headers
+from streamfuse.inference.worker import InferenceWorker
+from streamfuse.kafka import make_consumer, make_producer
+from streamfuse.models.bundle import load_bundle
+from streamfuse.models.preprocess import batch_tensor
+from streamfuse.models.runtime import autocast, resolve_device
+from streamfuse.sim.plant import Plant, PlantConfig
+from streamfuse.topics import Topics, ensure_topics
+
+
+def model_only(bundle, samples, batch: int, repeats: int) -> float:
+    """Samples per second of the models alone on pre-built tensors."""
+    tensors = {m: [batch_tensor(bundle.configs[m], [s.readings[m] for s in samples[i:i + batch]], bundle.device)
+                   for i in range(0, len(samples), batch)] for m in bundle.modalities}
+    n = sum(t.shape[0] for t in tensors[bundle.modalities[0]])
+
+    def once() -> None:
+        with torch.inference_mode(), autocast(bundle.device):
+            for m in bundle.modalities:
+                for x in tensors[m]:
+                    bundle.models[m](x).float().softmax(-1)
+        if bundle.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    once()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return n * repeats / (time.perf_counter() - t0)
+
+
+def collect_predictions(settings: Settings, n: int, timeout_s: float) -> list[Prediction]:
+    consumer = make_consumer(settings, None, "bench-reader")
+    from kafka import TopicPartition
+
+    topic = Topics(settings.topic_prefix).predictions
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    out: list[Prediction] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        for msgs in consumer.poll(timeout_ms=200).values():
+            out.extend(decode(m.value, check_payloads=False) for m in msgs)
+    consumer.close()
+    return out
+
+
+def run_worker(settings: Settings, bundle, n: int) -> tuple[InferenceWorker, threading.Thread]:
+    worker = InferenceWorker(settings, bundle, worker_id="bench")
+    thread = threading.Thread(target=worker.run, kwargs={"max_samples": n}, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+def publish(settings: Settings, samples) -> None:
+    producer = make_producer(settings, "bench-producer")
+    hdrs = headers(MSGPACK)
+    topic = Topics(settings.topic_prefix).samples
+    for s in samples:
+        producer.send(topic, key=s.asset_id.encode(), value=encode(s), headers=hdrs)
+    producer.flush()
+    producer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-delay-ms", type=int, default=20)
+    ap.add_argument("--latency-seconds", type=float, default=20.0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    base = Settings()
+    bundle_dir = ensure_demo_bundle(base)
+    bundle = load_bundle(bundle_dir, device)
+    plant = Plant(PlantConfig(assets=8, lines=2, seed=5), run_id=f"bench{uuid.uuid4().hex[:6]}")
+    samples = [s for s, _ in plant.dataset(args.samples, seed=7)]
+
+    ref = model_only(bundle, samples, args.batch, repeats=3)
+    print(f"model-only forward: {ref:8.1f} samples/s  (batch {args.batch}, {device})")
+
+    with EmbeddedBroker() as broker:
+        tag = uuid.uuid4().hex[:6]
+        settings = base.model_copy(update={
+            "kafka_bootstrap": broker.bootstrap, "broker": "tansu", "topic_prefix": f"bench{tag}.",
+            "worker": base.worker.model_copy(update={"group": f"bench-{tag}", "max_batch": args.batch,
+                                                     "max_delay_ms": args.max_delay_ms, "device": str(device)}),
+        })
+        ensure_topics(settings)
+        publish(settings, samples)  # a backlog: the worker runs flat out
+        worker, thread = run_worker(settings, bundle, len(samples))
+        preds = collect_predictions(settings, len(samples), timeout_s=600)
+        thread.join(timeout=30)
+        produced = sorted(p.produced_ms for p in preds)
+        first_batch = sum(1 for t in produced if t == produced[0])
+        worker_sps = (len(produced) - first_batch) / max(1e-3, (produced[-1] - produced[0]) / 1000)
+        print(f"worker (Kafka in -> out): {worker_sps:8.1f} samples/s  ratio {worker_sps / ref:.3f}")
+
+        # Latency at 70 % of the measured capacity, in a fresh namespace.
+        rate = 0.7 * worker_sps
+        n_lat = max(200, int(rate * args.latency_seconds))
+        lat_settings = settings.model_copy(update={"topic_prefix": f"benchlat{tag}.", "worker": settings.worker.model_copy(
+            update={"group": f"benchlat-{tag}"})})
+        ensure_topics(lat_settings)
+        lat_samples = [samples[i % len(samples)] for i in range(n_lat)]
+        worker2, thread2 = run_worker(lat_settings, bundle, n_lat)
+        time.sleep(2.0)  # let the consumer group settle before the clock starts
+        producer = make_producer(lat_settings, "bench-latency")
+        topic, hdrs = Topics(lat_settings.topic_prefix).samples, headers(MSGPACK)
+        t0 = time.time()
+        for i, s in enumerate(lat_samples):
+            wait = t0 + i / rate - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            s = dataclasses.replace(s, ts_ms=int(time.time() * 1000), sample_id=f"lat-{i}")
+            producer.send(topic, key=s.asset_id.encode(), value=encode(s), headers=hdrs)
+        producer.flush()
+        producer.close()
+        lat_preds = collect_predictions(lat_settings, n_lat, timeout_s=120)
+        thread2.join(timeout=30)
+        lat = sorted(p.produced_ms - p.ts_ms for p in lat_preds)
+        p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        print(f"latency at {rate:.0f} samples/s (70 % capacity): p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+
+    result = {
+        "model_only_sps": round(ref, 1),
+        "worker_sps": round(worker_sps, 1),
+        "ratio": round(worker_sps / ref, 3),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "latency_rate_sps": round(rate, 1),
+        "samples": len(samples),
+        "batch": args.batch,
+        "max_delay_ms": args.max_delay_ms,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+        "bundle": bundle.version,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

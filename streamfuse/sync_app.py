@@ -1,0 +1,358 @@
+"""The ``streamfuse sync`` process: ``sensor.<modality>`` topics → :class:`Synchronizer` → ``samples``.
+
+One consumer group reads the three sensor topics. Partition ``p`` of every sensor topic
+forms task ``p`` (key = asset_id, so an asset's readings are all in one task) with its
+own :class:`~streamfuse.sync.Synchronizer`; the range assignor keeps a task's partitions
+on one member. Input partitions with unread records (position < high watermark) hold the
+task's watermark back, so a backlog is caught up without spurious late readings. When a
+task's inputs have been quiet for ``idle_ms`` of wall time, event time moves on with the
+wall clock so the last slots close.
+
+At-least-once: samples and dead letters are flushed before the offsets are committed,
+and the committed offset of a partition is its oldest reading still waiting in an open
+slot, so a crash loses no reading. Each commit carries the task's watermark and the read
+position as metadata; after a restart or rebalance, re-read records below that position
+are recognised as replays (no second dead letter, no spurious late reading) and closed
+slots are not re-opened. A broker that drops commit metadata (the embedded test broker)
+degrades to plain re-processing: slots near the restart point may be emitted again, with
+the same ``sample_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from prometheus_client import CollectorRegistry
+
+from streamfuse.config import Settings
+from streamfuse.errors import InvalidEvent
+from streamfuse.events import MSGPACK, DeadLetter, Sample, SensorEvent, content_type_of, decode, encode, headers
+from streamfuse.metrics import SyncMetrics
+from streamfuse.sync import OUTCOMES, SyncConfig, Synchronizer
+from streamfuse.topics import Topics
+
+log = logging.getLogger(__name__)
+HDRS = headers(MSGPACK)
+# sync outcome -> dead-letter reason; "joined" and "duplicate" are not dead letters
+DEAD_REASONS = {"late": "late_reading", "extra": "extra_reading", "outside_tolerance": "outside_tolerance",
+                "unknown_modality": "unknown_modality"}
+
+
+def default_config(settings: Settings) -> SyncConfig:
+    """The sync configuration for the plant's sample rate (``settings.sim.rate_hz``)."""
+    return SyncConfig.for_rate(settings.sim.rate_hz)
+
+
+def checkpoint_metadata(watermark: int | None, position: int) -> str:
+    """Commit metadata: the task's watermark and the partition's read position.
+
+    Examples:
+        >>> checkpoint_metadata(1500, 42)
+        '{"w":1500,"pos":42}'
+        >>> parse_checkpoint('{"w":1500,"pos":42}'), parse_checkpoint(None), parse_checkpoint("junk")
+        ((1500, 42), None, None)
+    """
+    return json.dumps({"w": watermark, "pos": position}, separators=(",", ":"))
+
+
+def parse_checkpoint(metadata: str | None) -> tuple[int | None, int] | None:
+    """``(watermark, position)`` from :func:`checkpoint_metadata`, or None if absent or foreign."""
+    try:
+        raw = json.loads(metadata) if metadata else None
+        w, pos = raw["w"], raw["pos"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(pos, int) or not (w is None or isinstance(w, int)):
+        return None
+    return w, pos
+
+
+class SyncTask:
+    """One task: partition ``p`` of every sensor topic and its synchronizer. No Kafka inside:
+    :meth:`feed` takes a consumer record and returns what to produce.
+
+    Args:
+        config: the sync configuration.
+        topics: topic names (to map a record's topic to its modality).
+        max_bytes: readings larger than this are dead-lettered as ``oversize``.
+    """
+
+    def __init__(self, config: SyncConfig, topics: Topics, max_bytes: int) -> None:
+        self.config = config
+        self.sync = Synchronizer(config)
+        self.modality_of = {topics.sensor(m): m for m in config.modalities}
+        self.max_bytes = max_bytes
+        self.held: dict[tuple[str, str, int], int] = {}  # (modality, event_id, ts) -> offset, in open slots
+        self.resume: dict[str, int] = {}  # modality -> offset below which records are replays
+        self.last_input: float | None = None  # monotonic seconds of the last reading
+        self.outcomes: list[tuple[str, str]] = []  # (outcome, modality) of the last feed, for metrics
+        for m in config.modalities:
+            self.sync.set_lagging(m, True)  # until the consumer knows the partition's end
+
+    def restore(self, checkpoints: dict[str, tuple[int | None, int]]) -> None:
+        """Resume from commit metadata (modality -> (watermark, position))."""
+        for m, (w, pos) in checkpoints.items():
+            self.resume[m] = max(pos, self.resume.get(m, 0))
+            if w is not None:
+                self.sync.advance(w)
+
+    def feed(self, msg) -> tuple[list[Sample], list[DeadLetter]]:
+        """Decode, validate and synchronize one consumer record (``topic``, ``partition``,
+        ``offset``, ``key``, ``value``, ``headers``)."""
+        m = self.modality_of[msg.topic]
+        replay = msg.offset < self.resume.get(m, -1)
+        self.outcomes = []
+        try:
+            ev = decode(msg.value, content_type_of(msg.headers), expect=SensorEvent, max_bytes=self.max_bytes)
+            if ev.modality != m:
+                raise InvalidEvent("bad_field", f"a {ev.modality!r} reading on {msg.topic}, which carries {m}", m)
+            if msg.key != ev.asset_id.encode():
+                raise InvalidEvent("bad_field", f"record key {msg.key!r} is not the asset_id {ev.asset_id!r}: "
+                                   "produce with key = asset_id so that an asset's readings share a partition", m)
+        except InvalidEvent as exc:
+            if replay:
+                return [], []  # dead-lettered before the restart
+            self.outcomes.append((exc.reason, exc.modality or m))
+            return [], [_dead(msg, exc.reason, exc.detail, exc.modality or m)]
+        self.last_input = time.monotonic()
+        res = self.sync.add(ev, source=m)
+        if res.outcome == "joined":
+            self.held[(m, ev.event_id, ev.ts_ms)] = msg.offset
+        samples = self._release(res.samples)
+        if replay and res.outcome != "joined":
+            return samples, []  # handled before the restart: its outputs were flushed then
+        self.outcomes.append((res.outcome, m))
+        reason = DEAD_REASONS.get(res.outcome)
+        if reason is None:
+            return samples, []
+        detail = f"{res.outcome}: {ev.event_id} at {ev.ts_ms} (watermark {self.sync.watermark})"
+        return samples, [_dead(msg, reason, detail, m)]
+
+    def tick(self, lagging: dict[str, bool], now: float) -> list[Sample]:
+        """Update which inputs lag, then apply the idle advance; returns samples released."""
+        out = []
+        for m, lag in lagging.items():
+            out += self._release(self.sync.set_lagging(m, lag))
+        quiet = self.last_input is not None and now - self.last_input >= self.config.idle_ms / 1000
+        if quiet and not any(lagging.values()) and self.sync.latest_ms is not None:
+            out += self._release(self.sync.advance(self.sync.latest_ms + int((now - self.last_input) * 1000)))
+        return out
+
+    def commit_offset(self, modality: str, position: int) -> int:
+        """Where a restart must resume this partition: its oldest held reading, else ``position``."""
+        held = [o for (m, _, _), o in self.held.items() if m == modality]
+        return min(held, default=position)
+
+    def _release(self, samples) -> list[Sample]:
+        for s in samples:
+            for m, ev in s.readings.items():
+                self.held.pop((m, ev.event_id, ev.ts_ms), None)
+        return list(samples)
+
+
+def _dead(msg, reason: str, detail: str, modality: str | None) -> DeadLetter:
+    return DeadLetter(reason, detail, msg.topic, msg.value or b"", "sync", int(time.time() * 1000),
+                      msg.partition, msg.offset, msg.key, content_type_of(msg.headers), modality)
+
+
+class SyncProcess:
+    """The Kafka loop around the tasks; see :func:`run_sync`."""
+
+    def __init__(self, settings: Settings, config: SyncConfig, registry: CollectorRegistry, group: str) -> None:
+        self.settings, self.config, self.group = settings, config, group
+        self.topics = Topics(settings.topic_prefix)
+        self.metrics = SyncMetrics(registry)
+        self.tasks: dict[int, SyncTask] = {}
+        self._revoked: dict[int, SyncTask] = {}  # kept through a rebalance in case they come back
+        self._pending: set[int] = set()  # new tasks waiting for their commit metadata
+        self._positions: dict = {}  # TopicPartition -> read position at the last checkpoint
+        self.emitted = 0
+        self._dirty = False
+        self.consumer = self.producer = None
+
+    def run(self, stop: threading.Event, max_samples: int | None) -> int:
+        from kafka import ConsumerRebalanceListener
+        from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+        from streamfuse.kafka import make_consumer, make_producer
+
+        proc = self
+
+        class Listener(ConsumerRebalanceListener):  # runs on the client's IO thread: no blocking calls
+            def on_partitions_revoked(self, revoked):
+                proc._on_revoked(revoked, keep=True)
+
+            def on_partitions_lost(self, lost):
+                proc._on_revoked(lost, keep=False)  # another member may have moved on: forget
+
+            def on_partitions_assigned(self, assigned):
+                proc._on_assigned(assigned)
+
+        self.producer = make_producer(self.settings, "streamfuse-sync")
+        try:
+            # The range assignor gives one member partition p of every sensor topic: a whole task.
+            self.consumer = make_consumer(self.settings, self.group, "streamfuse-sync",
+                                          partition_assignment_strategy=[RangePartitionAssignor])
+            try:
+                self.consumer.subscribe([self.topics.sensor(m) for m in self.config.modalities],
+                                        listener=Listener())
+                while not stop.is_set() and (max_samples is None or self.emitted < max_samples):
+                    self._step()
+            finally:
+                try:
+                    self._checkpoint()  # open slots are not emitted: their readings are re-read
+                finally:
+                    self.consumer.close()
+        finally:
+            self.producer.close()
+        return self.emitted
+
+    def _step(self) -> None:
+        """One poll: feed the records, update the inputs' lag, emit, checkpoint."""
+        polled = self.consumer.poll(timeout_ms=200)
+        self._restore_pending()
+        for tp, msgs in polled.items():
+            task = self.tasks.get(tp.partition)
+            if task is None:  # revoked meanwhile: its new owner reads these
+                continue
+            for msg in msgs:
+                self._dirty = True
+                samples, dead = task.feed(msg)
+                self._count(task)
+                self._emit(samples, dead)
+        now = time.monotonic()
+        for p, task in list(self.tasks.items()):
+            self._emit(task.tick(self._lagging(p), now), [])
+        if self._dirty:
+            self._checkpoint()
+
+    def _lagging(self, p: int) -> dict[str, bool]:
+        from kafka import TopicPartition
+
+        out = {}
+        assigned = self.consumer.assignment()
+        for m in self.config.modalities:
+            tp = TopicPartition(self.topics.sensor(m), p)
+            if tp in assigned:  # an input we do not read cannot hold the watermark
+                hw = self.consumer.highwater(tp)
+                out[m] = hw is None or self.consumer.position(tp) < hw
+        return out
+
+    def _count(self, task: SyncTask) -> None:
+        mx = self.metrics
+        for outcome, m in task.outcomes:  # a synchronizer outcome, or why the record was invalid
+            valid = outcome in OUTCOMES
+            if valid:
+                mx.readings.labels(m).inc()
+            if outcome == "duplicate":
+                mx.duplicates.labels(m).inc()
+            elif outcome == "late":
+                mx.late.labels(m).inc()
+            reason = DEAD_REASONS.get(outcome) if valid else outcome
+            if reason is not None:
+                mx.rejected.labels(reason).inc()
+
+    def _emit(self, samples: list[Sample], dead: list[DeadLetter]) -> None:
+        for s in samples:
+            self.producer.send(self.topics.samples, key=s.asset_id.encode(), value=encode(s), headers=HDRS)
+            self.metrics.samples.inc()
+            for m in s.missing:
+                self.metrics.missing.labels(m).inc()
+        for d in dead:
+            self.producer.send(self.topics.deadletter, key=d.key, value=encode(d), headers=HDRS)
+        if samples or dead:
+            self.emitted += len(samples)
+            self._dirty = True
+
+    def _checkpoint(self) -> None:
+        """Flush every output, then commit (at-least-once)."""
+        from kafka import TopicPartition
+        from kafka.errors import CommitFailedError
+        from kafka.structs import OffsetAndMetadata
+
+        self.producer.flush()
+        offsets = {}
+        assigned = self.consumer.assignment()
+        for p, task in self.tasks.items():
+            for m in self.config.modalities:
+                tp = TopicPartition(self.topics.sensor(m), p)
+                if tp not in assigned:
+                    continue
+                pos = self._positions[tp] = self.consumer.position(tp)
+                meta = checkpoint_metadata(task.sync.watermark, pos)
+                offsets[tp] = OffsetAndMetadata(task.commit_offset(m, pos), meta, -1)
+        if offsets:
+            try:
+                self.consumer.commit(offsets)
+            except CommitFailedError as exc:  # rebalanced meanwhile: the new owner re-reads
+                log.warning("sync commit failed (%s); records since the last commit will be re-read", exc)
+        self._dirty = False
+
+    # The loop checkpoints after every poll, so at a rebalance (which happens inside poll)
+    # everything processed is already flushed and committed: the listener only moves state.
+
+    def _on_revoked(self, revoked, keep: bool) -> None:
+        for p in {tp.partition for tp in revoked}:
+            task = self.tasks.pop(p, None)
+            self._pending.discard(p)
+            if task is not None and keep:
+                self._revoked[p] = task
+
+    def _on_assigned(self, assigned) -> None:
+        for p in sorted({tp.partition for tp in assigned}):
+            kept = self._revoked.pop(p, None)
+            if kept is not None:
+                # Ours before the rebalance, and current: records from the committed offset up
+                # to our last position are replays of what it holds or has emitted.
+                kept.restore({kept.modality_of[t.topic]: (None, self._positions[t]) for t in assigned
+                              if t.partition == p and t in self._positions})
+                self.tasks[p] = kept
+            else:
+                self.tasks[p] = SyncTask(self.config, self.topics, self.settings.max_payload_bytes)
+                self._pending.add(p)
+        self._revoked.clear()
+
+    def _restore_pending(self) -> None:
+        """New tasks resume from the commit metadata (looked up here, off the IO thread)."""
+        from kafka import TopicPartition
+
+        for p in sorted(self._pending):
+            task, found = self.tasks[p], {}
+            for topic, m in task.modality_of.items():
+                committed = self.consumer.committed(TopicPartition(topic, p), metadata=True)
+                cp = parse_checkpoint(committed.metadata if committed is not None else None)
+                if cp is not None:
+                    found[m] = cp
+            task.restore(found)
+            log.info("sync task %d assigned (resuming from commit metadata: %s)", p, bool(found))
+        self._pending.clear()
+
+
+def run_sync(settings: Settings, *, config: SyncConfig | None = None, stop: threading.Event | None = None,
+             max_samples: int | None = None, registry: CollectorRegistry | None = None,
+             group: str | None = None) -> int:
+    """Run the synchronizer process until ``stop`` is set or ``max_samples`` samples are out.
+
+    Args:
+        settings: bootstrap, topic prefix, payload limit.
+        config: slot settings; default :func:`default_config`.
+        stop: set it to stop after the current poll (outputs are flushed and committed).
+        max_samples: stop once at least this many samples were produced.
+        registry: Prometheus registry for :class:`~streamfuse.metrics.SyncMetrics`.
+        group: consumer group; default ``<topic prefix>sync`` (e.g. ``sf.sync``), so a
+            replay namespace has its own.
+
+    Returns:
+        The number of samples produced.
+
+    Raises:
+        ConfigError: no bootstrap address is configured.
+    """
+    config = config or default_config(settings)
+    proc = SyncProcess(settings, config, registry or CollectorRegistry(), group or f"{settings.topic_prefix}sync")
+    log.info("sync %s → %s: %s", ", ".join(proc.topics.sensor(m) for m in config.modalities),
+             proc.topics.samples, config)
+    return proc.run(stop or threading.Event(), max_samples)

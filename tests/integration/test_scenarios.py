@@ -1,0 +1,171 @@
+"""Monitor scenarios on the embedded broker with the real Redis, the simulator, a real
+worker and the faust monitor: short windows, faster than real time."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import add_image_version
+from streamfuse.config import Settings
+from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.sim.faults import parse_fault
+from streamfuse.sim.publish import SimPublisher
+from streamfuse.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+WINDOW_MS = 2_000
+START_MS = 1_800_000_000_000
+SPEED = 4.0
+
+
+def scenario_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={
+        "sim": settings.sim.model_copy(update={"assets": 4, "lines": 2, "rate_hz": 5.0, "label_delay_ms": 1000}),
+        "monitor": settings.monitor.model_copy(update={
+            "kpi_window_ms": WINDOW_MS, "label_grace_ms": 4_000, "min_labelled": 10, "cooldown_ms": 0}),
+    })
+
+
+@dataclass
+class Run:
+    observer: Observer
+    sample_ids: list[str]
+    logs: dict[str, str]
+
+    def alerts(self, **match) -> list[dict]:
+        return [a for a in self.observer.alerts if all(a.get(k) == v for k, v in match.items())]
+
+    def commands(self, **match) -> list[dict]:
+        return [c for c in self.observer.commands if all(c.get(k) == v for k, v in match.items())]
+
+
+def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration_s: float,
+                 until=lambda obs: True, kill_monitor_at_s: float | None = None,
+                 trigger: tuple[object, object] | None = None) -> Run:
+    ensure_topics(settings)
+    procs = {"worker": spawn("worker", settings, tmp_path), "monitor": spawn("monitor", settings, tmp_path)}
+    observer = Observer(settings, START_MS)
+    sim = SimPublisher(settings, tuple(parse_fault(f) for f in faults), start_ms=START_MS, speed=SPEED,
+                       run_id="sc")
+    thread = threading.Thread(target=sim.run, kwargs={"duration_s": duration_s}, daemon=True)
+    thread.start()
+    t_start = time.monotonic()
+    killed = False
+    try:
+        deadline = time.monotonic() + duration_s / SPEED + 120
+        while time.monotonic() < deadline:
+            observer.poll(200)
+            if trigger is not None and trigger[0](observer):
+                trigger[1]()  # (condition on what was observed so far, action)
+                trigger = None
+            if kill_monitor_at_s is not None and not killed and time.monotonic() - t_start > kill_monitor_at_s:
+                procs["monitor"].send_signal(signal.SIGKILL)
+                procs["monitor"].wait()
+                procs["monitor"] = spawn("monitor", settings, tmp_path)
+                killed = True
+            for name, p in procs.items():
+                assert p.poll() is None, f"{name} exited with {p.returncode}:\n" + \
+                    (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
+            if (not thread.is_alive() and len(observer.prediction_counts) >= sim.stats.samples
+                    and until(observer)):
+                break
+        else:
+            raise AssertionError("scenario did not complete in time")
+        for _ in range(5):
+            observer.poll(200)
+    finally:
+        stop_children(list(procs.values()))
+        observer.consumer.close()
+    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in procs}
+    return Run(observer, sim.stats.sample_ids, logs)
+
+
+def fused_accuracy(run: Run, t0: float, t1: float, line: str | None = None) -> float:
+    snaps = [k for k in run.observer.kpi_log if k.modality == "fused" and k.n_labelled
+             and t0 <= (k.window_start_ms - START_MS) / 1000 and (k.window_end_ms - START_MS) / 1000 <= t1
+             and ((k.scope == "line" and k.scope_id == line) if line else k.scope == "global")]
+    return sum(k.n_correct for k in snaps) / sum(k.n_labelled for k in snaps)
+
+
+def test_clean_run_raises_no_alert(settings, tmp_path):
+    run = run_scenario(scenario_settings(settings), tmp_path, [], duration_s=40)
+    assert run.observer.counts["kpi_snapshots"] > 0
+    assert run.observer.alerts == [], run.observer.alerts
+    assert run.observer.commands == []
+
+
+def fog_on_line_0(settings, tmp_path, **kw) -> Run:
+    faults = ["image:fog@20-50/asset-0", "image:fog@20-50/asset-2"]  # line-0 holds assets 0 and 2
+    return run_scenario(scenario_settings(settings), tmp_path, faults, duration_s=80,
+                        until=lambda o: any(c["action"] == "unmask_modality" for c in o.commands), **kw)
+
+
+def check_fog_outcome(run: Run) -> None:
+    firing = run.alerts(kind="degradation", modality="image", status="firing")
+    assert [(a["scope"], a["scope_id"]) for a in firing] == [("line", "line-0")], run.observer.alerts
+    assert 20 < firing[0]["t_s"] <= 20 + 3 * WINDOW_MS / 1000  # within 2 windows (+ alignment)
+    mask = run.commands(action="mask_modality")
+    assert [(c["modality"], c["scope"], c["scope_id"], c["alert_id"]) for c in mask] == [
+        ("image", "line", "line-0", firing[0]["alert_id"])]
+    assert any(a["command_id"] == mask[0]["command_id"] and a["status"] == "applied" for a in run.observer.acks)
+    unmask = run.commands(action="unmask_modality")
+    assert len(unmask) == 1 and unmask[0]["t_s"] > 50
+    # Label-free drift on the image proxies may accompany it; nothing else may.
+    assert not [a for a in run.observer.alerts if a["kind"] not in ("degradation", "drift")
+                or a["modality"] != "image"], run.observer.alerts
+    healthy = fused_accuracy(run, 0, 20, "line-0")
+    masked = fused_accuracy(run, mask[0]["t_s"] + WINDOW_MS / 1000, 50, "line-0")
+    assert masked >= healthy - 0.02 - 0.03, (healthy, masked)  # 2 points, plus sampling noise of ~60 samples
+
+
+def test_fog_on_one_line_masks_that_line_and_unmasks_after(settings, tmp_path):
+    run = fog_on_line_0(settings, tmp_path)
+    check_fog_outcome(run)
+
+
+def test_audio_mute_is_a_sensor_fault_not_a_model_fault(settings, tmp_path):
+    run = run_scenario(scenario_settings(settings), tmp_path, ["audio:mute@20-45"], duration_s=60,
+                       until=lambda o: any(a["kind"] == "sensor_fault" and a["status"] == "resolved"
+                                           for a in o.alerts))
+    faults = run.alerts(kind="sensor_fault", modality="audio", status="firing")
+    assert faults and all(a["scope"] == "asset" for a in faults)
+    assert not run.alerts(kind="degradation"), run.observer.alerts
+    assert all(c["modality"] == "audio" and c["scope"] == "asset" for c in run.observer.commands)
+
+
+def test_monitor_killed_and_restarted_mid_fault_same_outcome(settings, tmp_path):
+    run = fog_on_line_0(settings, tmp_path, kill_monitor_at_s=8.0)  # ~32 s of event time: mid-fault
+    check_fog_outcome(run)
+    assert "restored" in run.logs["monitor"]
+
+
+def test_bad_model_version_is_rolled_back_for_that_modality_only(settings, tmp_path):
+    from streamfuse.registry import Registry
+
+    settings = scenario_settings(settings)
+    registry = Registry(settings)
+    good = registry.active()["image"]
+    bad = add_image_version(settings, tmp_path)
+    run = run_scenario(settings, tmp_path, [], duration_s=60,
+                       # release the bad version once the good one has served a while
+                       trigger=(lambda o: len(o.prediction_counts) > 150,
+                                lambda: registry.activate("image", bad, reason="test: a bad release")),
+                       until=lambda o: any(c["action"] == "rollback_model" for c in o.commands) and any(
+                           p.versions.get("image") == good for p in list(o.predictions.values())[-20:]))
+    rollbacks = run.commands(action="rollback_model")
+    assert [(c["modality"], c["version"]) for c in rollbacks] == [("image", good)], run.observer.commands
+    assert all(c["modality"] == "image" for c in run.observer.commands), run.observer.commands
+    assert any(a["command_id"] == rollbacks[0]["command_id"] and a["status"] == "applied"
+               for a in run.observer.acks), run.observer.acks
+    assert registry.active()["image"] == good
+    served = [p.versions["image"] for p in run.observer.predictions.values()]
+    assert bad in served and served[-1] == good
+    other = {m: {p.versions[m] for p in run.observer.predictions.values()} for m in ("audio", "series")}
+    assert all(len(v) == 1 for v in other.values())  # the other units never changed
