@@ -219,11 +219,13 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Show the latest KPIs, open alerts, workers' state and recent audit entries (from Redis)."""
+    """Show the latest KPIs, open alerts, active model versions, workers' masks (from Redis)."""
+    from streamfuse.registry import Registry
     from streamfuse.store import StatusStore, connect
 
     settings = _settings()
     st = StatusStore(connect(settings), settings.redis_prefix).status()
+    st["active_versions"] = Registry(settings).active()
     if as_json:
         print(json.dumps(st, indent=2))
         return
@@ -242,6 +244,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     console.print(f"open alerts: {len(st['open_alerts'])}")
     for a in st["open_alerts"].values():
         console.print(f"  {a['severity']:8s} {a['kind']} {a['modality']} {a['scope']} {a['scope_id']}: {a['summary']}")
+    console.print("active versions: " + (", ".join(f"{u}={v}" for u, v in st["active_versions"].items()) or "none"))
     for wid, ack in st["workers"].items():
         console.print(f"worker {wid}: masked={ack['masked']} fusion={ack['fusion_mode']} versions={ack['versions']}")
 

@@ -42,6 +42,7 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     out = settings.bundle_dir
     if (out / MANIFEST).is_file():
         return out
+    from streamfuse.models.stage2 import FusionOptions
     from streamfuse.models.train import train_bundle
     from streamfuse.sim.plant import Plant, PlantConfig
 
@@ -52,7 +53,9 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     say(f"training the demo bundle on {n_train} simulated samples (first run only) ...")
     manifest = train_bundle(plant.dataset(n_train, seed=1), plant.dataset(n_val, seed=2),
                             plant.dataset(n_test, seed=3), out, epochs=epochs, seed=settings.sim.seed,
-                            device=settings.worker.device, fusion="auto")
+                            device=settings.worker.device, fusion="auto",
+                            # a learned fusion must beat UME by a clear margin, not one sample
+                            fusion_options=FusionOptions(min_gain=0.01))
     base = ", ".join(f"{m} {v['top1']:.2f}" for m, v in manifest["baselines"].items())
     say(f"demo bundle ready in {time.monotonic() - t0:.0f} s at {out} (validation top-1: {base})")
     return out
@@ -95,6 +98,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "STREAMFUSE_BUNDLE": settings.bundle,
         "STREAMFUSE_MONITOR": settings.monitor.model_dump_json(),
         "STREAMFUSE_WORKER": settings.worker.model_dump_json(),
+        "STREAMFUSE_ALERTS": settings.alerts.model_dump_json(),
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -135,6 +139,7 @@ class Observer:
     acks: list[dict[str, Any]] = field(default_factory=list)
     prediction_counts: Counter = field(default_factory=Counter)
     predictions: dict[str, Any] = field(default_factory=dict)  # sample_id -> last Prediction
+    served_by: dict[str, list[str]] = field(default_factory=dict)  # sample_id -> worker ids, in order
     dead_reasons: list[tuple[str, str | None]] = field(default_factory=list)  # (reason, modality)
 
     def __post_init__(self) -> None:
@@ -165,6 +170,7 @@ class Observer:
                     self.dead_reasons.append((ev.reason, ev.modality))
                 elif kind == "predictions":
                     self.prediction_counts[ev.sample_id] += 1
+                    self.served_by.setdefault(ev.sample_id, []).append(ev.worker_id)
                     self.predictions[ev.sample_id] = ev
                 elif isinstance(ev, KpiSnapshot):
                     if ev.scope != "asset":
@@ -244,6 +250,19 @@ def fault_report(observer: Observer, faults: tuple[FaultSpec, ...], window_ms: i
     return {"chains": chains, "fault_detection": per_fault}
 
 
+def wait_for_deliveries(settings: Settings, observer: Observer, timeout_s: float) -> dict[str, Any]:
+    """Delivery counters once the dispatcher has nothing pending (or at the deadline)."""
+    from streamfuse.alerts.outbox import delivery_stats
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = delivery_stats(settings)
+        done = stats["received"] >= observer.counts["alerts"] and not stats["pending"]
+        if done or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)  # polling Redis counters; nothing to subscribe to
+
+
 def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...], summary_path: Path | None,
              console, log_dir: Path, malformed_every: int = 200) -> dict[str, Any]:
     from rich.live import Live
@@ -261,10 +280,12 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         console.print(f"embedded broker on {broker.bootstrap}")
     try:
         store = StatusStore(connect(settings), settings.redis_prefix)
-        store.clear()  # the demo's own prefix: a fresh status for this run
+        # A fresh status for this run; the user's alert subscriptions and silences stay.
+        store.clear(keep=("alerts:subscriptions", "alerts:silences"))
         ensure_topics(settings)
         ensure_models(settings, console)
-        procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir)]
+        procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir),
+                 spawn("alerts", settings, log_dir, "dispatch")]
         start_ms = int(time.time() * 1000)
         sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
                            run_id=f"demo{start_ms}")
@@ -277,12 +298,13 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                                         and time.monotonic() - t0 < duration_s + 30):
                 observer.poll()
                 live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
-                for p, name in zip(procs, ("worker", "monitor")):
+                for p, name in zip(procs, ("worker", "monitor", "alerts")):
                     if p.poll() is not None:
                         raise RuntimeError(f"{name} exited with {p.returncode}; see {log_dir / name}.log")
         for _ in range(5):  # pick up the last acks and snapshots
             observer.poll(200)
         observer.consumer.close()
+        notifications = wait_for_deliveries(settings, observer, timeout_s=settings.alerts.group_wait_s + 10)
         summary = {
             "duration_s": duration_s,
             "faults": [str(f) for f in faults],
@@ -292,7 +314,8 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                        "predictions": len(observer.prediction_counts),
                        "dead_letter": observer.counts["deadletter"], "kpi_snapshots": observer.counts["kpi_snapshots"],
                        "alerts": observer.counts["alerts"], "commands": observer.counts["commands"],
-                       "acks": observer.counts["acks"]},
+                       "acks": observer.counts["acks"], "notifications_sent": notifications["sent"]},
+            "notifications": notifications,
             "alerts": observer.alerts,
             "commands": observer.commands,
             "acks": observer.acks,

@@ -95,6 +95,8 @@ class StatusStore:
                              for _, fields in audit],
         }
 
-    def clear(self) -> int:
-        keys = list(self.r.scan_iter(match=f"{self.prefix}*"))
+    def clear(self, keep: tuple[str, ...] = ()) -> int:
+        """Delete every key under the prefix except ``keep`` (names after the prefix)."""
+        kept = {self.key(k).encode() for k in keep}
+        keys = [k for k in self.r.scan_iter(match=f"{self.prefix}*") if k not in kept]
         return self.r.delete(*keys) if keys else 0

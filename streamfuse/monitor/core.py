@@ -175,10 +175,15 @@ class MonitorCore:
                 acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
                 self._transition(out, det, "degradation", k, k.accuracy, det.threshold,
                                  f"accuracy {acc} < {det.threshold:.2f} (baseline {base['top1']:.2f})")
-            if k.scope != "global":
+        # Label-free detectors last, once this window's degradations are known.
+        for k in snaps:
+            if k.scope != "global" or k.modality not in self.baselines:
                 continue
+            # Agreement and contribution depend on the other modalities too: while another
+            # one is known to be broken they say nothing about this one.
+            others_ok = not self._unhealthy(exclude=k.modality)
             for proxy in ("mean_confidence", "agreement"):
-                value = getattr(k, proxy)
+                value = getattr(k, proxy) if proxy == "mean_confidence" or others_ok else None
                 det = self._detector(f"drift|{proxy}|{k.modality}", lambda: d.PageHinkley(
                     delta=s.drift_delta, threshold=s.drift_threshold, direction="down",
                     min_n=s.min_labelled, resolve_windows=s.resolve_windows))
@@ -186,12 +191,11 @@ class MonitorCore:
                 self._transition(out, det, "drift", k, value, None, f"{proxy} dropped (Page-Hinkley)",
                                  {"proxy": proxy})
             if k.mean_contribution is not None:
-                others_ok = not any(e["labels"].get("modality") not in (k.modality, None)
-                                    and e["labels"]["kind"] in ("degradation", "sensor_fault")
-                                    for e in self._episodes.values())
                 det = self._detector(f"dominance|{k.modality}", lambda: d.Dominance(
                     threshold=s.dominance_share, fire_windows=s.fire_windows + 1, resolve_windows=s.resolve_windows))
-                det.update(k.mean_contribution, others_ok)
+                # A modality already known to be broken is not "dominating": its alert says more.
+                share = None if self._unhealthy(only=k.modality) else k.mean_contribution
+                det.update(share, others_ok)
                 self._transition(out, det, "dominance", k, k.mean_contribution, s.dominance_share,
                                  f"contribution share {k.mean_contribution:.2f}")
         fused = glob.get(FUSED)
@@ -203,6 +207,15 @@ class MonitorCore:
             self._transition(out, det, "fusion_regression", fused, fused.accuracy, None,
                              f"accuracy {fused.ref_fused_correct}/{fused.ref_n} below "
                              f"{fused.ref_modality} {fused.ref_correct}/{fused.ref_n}")
+
+    def _unhealthy(self, only: str | None = None, exclude: str | None = None) -> bool:
+        """Whether a degradation or sensor fault is open for ``only`` (or any modality but ``exclude``)."""
+        for e in self._episodes.values():
+            lab = e["labels"]
+            if lab["kind"] in ("degradation", "sensor_fault") and (
+                    lab["modality"] == only if only is not None else lab["modality"] != exclude):
+                return True
+        return False
 
     def _inhibited(self, kind: str, k: KpiSnapshot) -> bool:
         """A sensor fault inhibits the degradation of its modality in every scope holding
