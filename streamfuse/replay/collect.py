@@ -12,7 +12,9 @@ from streamfuse.errors import InvalidEvent
 from streamfuse.events import Ack, Alert, Command, DeadLetter, KpiSnapshot, Prediction, decode
 
 BARRIER_WORKER = "replay-barrier"  # worker id of the replay's own barrier acks (not a worker)
-FLUSH_PREFIX = "replay-flush:"  # sample ids of the end-of-recording flush samples
+FLUSH_PREFIX = "replay-flush:"
+DEBUG_SEEN = {}
+DEBUG_POLLS = []  # sample ids of the end-of-recording flush samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,10 @@ class Collector(Observer):
         self.window_ms = self.settings.monitor.kpi_window_ms
 
     def poll(self, timeout_ms: int = 200) -> None:
+        import time as _t
+        t = _t.time()
         super().poll(timeout_ms)
+        DEBUG_POLLS.append(_t.time() - t)
         self.predictions.clear()  # rows keep what is needed; full predictions would grow without bound
         self.acks = [a for a in self.acks if a["worker_id"] != BARRIER_WORKER]
 
@@ -98,6 +103,7 @@ class Collector(Observer):
                 except InvalidEvent:
                     continue  # the Observer counts it; nothing here to pace by
                 if isinstance(ev, Prediction):
+                    import time as _t; DEBUG_SEEN[ev.sample_id] = (_t.time(), ev.produced_ms / 1000, msg.timestamp / 1000)
                     self.part_max[msg.partition] = max(self.part_max.get(msg.partition, ev.ts_ms), ev.ts_ms)
                     start = ev.ts_ms - ev.ts_ms % self.window_ms
                     self.prediction_windows[start] = self.prediction_windows.get(start, 0) + 1

@@ -164,7 +164,12 @@ class Lockstep:
                 self._publish(stream, rec, clock)
                 if self.futures[-1][1] is not None:
                     break
+        ids = [sid for _, sid in self.futures]
+        tp = time.time()
+        from streamfuse.replay.collect import DEBUG_SEEN, DEBUG_POLLS
+        DEBUG_POLLS.clear()
         self._resolve()
+        log.debug("probe: %s %s", [tuple(round(x - tp, 3) for x in DEBUG_SEEN[i]) for i in ids if i in DEBUG_SEEN], [round(x, 3) for x in DEBUG_POLLS])
 
     def _flush(self) -> None:
         self._resolve()

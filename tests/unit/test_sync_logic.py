@@ -338,7 +338,7 @@ def test_task_tick_applies_lagging_and_idle_advance() -> None:
     assert task.tick({**caught_up, "audio": True}, task.last_input + 60) == []
     assert task.tick(caught_up, task.last_input + 0.4) == []  # quiet for less than idle_ms
     assert task.tick(caught_up, task.last_input + 0.6) == []  # event time 2000 + 600: not past 2600
-    (s,) = task.tick(caught_up, task.last_input + 0.601)
+    (s,) = task.tick(caught_up, task.last_input + 0.65)  # well past: float seconds round
     assert s.sample_id == "a1-2000" and s.missing == ("audio", "series")
 
 
