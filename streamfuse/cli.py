@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from streamfuse.config import Settings
+from streamfuse.config import Settings, load_settings
 from streamfuse.errors import ModelError, StreamfuseError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -33,15 +32,10 @@ def _register_subcommands() -> None:
 
 _register_subcommands()
 console = Console()
-log = logging.getLogger("streamfuse")
 
 
 def _settings(verbose: bool = False) -> Settings:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    settings.log_effective(log)
-    return settings
+    return load_settings(verbose)
 
 
 def _parse_faults(specs: list[str]):

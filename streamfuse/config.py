@@ -117,3 +117,13 @@ class Settings(BaseSettings):
     def log_effective(self, logger: logging.Logger = log) -> None:
         # SecretStr renders as '**********' in model_dump_json.
         logger.info("effective settings: %s", self.model_dump_json())
+
+
+def load_settings(verbose: bool = False) -> Settings:
+    """The settings of a command-line process: configure logging, read the environment,
+    log the effective settings (secrets masked)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    settings.log_effective(logging.getLogger("streamfuse"))
+    return settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from streamfuse.config import Settings
+from streamfuse.config import Settings, load_settings
 from streamfuse.errors import StreamfuseError
 
 alerts_app = typer.Typer(
@@ -26,15 +25,10 @@ alerts_app = typer.Typer(
     help="Alert subscriptions and silences, the dispatcher (webhooks, Alertmanager, Redis pub/sub) and its HTTP API.")
 console = Console(highlight=False)
 err = Console(stderr=True)
-log = logging.getLogger("streamfuse.alerts")
 
 
 def _settings(verbose: bool = False) -> Settings:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    settings.log_effective(log)
-    return settings
+    return load_settings(verbose)
 
 
 @contextlib.contextmanager

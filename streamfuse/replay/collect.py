@@ -12,9 +12,7 @@ from streamfuse.errors import InvalidEvent
 from streamfuse.events import Ack, Alert, Command, DeadLetter, KpiSnapshot, Prediction, decode
 
 BARRIER_WORKER = "replay-barrier"  # worker id of the replay's own barrier acks (not a worker)
-FLUSH_PREFIX = "replay-flush:"
-DEBUG_SEEN = {}
-DEBUG_POLLS = []  # sample ids of the end-of-recording flush samples
+FLUSH_PREFIX = "replay-flush:"  # sample ids of the end-of-recording flush samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,38 +59,39 @@ class Collector(Observer):
     * ``rows``: one :class:`Row` per predicted sample (flush samples excluded);
     * ``dead_at``: ``(partition, offset) -> reason`` of the worker's dead letters for
       the samples topic (a sample that will never get a prediction is resolved by them);
-    * ``part_max``: the largest prediction event time per predictions partition, from
-      which the monitor's watermark follows;
-    * ``windows`` / ``closed``: KPI windows that got predictions, and those whose global
-      snapshots were published;
+    * ``part_max``: the largest prediction event time per predictions partition;
+    * ``closed``: KPI windows whose global snapshot the monitor published;
     * the typed alerts, commands and acks (barrier acks left out).
+
+    ``on_prediction(prediction, partition)`` is called for each prediction in the order
+    read (the replay's shadow of the monitor).
     """
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.consumer = _Tee(self.consumer, self._see)
+        from streamfuse.kafka import make_consumer
+
+        # The Observer's consumer waits up to kafka-python's default 500 ms per fetch; the
+        # replay paces itself on what it reads, so it asks for short fetch waits.
+        tps = list(self.consumer.assignment())
+        self.consumer.close()
+        consumer = make_consumer(self.settings, None, "streamfuse-replay-collector", fetch_max_wait_ms=20)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        self.consumer = _Tee(consumer, self._see)
+        self.on_prediction = None
         self.rows: dict[str, Row] = {}
         self.dead_at: dict[tuple[int, int], str] = {}
         self.part_max: dict[int, int] = {}
-        self.prediction_windows: dict[int, int] = {}  # window start -> predictions seen
         self.closed: set[int] = set()
         self.alert_events: list[Alert] = []
         self.command_events: list[Command] = []
         self.ack_events: list[Ack] = []
-        self.window_ms = self.settings.monitor.kpi_window_ms
 
     def poll(self, timeout_ms: int = 200) -> None:
-        import time as _t
-        t = _t.time()
         super().poll(timeout_ms)
-        DEBUG_POLLS.append(_t.time() - t)
         self.predictions.clear()  # rows keep what is needed; full predictions would grow without bound
         self.acks = [a for a in self.acks if a["worker_id"] != BARRIER_WORKER]
-
-    @property
-    def watermark(self) -> int | None:
-        """The monitor's event-time watermark once it has read every prediction seen here."""
-        return min(self.part_max.values()) if self.part_max else None
 
     def _see(self, polled) -> None:
         samples_topic = f"{self.settings.topic_prefix}samples"
@@ -103,10 +102,9 @@ class Collector(Observer):
                 except InvalidEvent:
                     continue  # the Observer counts it; nothing here to pace by
                 if isinstance(ev, Prediction):
-                    import time as _t; DEBUG_SEEN[ev.sample_id] = (_t.time(), ev.produced_ms / 1000, msg.timestamp / 1000)
                     self.part_max[msg.partition] = max(self.part_max.get(msg.partition, ev.ts_ms), ev.ts_ms)
-                    start = ev.ts_ms - ev.ts_ms % self.window_ms
-                    self.prediction_windows[start] = self.prediction_windows.get(start, 0) + 1
+                    if self.on_prediction is not None:
+                        self.on_prediction(ev, msg.partition)
                     if not ev.sample_id.startswith(FLUSH_PREFIX):
                         self.rows[ev.sample_id] = row_of(ev)
                 elif isinstance(ev, DeadLetter):

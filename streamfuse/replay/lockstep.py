@@ -5,23 +5,27 @@ watermark — the minimum over prediction partitions of the largest event time �
 ``window end + label grace``. Those thresholds are the replay's *barriers*. For each
 barrier ``B``:
 
-1. **bulk**: publish every record with clock < ``B``; wait until each published sample
-   has its prediction (or the worker's dead letter). No window can close: the
-   watermark stays below ``B``.
-2. **probe**: in every samples partition whose predictions are still below ``B``,
-   publish records up to and including the first sample that will be predicted. The
-   window closes on the last probe prediction, so every probe sample is served before
-   any command the close may cause.
-3. **settle**: wait for the global KPI snapshot of each window that must close; publish
-   a *barrier ack* (an :class:`~streamfuse.events.Ack` from ``replay-barrier``) and wait
-   until the monitor has recorded it in Redis — it handles events one at a time, so the
-   whole close (KPIs, alerts, commands) is done by then; read the commands it issued
-   from its Redis audit stream and wait until a worker has acknowledged each one.
+1. **publish** every record with clock < ``B``, then, in every samples partition, the
+   records up to and including its first sample at or after ``B`` (the *probe*). A
+   partition's predictions come out in offset order, so the window closes on the last
+   probe prediction, after every sample of the step was served — never in the middle.
+2. **resolve**: wait until each published sample has its prediction (or the worker's
+   dead letter); a partition whose probe was dead-lettered is probed again.
+3. **commands**: a *shadow* of the monitor (the same :class:`MonitorCore`, fed the same
+   predictions and labels) says which commands the close issues. If any, wait until a
+   worker has acknowledged each one before publishing further: every command takes
+   effect at the same point of the sample stream in every replay, however fast the
+   machine. Without commands the replay moves on at once (the monitor catches up in
+   its own time; its decisions depend on event time only).
 
-So every command takes effect at the same point of the sample stream in every replay,
-whatever the machine's speed. At the end, one *flush* sample per partition (a copy of
-its last sample, id ``replay-flush:<p>``, time = the last barrier) closes the final
-windows; its own window never closes and it is left out of every result.
+Labels that arrived before their deadline enter with their sample (:mod:`.plan`); a late
+one waits until the monitor has closed its window, so it is late in every replay. At the
+end, one *flush* sample per partition (a copy of its last sample, id
+``replay-flush:<p>``, at the last barrier) closes the final windows; its own window
+never closes and it is left out of every result. Then the replay waits until the
+monitor has closed every window and handled a *barrier ack* (an
+:class:`~streamfuse.events.Ack` from ``replay-barrier``, recorded in Redis once handled)
+and checks that the monitor decided exactly what its shadow did.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any, Callable
 
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import MSGPACK, Ack, Sample, content_type_of, decode, encode, headers
+from streamfuse.events import MSGPACK, Ack, Label, Prediction, Sample, content_type_of, decode, encode, headers
+from streamfuse.monitor.core import MonitorCore
 from streamfuse.replay.collect import BARRIER_WORKER, FLUSH_PREFIX, Collector
 from streamfuse.replay.errors import ReplayError
 from streamfuse.replay.plan import Stream, Streams
@@ -60,78 +65,91 @@ class Lockstep:
         streams: what to publish.
         collector: reads the namespace's outputs.
         producer: a kafka-python producer for the namespace.
-        store: the namespace's Redis status store (the monitor's audit stream).
+        store: the namespace's Redis status store (where the monitor records acks).
+        baselines: the served models' baselines (as the monitor gets them).
         alive: raises when a pipeline process died.
         speed: event-time seconds per wall second; None = as fast as the pipeline goes.
         on_progress: called with (records published, clock of the last one).
         stall_s: a wait that sees no progress this long fails.
         stop: set it to stop early.
-        on_label: called with (value, headers) of each label published.
+        on_label: called with each label published.
     """
 
     def __init__(self, settings: Settings, streams: Streams, collector: Collector, producer, store: StatusStore,
-                 alive: Callable[[], None], speed: float | None = None,
+                 baselines: dict[str, dict[str, float]], alive: Callable[[], None], speed: float | None = None,
                  on_progress: Callable[[int, int], None] | None = None, stall_s: float = 120.0,
-                 stop: threading.Event | None = None,
-                 on_label: Callable[[bytes, list], None] | None = None) -> None:
+                 stop: threading.Event | None = None, on_label: Callable[[Label], None] | None = None) -> None:
         self.s, self.streams, self.col, self.producer, self.store = settings, streams, collector, producer, store
         self.alive, self.speed, self.on_progress, self.stall_s = alive, speed, on_progress, stall_s
-        self.stop = stop or threading.Event()
-        self.on_label = on_label
+        self.stop, self.on_label = stop or threading.Event(), on_label
         self.window_ms, self.grace_ms = settings.monitor.kpi_window_ms, settings.monitor.label_grace_ms
         self.prefix = settings.topic_prefix
+        self.shadow = MonitorCore(baselines, settings.monitor)
+        self.expected_alerts: list = []
+        self.expected_commands: list = []
+        self.shadow_closed: set[int] = set()
+        self.shadow_windows: set[int] = set()  # windows the shadow got predictions for
+        collector.on_prediction = self._shadow
         self.pending: dict[tuple[int, int], str | None] = {}  # (partition, offset) -> sample id (None: bad)
         self.futures: list[tuple[Any, str | None]] = []
+        self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published
         self.last_sample: dict[int, tuple[bytes | None, Sample]] = {}
-        self.closed_before: int | None = None
         self.published = 0
-        self.barriers = 0
-        self._audit_from = "-"
+        self.waited_commands = 0
+        self._acked_upto = 0
         self._pace: tuple[float, int] | None = None
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> dict[str, Any]:
-        """Publish everything, settle every window; returns counters."""
+        """Publish everything, then verify the monitor against its shadow; returns counters."""
         first = self.streams.next_clock()
         if first is None:
             raise ReplayError("nothing to replay: the recording (after --from/--to/--assets) has no input records")
         bound = threshold_after(first, self.window_ms, self.grace_ms)
         while not self.stop.is_set():
-            t0 = time.monotonic()
             for stream, rec in self.streams.pop_before(bound):
                 self._publish(stream, rec)
-            t1 = time.monotonic()
+            for stream in self.streams.of("samples"):
+                if self.pub_max.get(stream.partition, bound - 1) < bound:
+                    self._probe(stream)
             self._resolve()
-            t2 = time.monotonic()
+            for stream in self.streams.of("samples"):  # a probe the worker dead-lettered does not close
+                while (stream.head is not None and stream.partition in self.col.part_max
+                       and self.col.part_max[stream.partition] < bound):
+                    self._probe(stream)
+                    self._resolve()
+            self._await_commands()
             nxt = self.streams.next_clock()
             if nxt is None:
                 break
-            self._probe(bound)
-            t3 = time.monotonic()
-            self._settle()
-            log.debug("barrier %d: publish %.3f s, predictions %.3f s, probe %.3f s, settle %.3f s", bound,
-                      t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3)
-            bound = threshold_after(max(bound, self.streams.next_clock() or bound), self.window_ms, self.grace_ms)
+            bound = threshold_after(max(bound, nxt), self.window_ms, self.grace_ms)
         self._flush()
-        return {"published": self.published, "barriers": self.barriers}
+        return {"published": self.published, "commands_awaited": self.waited_commands,
+                "windows_closed": len(self.shadow_closed), **self._verify()}
 
     # ------------------------------------------------------------------ publishing
 
-    def _publish(self, stream: Stream, rec: dict[str, Any], clock: int | None = None) -> None:
+    def _publish(self, stream: Stream, rec: dict[str, Any], clock: int | None = None, count: bool = True) -> None:
         clock = stream.clocks[stream.pos - 1] if clock is None else clock
         self._wait_pace(clock)
-        topic = self.prefix + stream.topic
-        hdrs = [(k, v) for k, v in rec["headers"]]
-        fut = self.producer.send(topic, key=rec["key"], value=rec["value"], headers=hdrs,
-                                 partition=rec["partition"], timestamp_ms=rec["timestamp_ms"])
+        sid = None
         if stream.topic == "samples":
-            self.futures.append((fut, self._sample_id(rec)))
-        elif stream.topic == "labels" and self.on_label is not None:
-            self.on_label(rec["value"], rec["headers"])
-        self.published += 1
-        if self.on_progress is not None:
-            self.on_progress(self.published, clock)
+            sid = self._sample_id(rec)
+            if sid is not None:
+                ts = self.last_sample[rec["partition"]][1].ts_ms
+                self.pub_max[rec["partition"]] = max(self.pub_max.get(rec["partition"], ts), ts)
+        elif stream.topic == "labels":
+            self._label(rec, clock)
+        fut = self.producer.send(self.prefix + stream.topic, key=rec["key"], value=rec["value"],
+                                 headers=[(k, v) for k, v in rec["headers"]], partition=rec["partition"],
+                                 timestamp_ms=rec["timestamp_ms"])
+        if stream.topic == "samples":
+            self.futures.append((fut, sid))
+        if count:
+            self.published += 1
+            if self.on_progress is not None:
+                self.on_progress(self.published, clock)
 
     def _sample_id(self, rec: dict[str, Any]) -> str | None:
         """The id of a sample the worker will predict; None for one it will dead-letter."""
@@ -142,6 +160,26 @@ class Lockstep:
             return None
         self.last_sample[rec["partition"]] = (rec["key"], sample)
         return sample.sample_id
+
+    def _label(self, rec: dict[str, Any], clock: int) -> None:
+        try:
+            label = decode(rec["value"], content_type_of(rec["headers"]), expect=Label)
+        except InvalidEvent:
+            return  # the monitor dead-letters it
+        start = label.ts_ms - label.ts_ms % self.window_ms
+        if clock >= start + self.window_ms + self.grace_ms and start in self.shadow_closed:
+            # Late in the recording: late here too, once the monitor itself has closed the window.
+            self._wait(lambda: start in self.col.closed, f"the monitor to close window {start} (a late label)")
+        self.shadow.on_label(label)
+        if self.on_label is not None:
+            self.on_label(label)
+
+    def _probe(self, stream: Stream) -> None:
+        while stream.head is not None:
+            clock = stream.head
+            self._publish(stream, stream.pop(), clock)
+            if self.futures and self.futures[-1][1] is not None:
+                return
 
     def _wait_pace(self, clock: int) -> None:
         if self.speed is None:
@@ -154,41 +192,31 @@ class Lockstep:
         if left > 0:
             self.stop.wait(left)
 
-    def _probe(self, bound: int) -> None:
-        for stream in self.streams.of("samples"):
-            if self.col.part_max.get(stream.partition, bound - 1) >= bound:
-                continue  # this partition's watermark is past the barrier already
-            while stream.head is not None:
-                clock = stream.head
-                rec = stream.pop()
-                self._publish(stream, rec, clock)
-                if self.futures[-1][1] is not None:
-                    break
-        ids = [sid for _, sid in self.futures]
-        tp = time.time()
-        from streamfuse.replay.collect import DEBUG_SEEN, DEBUG_POLLS
-        DEBUG_POLLS.clear()
-        self._resolve()
-        log.debug("probe: %s %s", [tuple(round(x - tp, 3) for x in DEBUG_SEEN[i]) for i in ids if i in DEBUG_SEEN], [round(x, 3) for x in DEBUG_POLLS])
-
     def _flush(self) -> None:
         self._resolve()
-        starts = [w for w in self.col.prediction_windows if self.closed_before is None or w >= self.closed_before]
-        if not starts:
+        open_ = self.shadow_windows - self.shadow_closed
+        if not open_:
             return
-        end = max(starts) + self.window_ms + self.grace_ms
+        end = max(open_) + self.window_ms + self.grace_ms
         flush = Stream("samples", -1, [end], iter(()))
         for p, (key, sample) in sorted(self.last_sample.items()):
             if self.col.part_max.get(p, end) >= end:
                 continue
             readings = {m: dataclasses.replace(r, ts_ms=end) for m, r in sample.readings.items()}
             copy = dataclasses.replace(sample, sample_id=f"{FLUSH_PREFIX}{p}", ts_ms=end, readings=readings)
-            rec = {"key": key, "value": encode(copy), "headers": headers(MSGPACK), "partition": p,
-                   "timestamp_ms": int(time.time() * 1000)}
-            self._publish(flush, rec, end)
-            self.published -= 1  # not a recorded record
+            self._publish(flush, {"key": key, "value": encode(copy), "headers": headers(MSGPACK), "partition": p,
+                                  "timestamp_ms": int(time.time() * 1000)}, end, count=False)
         self._resolve()
-        self._settle()
+        self._await_commands()
+
+    # ------------------------------------------------------------------ the shadow monitor
+
+    def _shadow(self, pred: Prediction, partition: int) -> None:
+        self.shadow_windows.add(pred.ts_ms - pred.ts_ms % self.window_ms)
+        out = self.shadow.on_prediction(pred, f"{self.prefix}predictions:{partition}")
+        self.shadow_closed.update(k.window_start_ms for k in out.kpis if k.scope == "global" and k.modality == "fused")
+        self.expected_alerts += out.alerts
+        self.expected_commands += out.commands
 
     # ------------------------------------------------------------------ waiting
 
@@ -198,8 +226,8 @@ class Lockstep:
             if self.stop.is_set():
                 return
             self.alive()
-            self.col.poll(50)
-            mark = (len(self.col.prediction_counts), len(self.col.closed), len(self.col.ack_events))
+            self.col.poll(20)
+            mark = (sum(self.col.counts.values()), len(self.pending))
             if mark != last:
                 last, since = mark, time.monotonic()
             elif time.monotonic() - since > self.stall_s:
@@ -224,42 +252,42 @@ class Lockstep:
 
         self._wait(done, f"predictions of {len(self.pending)} samples")
 
-    def _settle(self) -> None:
-        wm = self.col.watermark
-        if wm is None:
+    def _await_commands(self) -> None:
+        """Wait until a worker has acknowledged every command the shadow expects so far."""
+        todo = {c.command_id for c in self.expected_commands[self._acked_upto:]}
+        if not todo:
             return
-        w, g = self.window_ms, self.grace_ms
-        due = {s for s in self.col.prediction_windows
-               if (self.closed_before is None or s >= self.closed_before) and s + w + g <= wm}
-        passed = (wm - g) // w * w
-        self.closed_before = max(self.closed_before if self.closed_before is not None else passed, passed)
-        if not due:
-            return
-        self._wait(lambda: due <= self.col.closed, f"the monitor to close windows {sorted(due)}")
-        self.barriers += 1
-        marker = f"replay-barrier-{self.barriers}"
+        self.waited_commands += len(todo)
+        self._wait(lambda: todo <= {a.command_id for a in self.col.ack_events},
+                   f"the monitor to issue and a worker to acknowledge {sorted(todo)}")
+        self._acked_upto = len(self.expected_commands)
+
+    def _verify(self) -> dict[str, Any]:
+        """Wait for the monitor to finish, then compare its decisions with the shadow's."""
+        self._wait(lambda: self.shadow_closed <= self.col.closed, "the monitor to close the last windows")
+        marker = f"replay-barrier-{time.time_ns()}"
         self.producer.send(self.prefix + "control.acks", key=BARRIER_WORKER.encode(), headers=headers(MSGPACK),
-                           value=encode(Ack(marker, BARRIER_WORKER, "barrier", wm)))
+                           value=encode(Ack(marker, BARRIER_WORKER, "barrier", 0)))
         self.producer.flush()
         r, key = self.store.r, self.store.key("workers")
 
-        def marked() -> bool:
+        def handled() -> bool:
             raw = r.hget(key, BARRIER_WORKER)
             return raw is not None and json.loads(raw).get("command_id") == marker
 
-        self._wait(marked, "the monitor to finish the windows' alerts and commands")
-        alerts, commands = set(), set()
-        for entry_id, fields in r.xrange(self.store.key("audit"), min=self._audit_from):
-            self._audit_from = "(" + entry_id.decode()
-            kind = fields.get(b"type", b"").decode()
-            if kind == "alert":
-                alerts.add((fields[b"id"].decode(), fields[b"status"].decode()))
-            elif kind == "command":
-                commands.add(fields[b"id"].decode())
-
-        def applied() -> bool:
-            seen_alerts = {(a.alert_id, a.status) for a in self.col.alert_events}
-            acked = {a.command_id for a in self.col.ack_events}
-            return alerts <= seen_alerts and commands <= acked
-
-        self._wait(applied, f"workers to acknowledge commands {sorted(commands)}")
+        # The monitor handles events one at a time: once it has recorded the marker, every
+        # alert and command of the windows above is out.
+        self._wait(handled, "the monitor to finish its last alerts and commands")
+        self._wait(lambda: len(self.col.alert_events) >= len(self.expected_alerts)
+                   and len(self.col.command_events) >= len(self.expected_commands), "the last alerts and commands")
+        got = ([(a.alert_id, a.status) for a in self.col.alert_events],
+               [c.command_id for c in self.col.command_events])
+        want = ([(a.alert_id, a.status) for a in self.expected_alerts],
+                [c.command_id for c in self.expected_commands])
+        if got != want:
+            log.warning("the monitor's decisions differ from the replay's shadow of it: monitor %s, shadow %s; "
+                        "this replay may not be reproducible", got, want)
+        return {"lockstep_verified": got == want,
+                "lockstep_differences": [] if got == want else
+                {"monitor_only": sorted(set(got[0] + got[1]) - set(want[0] + want[1]), key=str),
+                 "shadow_only": sorted(set(want[0] + want[1]) - set(got[0] + got[1]), key=str)}}

@@ -5,13 +5,16 @@ Every input record gets a *clock*, the event time at which it enters the pipelin
 * a sample or sensor reading: its own ``ts_ms``;
 * anything else (labels, undecodable records): the event time the sensor stream had
   reached when the record was produced, read off the recording itself (the latest
-  reading or sample produced at or before the record's Kafka timestamp); a label never
-  enters before the sample it labels (``max`` with its ``ts_ms``).
+  reading or sample produced at or before the record's Kafka timestamp), never before
+  its own ``ts_ms``.
 
-So late labels stay late by as much event time as they were late in the original run,
-whatever speed the original was published at. Within a topic-partition records keep
-their offset order; each stream is ordered by its running maximum clock, and the
-streams are merged by that key (ties: labels, then readings, then samples).
+With a ``deadline`` (the monitor's: end of the label's KPI window plus the label grace)
+labels are re-timed: one that arrived before its deadline enters with its sample (so it
+is joined in every replay, however the monitor's reads interleave), one that arrived
+after it keeps its lateness (and stays late). Labels are sorted by that clock within
+their partition; every other topic-partition keeps its offset order, ordered by its
+running maximum clock. The streams are merged by clock (ties: labels, then readings,
+then samples).
 """
 
 from __future__ import annotations
@@ -162,13 +165,15 @@ class Streams:
 
 
 def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str, Any]]]],
-                  filters: Filters | None = None) -> Streams:
+                  filters: Filters | None = None, deadline: Callable[[int], int] | None = None) -> Streams:
     """Two passes over the records: clocks first, then lazy streams of the kept records.
 
     Args:
         sources: ``(topic, partition) -> callable`` returning a fresh iterator over that
             topic-partition's records (as stored, see :mod:`streamfuse.replay.format`).
         filters: which records to keep.
+        deadline: sample time -> the time its label must arrive by to be joined; on-time
+            labels then enter with their sample (see the module docstring).
 
     Returns:
         The streams, ready to merge.
@@ -193,10 +198,21 @@ def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str,
             clock = max(known) if known else (top if top is not None else 0)
             if not filters.keep(key, ts if ts is not None else clock):
                 continue
+            if topic == "labels":
+                if deadline is not None and ts is not None and clock < deadline(ts):
+                    clock = ts  # on time: it enters with its sample
+                kept.add(i)
+                clocks.append(clock)
+                continue
             top = clock if top is None else max(top, clock)
             kept.add(i)
             clocks.append(top)
-        out.append(Stream(topic, p, clocks, _kept(sources[(topic, p)](), kept)))
+        if topic == "labels":
+            records = [r for i, r in enumerate(sources[(topic, p)]()) if i in kept]
+            order = sorted(range(len(clocks)), key=clocks.__getitem__)  # stable: offset order on ties
+            out.append(Stream(topic, p, [clocks[i] for i in order], iter([records[i] for i in order])))
+        else:
+            out.append(Stream(topic, p, clocks, _kept(sources[(topic, p)](), kept)))
     return Streams(out)
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from streamfuse.config import Settings
-from streamfuse.events import Label, content_type_of, decode
 from streamfuse.replay.errors import ReplayError
 from streamfuse.replay.format import Recording
 from streamfuse.replay.plan import INPUT_TOPICS, SENSOR_TOPICS, Filters, clock_streams
@@ -97,6 +96,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
     from streamfuse.replay.lockstep import Lockstep
     from streamfuse.replay.namespace import make_namespace, setup_models
     from streamfuse.replay.summary import recorded_outputs, summarize
+    from streamfuse.registry import Registry
     from streamfuse.replay.syncstage import run_sync_stage
     from streamfuse.store import StatusStore, connect
     from streamfuse.topics import ensure_topics
@@ -126,7 +126,8 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
         ensure_topics(s)
         versions = setup_models(ns, models, bundle)
         sources = {(t, p): (lambda t=t, p=p: rec.records(t, p)) for t in wanted for p in rec.partitions(t)}
-        streams = clock_streams(sources, filters)
+        w, g = s.monitor.kpi_window_ms, s.monitor.label_grace_ms
+        streams = clock_streams(sources, filters, deadline=lambda ts: ts - ts % w + w + g)
         bar = _Progress(progress, streams.total)
         with bar:
             if sync:
@@ -143,8 +144,8 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
                                           f"{log_dir / (name + '.log')}", ns.prefix)
 
             bar.start(streams.total)
-            lock = Lockstep(s, streams, collector, producer, store, alive, speed, bar.update, stop=stop,
-                            on_label=lambda value, hdrs: _label(labels, value, hdrs))
+            lock = Lockstep(s, streams, collector, producer, store, Registry(s).baselines(), alive, speed,
+                            bar.update, stop=stop, on_label=lambda lab: labels.__setitem__(lab.sample_id, lab.label))
             wall0 = time.monotonic()
             counters = lock.run()
             wall_s = time.monotonic() - wall0
@@ -168,14 +169,6 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
     if report_dir is not None:
         write_outputs(summary, Path(report_dir), title)
     return summary
-
-
-def _label(labels: dict[str, str], value: bytes, hdrs) -> None:
-    try:
-        ev = decode(value, content_type_of(hdrs), expect=Label)
-    except Exception:  # a bad label is the monitor's to dead-letter; here it just has no truth
-        return
-    labels[ev.sample_id] = ev.label
 
 
 def write_outputs(summary: dict[str, Any], out: Path, title: str | None = None) -> None:
