@@ -134,9 +134,11 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             else:
                 metrics.events.labels("prediction").inc()
                 result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
+                # Publish first, checkpoint after: killed in between, the monitor re-derives
+                # the same outputs from the older checkpoint, and the Redis claims drop them.
+                await emit(result)
                 if result.kpis:
                     checkpoint(msg.partition)
-                await emit(result)
             metrics.pending_labels.set(core.kpis.pending_labels)
 
     @app.timer(1.0)

@@ -169,8 +169,9 @@ class MonitorCore:
                     baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z, min_n=s.min_labelled,
                     fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
                 # A window whose labels are all one class cannot tell a classifier from a
-                # constant guess (a fogged camera looks perfect while the machine is normal).
-                informative = k.n_truth_classes >= 2
+                # constant guess (a fogged camera looks perfect while the machine is
+                # normal): its good accuracy is no evidence; a bad one still is.
+                informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < det.threshold)
                 det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0)
                 acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
                 self._transition(out, det, "degradation", k, k.accuracy, det.threshold,

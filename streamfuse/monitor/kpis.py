@@ -24,6 +24,7 @@ from streamfuse.monitor.stats import macro_f1, wilson_interval
 FUSED = "fused"
 UME = "ume"  # the Uni-Modal Ensemble recomputed from per-modality probabilities
 Sink = Callable[[str, Any], None]
+RETAIN_WINDOWS = 3  # closed windows whose records stay in the sink (restart safety)
 
 
 @dataclass
@@ -102,6 +103,9 @@ class KpiEngine:
         self._closed_before: int | None = None  # windows starting before this are closed
         self._source_max: dict[str, int] = {}
         self._last_digest: dict[str, int] = {}  # "asset|modality" -> digest of the last reading
+        # Records of closed windows stay in the sink for a few more windows: a restart may
+        # restore a checkpoint slightly older than the sink, and must still find them.
+        self._retired: list[tuple[int, list[str]]] = []
         self.watermark: int | None = None
         self.late_predictions = 0
         self.late_labels = 0
@@ -135,6 +139,9 @@ class KpiEngine:
             kind, sid = key.split(":", 1)
             if kind == "r":
                 rec = _Record(**value)
+                if self._closed_before is not None and rec.window < self._closed_before:
+                    self._retired.append((rec.window, [sid]))  # closed before the checkpoint
+                    continue
                 self._windows.setdefault(rec.window, _Window(rec.window)).records[sid] = rec
                 self._index[sid] = rec.window
             elif kind == "l":
@@ -197,12 +204,21 @@ class KpiEngine:
             window = self._windows.pop(start)
             for sid in window.records:
                 self._index.pop(sid, None)
-                self._put(f"r:{sid}", None)
+            self._retired.append((start, list(window.records)))
             self._closed_before = start + self.window_ms
             out.extend(self._snapshots(window))
         # Windows that got nothing are closed too: a prediction for one now is late.
         passed = (watermark - self.grace_ms) // self.window_ms * self.window_ms
         self._closed_before = max(self._closed_before or passed, passed)
+        horizon = self._closed_before - RETAIN_WINDOWS * self.window_ms
+        keep = []
+        for start, sids in self._retired:
+            if start < horizon:
+                for sid in sids:
+                    self._put(f"r:{sid}", None)
+            else:
+                keep.append((start, sids))
+        self._retired = keep
         return out
 
     def _record(self, pred: Prediction, start: int) -> _Record:

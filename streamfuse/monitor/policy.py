@@ -88,7 +88,7 @@ class Suppressed(NamedTuple):
     alert_id: str
     action: str
     modality: str
-    reason: str  # "cooldown" | "rate_cap" | "dry_run" | "modality_masked"
+    reason: str  # "cooldown" | "rate_cap" | "dry_run" | "modality_masked" | "rollback_in_flight"
 
 
 class RollbackPolicy:
@@ -236,7 +236,13 @@ class RollbackPolicy:
             if change is not None:
                 previous, current, changed_at = change
                 recent = 0 <= alert.event_ms - changed_at <= self.config.rollback_after_activation_ms
-                if recent and previous != current and previous not in self._rolled_back.get(alert.modality, []):
+                rolled = self._rolled_back.get(alert.modality, [])
+                if recent and current in rolled:
+                    # Already rolled back from this version (e.g. a second line's alert of the
+                    # same release): the command is on its way; don't send another.
+                    self._suppress(alert, "rollback_model", "rollback_in_flight")
+                    return None
+                if recent and previous != current and previous not in rolled:
                     why = f" (version {current} activated at {changed_at}; back to {previous})"
                     return "rollback_model", "global", "", {"version": previous, "from_version": current, "why": why}
         key = (alert.modality, alert.scope, alert.scope_id)

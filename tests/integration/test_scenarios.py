@@ -47,7 +47,7 @@ class Run:
 
 
 def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration_s: float,
-                 until=lambda obs: True, kill_monitor_at_s: float | None = None,
+                 until=lambda obs: True, kill_monitor_when=None,
                  trigger: tuple[object, object] | None = None) -> Run:
     ensure_topics(settings)
     procs = {"worker": spawn("worker", settings, tmp_path), "monitor": spawn("monitor", settings, tmp_path)}
@@ -65,7 +65,7 @@ def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration
             if trigger is not None and trigger[0](observer):
                 trigger[1]()  # (condition on what was observed so far, action)
                 trigger = None
-            if kill_monitor_at_s is not None and not killed and time.monotonic() - t_start > kill_monitor_at_s:
+            if kill_monitor_when is not None and not killed and kill_monitor_when(observer):
                 procs["monitor"].send_signal(signal.SIGKILL)
                 procs["monitor"].wait()
                 procs["monitor"] = spawn("monitor", settings, tmp_path)
@@ -91,7 +91,10 @@ def fused_accuracy(run: Run, t0: float, t1: float, line: str | None = None) -> f
     snaps = [k for k in run.observer.kpi_log if k.modality == "fused" and k.n_labelled
              and t0 <= (k.window_start_ms - START_MS) / 1000 and (k.window_end_ms - START_MS) / 1000 <= t1
              and ((k.scope == "line" and k.scope_id == line) if line else k.scope == "global")]
-    return sum(k.n_correct for k in snaps) / sum(k.n_labelled for k in snaps)
+    n = sum(k.n_labelled for k in snaps)
+    assert n, f"no labelled fused KPI windows of {line or 'the fleet'} in [{t0}, {t1}] s: " + \
+        str(sorted({(k.scope, k.scope_id, (k.window_start_ms - START_MS) / 1000) for k in run.observer.kpi_log}))[:2000]
+    return sum(k.n_correct for k in snaps) / n
 
 
 def test_clean_run_raises_no_alert(settings, tmp_path):
@@ -142,7 +145,8 @@ def test_audio_mute_is_a_sensor_fault_not_a_model_fault(settings, tmp_path):
 
 
 def test_monitor_killed_and_restarted_mid_fault_same_outcome(settings, tmp_path):
-    run = fog_on_line_0(settings, tmp_path, kill_monitor_at_s=8.0)  # ~32 s of event time: mid-fault
+    # Killed mid-fault, right after it masked the camera: its state must survive.
+    run = fog_on_line_0(settings, tmp_path, kill_monitor_when=lambda o: bool(o.commands))
     check_fog_outcome(run)
     assert "monitor restored" in (tmp_path / "monitor.log").read_text(errors="replace")
 

@@ -338,3 +338,12 @@ def test_config_defaults() -> None:
     d = PolicyConfig()
     assert (d.dry_run, d.act_on_scopes, d.fusion_action, d.fusion_mode) == (
         False, ("global", "line", "asset"), "set_fusion_mode", "ume")
+
+
+def test_one_rollback_per_release_even_when_several_lines_degrade() -> None:
+    policy = RollbackPolicy(PolicyConfig(cooldown_ms=0))
+    change = ctx(10 * MIN, image=("good", "bad", 9 * MIN))
+    first = policy.decide(alert(scope="line", scope_id="line-0"), change)
+    assert [(c.action, c.version) for c in first] == [("rollback_model", "good")]
+    assert policy.decide(alert(scope="line", scope_id="line-1"), change) == []
+    assert [(s.action, s.reason) for s in policy.suppressed] == [("rollback_model", "rollback_in_flight")]
