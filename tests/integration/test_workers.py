@@ -151,3 +151,32 @@ def test_every_command_kind_is_applied_and_acked_by_every_worker(settings, tmp_p
         sim.stop()
         stop_children(list(procs.values()))
         observer.consumer.close()
+
+
+def test_a_sample_with_no_usable_modality_is_dead_lettered_not_predicted(settings, tmp_path: Path):
+    import dataclasses
+
+    from streamfuse.sim.plant import Plant, PlantConfig
+
+    ensure_topics(settings)
+    (good, _), (bad, _) = Plant(PlantConfig(), run_id="nu").dataset(2, seed=3)
+    broken = {m: dataclasses.replace(ev, payload=b"\xff\xd8\xff nope" if m == "image" else b"\x01")
+              for m, ev in bad.readings.items()}
+    bad = dataclasses.replace(bad, readings=broken)
+    producer = make_producer(settings, "test")
+    for s in (bad, good):
+        producer.send(Topics(settings.topic_prefix).samples, key=s.asset_id.encode(), value=encode(s),
+                      headers=headers())
+    producer.flush()
+    producer.close()
+    procs = {"w": spawn("worker", settings, tmp_path)}
+    observer = Observer(settings, START_MS)
+    try:
+        wait_for(lambda: good.sample_id in observer.prediction_counts and len(observer.dead_reasons) >= 4,
+                 observer, procs, "the good prediction and the dead letters")
+    finally:
+        stop_children(list(procs.values()))
+        observer.consumer.close()
+    assert bad.sample_id not in observer.prediction_counts
+    assert sorted(observer.dead_reasons) == [("bad_audio", "audio"), ("bad_image", "image"),
+                                             ("bad_series", "series"), ("no_usable_modality", None)]
