@@ -23,8 +23,11 @@ def _register_subcommands() -> None:
     # Each area owns its commands; they are mounted here so `streamfuse --help` lists them all.
     from streamfuse.alerts.cli import alerts_app
     from streamfuse.models.cli import dataset_app, models_app, train
+    from streamfuse.replay.cli import record, replay
 
     app.command(help=train.__doc__)(train)
+    app.command(help=record.__doc__)(record)
+    app.command(help=replay.__doc__)(replay)
     app.add_typer(dataset_app, name="dataset")
     app.add_typer(models_app, name="models")
     app.add_typer(alerts_app, name="alerts")
@@ -53,15 +56,17 @@ def demo(
     assets: Optional[int] = typer.Option(None, help="Simulated assets (default 4)."),
     rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default 2)."),
     logs: Path = typer.Option(Path(".cache/streamfuse/demo-logs"), help="Child process logs."),
+    record: Optional[Path] = typer.Option(None, help="Record the run (every topic, with the faults "
+                                                     "annotated) into this new directory, for `streamfuse replay`."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run the whole pipeline locally: embedded broker, plant, worker, monitor, live KPIs."""
+    """Run the whole pipeline locally: embedded broker, plant, worker, monitor, alert dispatcher, live KPIs."""
     from streamfuse.demo import run_demo
 
     settings = _settings(verbose)
     sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
     settings = settings.model_copy(update={"sim": sim})
-    result = run_demo(settings, duration, _parse_faults(fault), summary, console, logs)
+    result = run_demo(settings, duration, _parse_faults(fault), summary, console, logs, record_dir=record)
     c = result["counts"]
     console.print(f"samples {c['samples']}, predictions {c['predictions']}, dead-letter {c['dead_letter']}, "
                   f"KPI snapshots {c['kpi_snapshots']}, alerts {c['alerts']}, commands {c['commands']}")

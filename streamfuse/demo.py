@@ -99,6 +99,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "STREAMFUSE_MONITOR": settings.monitor.model_dump_json(),
         "STREAMFUSE_WORKER": settings.worker.model_dump_json(),
         "STREAMFUSE_ALERTS": settings.alerts.model_dump_json(),
+        "STREAMFUSE_SIM": settings.sim.model_dump_json(),
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -264,7 +265,7 @@ def wait_for_deliveries(settings: Settings, observer: Observer, timeout_s: float
 
 
 def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...], summary_path: Path | None,
-             console, log_dir: Path, malformed_every: int = 200) -> dict[str, Any]:
+             console, log_dir: Path, malformed_every: int = 200, record_dir: Path | None = None) -> dict[str, Any]:
     from rich.live import Live
 
     from streamfuse.embedded import EmbeddedBroker
@@ -324,6 +325,12 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                            for m, k in sorted(observer.kpis.items())},
             **fault_report(observer, faults, settings.monitor.kpi_window_ms, duration_s),
         }
+        if record_dir is not None:
+            from streamfuse.replay.recorder import record_demo
+
+            manifest = record_demo(settings, record_dir, start_ms, faults)
+            summary["recording"] = {"dir": str(record_dir), "records": manifest["counts"]}
+            console.print(f"recorded the run into {record_dir}")
         if summary_path is not None:
             summary_path.parent.mkdir(parents=True, exist_ok=True)
             summary_path.write_text(json.dumps(summary, indent=2))

@@ -9,7 +9,6 @@ a :class:`~streamfuse.errors.StreamfuseError` is printed with its fix and exits 
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from datetime import datetime
@@ -20,20 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from streamfuse.config import Settings
+from streamfuse.config import load_settings
 from streamfuse.errors import StreamfuseError
 from streamfuse.replay.errors import RecordingError, ReplayError
 
 __all__ = ["record", "replay"]
 console = Console()
-
-
-def _settings(verbose: bool) -> Settings:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    settings.log_effective(logging.getLogger("streamfuse"))
-    return settings
 
 
 def parse_time_ms(text: str) -> int:
@@ -72,8 +63,8 @@ def record(
     until: Optional[str] = typer.Option(None, "--until", help="Stop at this time (ISO 8601 or epoch ms)."),
     from_now: bool = typer.Option(False, "--from-now", help="Start at the end of the topics, not the beginning."),
     snapshot: bool = typer.Option(False, "--snapshot", help="Record what the topics hold now, then stop."),
-    annotate: list[str] = typer.Option([], "--annotate", help="A known fault MODALITY:KIND@START[-END][/ASSET] "
-                                       "(seconds from --annotate-start), repeatable."),
+    annotate: list[str] = typer.Option([], "--annotate", help="A known fault, as for `streamfuse demo --fault` "
+                                       "(e.g. image:fog@40-90, seconds from --annotate-start), repeatable."),
     annotate_start: Optional[str] = typer.Option(None, "--annotate-start", help="Time zero of --annotate specs "
                                                  "(ISO 8601 or epoch ms, event time)."),
     compression: str = typer.Option("gzip", help="Segment compression: gzip or none."),
@@ -83,7 +74,7 @@ def record(
     from streamfuse.replay.recorder import fault_annotations, record as do_record
 
     try:
-        settings = _settings(verbose)
+        settings = load_settings(verbose)
         if annotate and annotate_start is None:
             raise RecordingError("--annotate needs --annotate-start (the event time its seconds count from)")
         notes = fault_annotations(annotate, parse_time_ms(annotate_start)) if annotate else None
@@ -109,7 +100,7 @@ def replay(
     models: list[str] = typer.Option([], "--models", help="UNIT=VERSION to serve, repeatable or comma-separated."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="JSON/TOML file of monitor setting overrides."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write summary.json and report.html here."),
-    compare: tuple[str, str] = typer.Option((None, None), "--compare", metavar="A B",
+    compare: Optional[tuple[str, str]] = typer.Option(None, "--compare", metavar="A B",
                                             help="Replay twice: A and B are UNIT=VERSION sets, bundle directories, "
                                                  "policy files or 'live'."),
     from_s: Optional[float] = typer.Option(None, "--from", help="Start S seconds after the recording's start."),
@@ -120,21 +111,32 @@ def replay(
                                  "the last digits between runs, decisions do not)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Replay a recording through sync/worker/monitor in its own namespace; evaluate and report."""
+    """Replay a recording through sync/worker/monitor in its own namespace; evaluate and report.
+    Without STREAMFUSE_KAFKA_BOOTSTRAP it runs on an embedded broker, as the demo does."""
     from streamfuse.replay.compare import compare as do_compare, load_policy, parse_models
+    from streamfuse.replay.format import Recording
     from streamfuse.replay.replayer import replay as do_replay
 
+    broker = None
     try:
         if speed is not None and max_speed:
             raise ReplayError("choose --speed X or --max-speed, not both")
-        settings = _settings(verbose)
+        settings = load_settings(verbose)
+        Recording(recording, verify=False)  # a missing recording fails before a broker starts
+        if not settings.kafka_bootstrap:
+            # As `streamfuse demo`: no cluster configured, so run on the embedded broker.
+            from streamfuse.embedded import EmbeddedBroker
+
+            broker = EmbeddedBroker().start()
+            settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "broker": "tansu"})
+            console.print(f"embedded broker on {broker.bootstrap} (set STREAMFUSE_KAFKA_BOOTSTRAP to use a cluster)")
         opts: dict[str, Any] = {
             "speed": speed, "models": parse_models(models), "keep": keep, "progress": True,
             "policy_overrides": load_policy(policy) if policy else None,
             "time_range": (from_s, to_s) if from_s is not None or to_s is not None else None,
             "assets": [a.strip() for a in assets.split(",") if a.strip()] if assets else None,
             "max_batch": None if batched else 1, "stop": _stop_on_signals()}
-        if compare and compare[0] is not None:
+        if compare:
             result = do_compare(recording, settings, compare[0], compare[1], report_dir=report, namespace=namespace,
                                 **opts)
             _print_compare(result)
@@ -145,6 +147,9 @@ def replay(
     except StreamfuseError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    finally:
+        if broker is not None:
+            broker.stop()
     _print_summary(summary)
     if report:
         console.print(f"report: {report / 'report.html'}")
@@ -157,8 +162,9 @@ def _f(x: Any) -> str:
 def _print_summary(s: dict[str, Any]) -> None:
     r = s["replay"]
     console.print(f"replayed {s['counts']['predictions']} samples ({r['event_s']:.0f} s of event time) in "
-                  f"{r['wall_s']:.1f} s: {r['speed_x']}x real time; {s['counts']['alerts']} alert events, "
-                  f"{s['counts']['commands']} commands; false alerts/hour {_f(s['false_alerts']['per_hour'])}")
+                  f"{r['wall_s']:.1f} s: {r['speed_x']}x real time after a {r['startup_s'] or 0:.1f} s start-up; "
+                  f"{s['counts']['alerts']} alert event(s), {s['counts']['commands']} command(s); "
+                  f"false alerts/hour {_f(s['false_alerts']['per_hour'])}")
     t = Table(title="scores")
     for col in ("unit", "Top-1", "macro-F1", "labelled"):
         t.add_column(col)

@@ -1,6 +1,6 @@
 """Reads a replay's outputs: :class:`streamfuse.demo.Observer` plus what the replay needs
-to pace itself (which samples are resolved, the monitor's watermark, closed windows) and
-compact prediction rows for the evaluation."""
+to pace itself (which samples are resolved, which windows the monitor closed, every
+prediction for its shadow of the monitor) and compact prediction rows for the evaluation."""
 
 from __future__ import annotations
 

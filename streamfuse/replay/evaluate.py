@@ -140,7 +140,8 @@ def detection(eps: list[dict[str, Any]], commands: list[dict[str, Any]], faults:
         cmd = next((c for c in commands if first and c["alert_id"] == first["alert_id"]), None)
         out.append({"fault": f.get("fault") or f["modality"], "start_ms": f["start_ms"], "end_ms": f.get("end_ms"),
                     "detected": first is not None,
-                    "alert": None if first is None else {k: first[k] for k in ("alert_id", "kind", "scope", "scope_id")},
+                    "alert": None if first is None else
+                    {k: first[k] for k in ("alert_id", "kind", "scope", "scope_id")},
                     "delay_ms": None if first is None else first["start_ms"] - f["start_ms"],
                     "command": None if cmd is None else {"action": cmd["action"], "issued_ms": cmd["issued_ms"],
                                                          "delay_ms": cmd["issued_ms"] - f["start_ms"]}})

@@ -95,6 +95,7 @@ class Lockstep:
         self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published
         self.last_sample: dict[int, tuple[bytes | None, Sample]] = {}
         self.published = 0
+        self.ready_s: float | None = None  # until the first step's predictions (pipeline start-up)
         self.waited_commands = 0
         self._acked_upto = 0
         self._pace: tuple[float, int] | None = None
@@ -107,7 +108,9 @@ class Lockstep:
         if first is None:
             raise ReplayError("nothing to replay: the recording (after --from/--to/--assets) has no input records")
         bound = threshold_after(first, self.window_ms, self.grace_ms)
+        started = time.monotonic()
         while not self.stop.is_set():
+            t0 = time.monotonic()
             for stream, rec in self.streams.pop_before(bound):
                 self._publish(stream, rec)
             for stream in self.streams.of("samples"):
@@ -119,13 +122,18 @@ class Lockstep:
                        and self.col.part_max[stream.partition] < bound):
                     self._probe(stream)
                     self._resolve()
+            t1 = time.monotonic()
             self._await_commands()
+            if self.ready_s is None and self.col.rows:
+                self.ready_s = time.monotonic() - started
+            log.debug("step to %d: publish + predictions %.3f s, commands %.3f s", bound, t1 - t0,
+                      time.monotonic() - t1)
             nxt = self.streams.next_clock()
             if nxt is None:
                 break
             bound = threshold_after(max(bound, nxt), self.window_ms, self.grace_ms)
         self._flush()
-        return {"published": self.published, "commands_awaited": self.waited_commands,
+        return {"published": self.published, "commands_awaited": self.waited_commands, "startup_s": self.ready_s,
                 "windows_closed": len(self.shadow_closed), **self._verify()}
 
     # ------------------------------------------------------------------ publishing

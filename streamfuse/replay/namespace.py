@@ -103,22 +103,51 @@ class Namespace:
             admin.close()
 
     def delete(self) -> list[str]:
-        """Delete the namespace's topics, Redis keys and the monitor's local data."""
+        """Delete the namespace's topics, consumer groups, Redis keys and the monitor's local data."""
         from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
 
         from streamfuse.kafka import admin_config
         from streamfuse.store import StatusStore, connect
 
         names = self.existing_topics()
-        if names:
-            admin = KafkaAdminClient(**admin_config(self.settings))
-            try:
+        groups = [self.settings.worker.group, self.settings.monitor.app_id, f"{self.prefix}sync.sync"]
+        admin = KafkaAdminClient(**admin_config(self.settings))
+        try:
+            if names:
                 admin.delete_topics(names)
-            finally:
-                admin.close()
+            try:
+                admin.delete_groups(groups)
+            except KafkaError as exc:  # groups expire on their own; the topics are what matters
+                log.info("consumer groups %s of replay %s not deleted: %s", groups, self.prefix, exc)
+        finally:
+            admin.close()
         StatusStore(connect(self.settings), self.settings.redis_prefix).clear()
         shutil.rmtree(self.faust_dir, ignore_errors=True)
         return names
+
+
+def drop_namespace(live: Settings, name: str) -> list[str]:
+    """Delete a kept replay namespace (``replay(..., keep=True)``): its topics, Redis keys
+    and monitor data. Returns the topics deleted.
+
+    Raises:
+        ReplayError: the name overlaps the live prefix.
+    """
+    prefix = namespace_prefix(name)
+    check_isolated(live, prefix)
+    return Namespace(prefix, _settings_for(live, prefix, live.monitor), live).delete()
+
+
+def _settings_for(live: Settings, prefix: str, monitor: MonitorSettings, **update: Any) -> Settings:
+    """The live settings moved into the namespace: topics, Redis keys, groups, app id, no
+    metrics ports (the live processes hold those)."""
+    return live.model_copy(update={
+        "topic_prefix": prefix,
+        "redis_prefix": f"streamfuse-replay:{prefix.rstrip('.')}:",
+        "worker": live.worker.model_copy(update={"group": f"{prefix}workers", "metrics_port": 0}),
+        "monitor": monitor.model_copy(update={"app_id": f"{prefix}monitor", "metrics_port": 0}),
+        **update})
 
 
 def make_namespace(live: Settings, name: str | None, partitions: int, policy: dict[str, Any] | None = None,
@@ -137,22 +166,14 @@ def make_namespace(live: Settings, name: str | None, partitions: int, policy: di
     """
     prefix = namespace_prefix(name)
     check_isolated(live, prefix)
-    tag = prefix.rstrip(".")
-    monitor = policy_overrides(live.monitor, policy).model_copy(update={"app_id": f"{prefix}monitor",
-                                                                        "metrics_port": 0})
-    update: dict[str, Any] = {
-        "topic_prefix": prefix,
-        "redis_prefix": f"streamfuse-replay:{tag}:",
-        "partitions": partitions,
-        "worker": live.worker.model_copy(update={"group": f"{prefix}workers", "metrics_port": 0}),
-        "monitor": monitor,
-    }
+    update: dict[str, Any] = {"partitions": partitions}
     if rate_hz is not None:
         update["sim"] = live.sim.model_copy(update={"rate_hz": rate_hz})
-    if update["redis_prefix"] == live.redis_prefix:
+    settings = _settings_for(live, prefix, policy_overrides(live.monitor, policy), **update)
+    if settings.redis_prefix == live.redis_prefix:
         raise ReplayError(f"the replay's Redis prefix equals the live one ({live.redis_prefix!r}); "
                           "choose another --namespace", prefix)
-    ns = Namespace(prefix, live.model_copy(update=update), live)
+    ns = Namespace(prefix, settings, live)
     used = ns.existing_topics()
     if used:
         raise ReplayError(f"namespace {prefix!r} is in use ({len(used)} topics, e.g. {used[0]}): another replay "

@@ -70,15 +70,16 @@ def plots(s: dict[str, Any], label: str = "") -> list[str]:
 
 
 def alert_timeline(s: dict[str, Any], element_id: str = "alert-timeline", label: str = "") -> str:
-    """Alerts (bars per kind and modality), commands, acks and recorded alerts over the
-    annotated fault windows."""
+    """Alerts (a lane per kind, modality and scope), commands, acks and recorded alerts
+    over the annotated fault windows."""
     t0 = s["start_ms"]
     lanes: list[tuple[str, list[dict]]] = [("faults", [
         {"x0": (a["start_ms"] - t0) / 1000, "x1": ((a["end_ms"] or s["end_ms"]) - t0) / 1000,
          "label": a.get("fault") or a["modality"], "color": "#f5a3ab"} for a in s.get("annotations", [])])]
     groups: dict[str, list[dict]] = {}
     for e in s["episodes"]:
-        groups.setdefault(f'{e["kind"]} {e["modality"]}', []).append(
+        where = "fleet" if e["scope"] == "global" else e["scope_id"]
+        groups.setdefault(f'{e["kind"]} {e["modality"]} {where}', []).append(
             {"x0": (e["start_ms"] - t0) / 1000, "x1": (e["end_ms"] - t0) / 1000, "color": KIND_COLORS.get(e["kind"]),
              "label": f'{e["scope"]} {e["scope_id"]}: {e["summary"]}'})
     lanes += sorted(groups.items())
@@ -127,7 +128,8 @@ def _sections(s: dict[str, Any]) -> list[str]:
     body += ["<h2>Commands</h2>", _table(["t (s)", "action", "modality", "scope", "version / mode", "acks"],
                                          [[c["t_s"], c["action"], c["modality"], f'{c["scope"]} {c["scope_id"]}',
                                            c["version"] or c["fusion_mode"],
-                                           ", ".join(a["status"] for a in s["acks"] if a["command_id"] == c["command_id"])]
+                                           ", ".join(a["status"] for a in s["acks"]
+                                                     if a["command_id"] == c["command_id"])]
                                           for c in s["commands"]])]
     return body
 

@@ -66,7 +66,9 @@ def summarize(col, labels: dict[str, str], annotations: list[dict[str, Any]], mo
     labelled = sum(r.sample_id in labels for r in rows)
     out = {
         "replay": {"wall_s": round(wall_s, 3), "event_s": round(span / 1000, 3),
-                   "speed_x": round(span / 1000 / wall_s, 2) if wall_s > 0 else None, **counters},
+                   # after the pipeline's start-up (model loading, consumer group joins)
+                   "speed_x": _ratio(span / 1000, wall_s - (counters.get("startup_s") or 0)),
+                   "speed_x_with_startup": _ratio(span / 1000, wall_s), **counters},
         "start_ms": start, "end_ms": end,
         "models": dict(versions),
         "monitor": monitor.model_dump(mode="json"),
@@ -88,6 +90,10 @@ def summarize(col, labels: dict[str, str], annotations: list[dict[str, Any]], mo
         out["recorded"] = {"alerts": [alert_record(a, start) for a in recorded["alerts"]],
                            "commands": [command_record(c, start) for c in recorded["commands"]]}
     return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b > 0 else None
 
 
 def decisions(summary: dict[str, Any]) -> dict[str, list]:

@@ -6,6 +6,7 @@ self-contained HTML file that any browser renders.
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Iterable, Sequence
 
@@ -64,10 +65,24 @@ def _bands(f: _Frame, bands: Iterable[tuple[float, float, str]]) -> list[str]:
     return out
 
 
+def nice_step(span: float, ticks: int = 8) -> float:
+    """A 1-2-5 step giving at most about ``ticks`` ticks over ``span``.
+
+    Examples:
+        >>> nice_step(39.8), nice_step(3600), nice_step(0.7)
+        (5.0, 500.0, 0.1)
+    """
+    raw = max(span, 1e-9) / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1.0, 2.0, 5.0, 10.0) if m * mag >= raw)
+
+
 def _x_axis(f: _Frame, ticks: int = 8) -> list[str]:
     out = [f'<line x1="{f.left}" y1="{f.top + f.h}" x2="{f.left + f.w}" y2="{f.top + f.h}" stroke="#999"/>']
-    for i in range(ticks + 1):
-        v = f.x0 + (f.x1 - f.x0) * i / ticks
+    step = nice_step(f.x1 - f.x0, ticks)
+    first = math.ceil(f.x0 / step)
+    for i in range(first, int(math.floor(f.x1 / step)) + 1):
+        v = i * step
         out.append(f'<text x="{f.x(v):.1f}" y="{f.top + f.h + 16}" font-size="10" text-anchor="middle">'
                    f'{_fmt(v)}s</text>')
     return out
@@ -121,7 +136,7 @@ def timeline(lanes: list[tuple[str, list[dict]]], x_range: tuple[float, float], 
         (1, 1)
     """
     height = 28 + 30 + lane_h * max(1, len(lanes))
-    f = _Frame(x_range[0], x_range[1], 0, max(1, len(lanes)), width, height, left=150, right=20)
+    f = _Frame(x_range[0], x_range[1], 0, max(1, len(lanes)), width, height, left=200, right=20)
     ident = f' id="{escape(element_id)}"' if element_id else ""
     out = _open(width, height, title, "timeline")
     out[0] = out[0].replace("<svg ", f"<svg{ident} ", 1)
@@ -143,7 +158,8 @@ def timeline(lanes: list[tuple[str, list[dict]]], x_range: tuple[float, float], 
                     pts = f"{x:.1f},{mid - 6:.1f} {x + 6:.1f},{mid:.1f} {x:.1f},{mid + 6:.1f} {x - 6:.1f},{mid:.1f}"
                     out.append(f'<polygon class="marker diamond" points="{pts}" fill="{c}">{tip}</polygon>')
                 else:
-                    out.append(f'<line class="marker tick" x1="{x:.1f}" y1="{y + 3}" x2="{x:.1f}" y2="{y + lane_h - 3}" '
+                    out.append(f'<line class="marker tick" x1="{x:.1f}" y1="{y + 3}" x2="{x:.1f}" '
+                               f'y2="{y + lane_h - 3}" '
                                f'stroke="{c}" stroke-width="2">{tip}</line>')
     out.append("</svg>")
     return "\n".join(out)

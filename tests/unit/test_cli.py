@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from streamfuse.cli import app
 
 EXPECTED = {"demo", "broker", "topics", "simulate", "sync", "worker", "monitor", "status", "train", "dataset",
+            "record", "replay",
             "models", "alerts"}
 
 
