@@ -65,10 +65,11 @@ def settings(broker, trained_bundle) -> Settings:
     ensure_models(s)  # imports the trained bundle into this test's registry namespace
     yield s
     StatusStore(connect(s), s.redis_prefix).clear()
-    _delete_topics(s)
+    delete_topics(s)
 
 
-def _delete_topics(s: Settings) -> None:
+def delete_topics(s: Settings) -> None:
+    """Delete a test's topics (its prefix, and the monitor's own faust topics)."""
     from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
@@ -95,7 +96,8 @@ def add_image_version(settings: Settings, tmp_path: Path, *, corrupt: bool = Fal
     man = read_unit_manifest(registry.root / "image" / good)
     torch.manual_seed(seed)
     model = create_model(registry.load_unit("image", good).module.sf_config)
-    version = f"image-bad{seed}{'c' if corrupt else ''}"
+    # unique per call: the units directory is shared by the whole test session
+    version = f"image-bad{seed}{'c' if corrupt else ''}-{uuid.uuid4().hex[:6]}"
     model.set_version(version)
     work = tmp_path / version
     work.mkdir()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import delete_topics
 from streamfuse.config import Settings
 from streamfuse.demo import ensure_models, spawn, stop_children
 from streamfuse.kafka import make_consumer
@@ -46,16 +47,8 @@ def live_settings(broker, bundle: Path, tag: str, **sim) -> Settings:
 
 
 def delete_live(s: Settings) -> None:
-    from kafka import KafkaAdminClient
-
     StatusStore(connect(s), s.redis_prefix).clear()
-    admin = KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-    try:
-        names = [n for n in admin.list_topics() if n.startswith(s.topic_prefix) or s.monitor.app_id in n]
-        if names:
-            admin.delete_topics(names)
-    finally:
-        admin.close()
+    delete_topics(s)
 
 
 def topic_digest(s: Settings) -> dict[str, tuple[int, str]]:
