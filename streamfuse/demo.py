@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,6 @@ class Observer:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     commands: list[dict[str, Any]] = field(default_factory=list)
     acks: list[dict[str, Any]] = field(default_factory=list)
-    prediction_counts: Counter = field(default_factory=Counter)
     predictions: dict[str, Any] = field(default_factory=dict)  # sample_id -> last Prediction
     served_by: dict[str, list[str]] = field(default_factory=dict)  # sample_id -> worker ids, in order
     dead_reasons: list[tuple[str, str | None]] = field(default_factory=list)  # (reason, modality)
@@ -158,6 +156,11 @@ class Observer:
         self.consumer.seek_to_beginning(*tps)
         self.counts = {v: 0 for v in self.names.values()}
 
+    @property
+    def prediction_counts(self) -> dict[str, int]:
+        """sample_id -> how many predictions it got (more than one only after a crash)."""
+        return {sid: len(ws) for sid, ws in self.served_by.items()}
+
     def t_s(self, ms: int) -> float:
         return round((ms - self.start_ms) / 1000, 1)
 
@@ -170,7 +173,6 @@ class Observer:
                 if kind == "deadletter":
                     self.dead_reasons.append((ev.reason, ev.modality))
                 elif kind == "predictions":
-                    self.prediction_counts[ev.sample_id] += 1
                     self.served_by.setdefault(ev.sample_id, []).append(ev.worker_id)
                     self.predictions[ev.sample_id] = ev
                 elif isinstance(ev, KpiSnapshot):
@@ -196,7 +198,7 @@ class Observer:
         from rich.table import Table
 
         table = Table(title=f"streamfuse demo  t={elapsed_s:5.1f}/{duration_s:.0f} s   samples {sim_stats.samples}"
-                            f"  predictions {len(self.prediction_counts)}  dead-letter {self.counts['deadletter']}"
+                            f"  predictions {len(self.served_by)}  dead-letter {self.counts['deadletter']}"
                             f"  alerts {self.counts['alerts']}  commands {self.counts['commands']}")
         for col in ("modality", "window", "n", "accuracy", "agreement", "contribution", "confidence",
                     "missing", "masked"):
@@ -295,7 +297,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         thread.start()
         t0 = time.monotonic()
         with Live(observer.table(sim.stats, 0, duration_s), console=console, refresh_per_second=2) as live:
-            while thread.is_alive() or (len(observer.prediction_counts) < sim.stats.samples
+            while thread.is_alive() or (len(observer.served_by) < sim.stats.samples
                                         and time.monotonic() - t0 < duration_s + 30):
                 observer.poll()
                 live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
@@ -312,7 +314,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
             "bundle": str(settings.bundle_dir),
             "counts": {"sensor_events": sim.stats.sensor_events, "samples": sim.stats.samples,
                        "labels": sim.stats.labels, "malformed_injected": sim.stats.malformed,
-                       "predictions": len(observer.prediction_counts),
+                       "predictions": len(observer.served_by),
                        "dead_letter": observer.counts["deadletter"], "kpi_snapshots": observer.counts["kpi_snapshots"],
                        "alerts": observer.counts["alerts"], "commands": observer.counts["commands"],
                        "acks": observer.counts["acks"], "notifications_sent": notifications["sent"]},

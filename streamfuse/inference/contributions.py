@@ -124,21 +124,21 @@ def shapley_values(values: np.ndarray, players: np.ndarray) -> np.ndarray:
     b, m = players.shape
     if m > MAX_SHAPLEY_MODALITIES:
         raise ValueError(f"exact Shapley needs <= {MAX_SHAPLEY_MODALITIES} modalities, got {m}")
-    masks = subset_masks(m)  # [2**m, m]
-    sizes = masks.sum(axis=1)
+    sizes = subset_masks(m).sum(axis=1)  # |S| per bitmask
+    # weight[p, k] = k! (p - k - 1)! / p!  for a coalition of k among p players
+    weight = np.array([[factorial(k) * factorial(p - k - 1) / factorial(p) if p > k else 0.0
+                        for k in range(m + 1)] for p in range(m + 1)])
     out = np.zeros((b, m))
     full = _bits(players)
     n = players.sum(axis=1)  # players per row
     for s in range(2**m):
         in_players = (s & ~full) == 0  # S ⊆ P, per row
+        w = weight[n, sizes[s]]
         for j in range(m):
             if s >> j & 1:
                 continue
-            k = sizes[s]
-            weight = np.array([factorial(k) * factorial(int(p) - k - 1) / factorial(int(p)) if p > k else 0.0
-                               for p in n])
             gain = values[:, s | (1 << j)] - values[:, s]
-            out[:, j] += np.where(in_players & players[:, j], weight * gain, 0.0)
+            out[:, j] += np.where(in_players & players[:, j], w * gain, 0.0)
     return out
 
 

@@ -218,7 +218,7 @@ class MonitorCore:
                 return True
         return False
 
-    def _inhibited(self, kind: str, k: KpiSnapshot) -> bool:
+    def _inhibited(self, kind: str, modality: str, scope: str, scope_id: str) -> bool:
         """A sensor fault inhibits the degradation of its modality in every scope holding
         its asset; a line's degradation inhibits the fleet-wide one of the same modality
         (act on the narrowest scope that explains it)."""
@@ -226,13 +226,14 @@ class MonitorCore:
             return False
         for e in self._episodes.values():
             lab = e["labels"]
-            if (k.scope == "global" and lab["kind"] == "degradation" and lab["scope"] == "line"
-                    and lab["modality"] == k.modality and not e["inhibited"]):
+            if lab["modality"] != modality or e["inhibited"]:
+                continue
+            if scope == "global" and lab["kind"] == "degradation" and lab["scope"] == "line":
                 return True
-            if lab["kind"] == "sensor_fault" and lab["modality"] == k.modality and not e["inhibited"]:
-                if k.scope == "global" or (k.scope == "asset" and lab["scope_id"] == k.scope_id) or (
-                        k.scope == "line" and e.get("line") == k.scope_id):
-                    return True
+            if lab["kind"] == "sensor_fault" and (
+                    scope == "global" or (scope == "asset" and lab["scope_id"] == scope_id)
+                    or (scope == "line" and e.get("line") == scope_id)):
+                return True
         return False
 
     def _transition(self, out: Outputs, det, kind: str, k: KpiSnapshot, value, threshold, what: str,
@@ -251,8 +252,7 @@ class MonitorCore:
         labels = {"kind": kind, "modality": modality, "scope": scope, "scope_id": scope_id, **(extra or {})}
         fp = fingerprint(labels)
         if status == "firing":
-            snap = KpiSnapshot(scope, scope_id, modality, at_ms, at_ms, 0)
-            inhibited = self._inhibited(kind, snap)
+            inhibited = self._inhibited(kind, modality, scope, scope_id)
             self._episodes[fp] = {"start": at_ms, "labels": labels, "inhibited": inhibited,
                                   "line": self._line_of(scope_id) if scope == "asset" else None}
             if inhibited:
