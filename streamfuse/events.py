@@ -248,6 +248,7 @@ class DeadLetter:
 
 
 Event = Union[SensorEvent, Sample, Prediction, Label, KpiSnapshot, Alert, Command, Ack, DeadLetter]
+_EVENT_CLASSES = frozenset(typing.get_args(Event))
 SCHEMAS: dict[str, type] = {
     cls.SCHEMA: cls
     for cls in (SensorEvent, Sample, Prediction, Label, KpiSnapshot, Alert, Command, Ack, DeadLetter)
@@ -257,16 +258,23 @@ SCHEMAS: dict[str, type] = {
 # ---------------------------------------------------------------------------- encode
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def to_map(event: Event) -> dict[str, Any]:
     """The event as a plain map, ``schema`` first."""
+    cls = type(event)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     out: dict[str, Any] = {"schema": event.SCHEMA}
-    for f in dataclasses.fields(event):
-        value = getattr(event, f.name)
-        if dataclasses.is_dataclass(value):
+    for name in names:
+        value = getattr(event, name)
+        if type(value) in _EVENT_CLASSES:
             value = to_map(value)
-        elif isinstance(value, dict):
-            value = {k: to_map(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
-        out[f.name] = value
+        elif type(value) is dict:
+            value = {k: to_map(v) if type(v) in _EVENT_CLASSES else v for k, v in value.items()}
+        out[name] = value
     return out
 
 
@@ -346,7 +354,7 @@ def decode(
     if expect is not None and not issubclass(cls, expect):
         names = ", ".join(c.SCHEMA for c in (expect if isinstance(expect, tuple) else (expect,)))
         raise InvalidEvent("unexpected_schema", f"{schema} on a topic that carries {names}")
-    event = _build(cls, raw, is_json, path="")
+    event = _build(cls, raw, is_json)
     if check_payloads and isinstance(event, SensorEvent):
         check_reading(event)
     if isinstance(event, Prediction):
@@ -364,90 +372,168 @@ def _check_prediction(p: Prediction) -> None:
             raise InvalidEvent("bad_field", f"{name} has {len(probs)} values for {n} classes")
 
 
-def _build(cls: type, raw: dict, is_json: bool, path: str) -> Any:
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        where = f"{path}{f.name}"
-        if f.name not in raw or raw[f.name] is None and not _optional(hints[f.name]):
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise InvalidEvent("missing_field", f"{cls.SCHEMA} needs field {where!r}")
-            continue
-        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], is_json, where)
-    return cls(**kwargs)
+class _Bad(Exception):
+    """A field that does not fit its schema. The message says ``{where}``; each enclosing
+    level adds its part of the path on the way out, so paths cost nothing on good input."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.path = reason, message, []
+
+    def invalid(self) -> InvalidEvent:
+        where = "".join(reversed(self.path)).lstrip(".")
+        return InvalidEvent(self.reason, self.message.replace("{where}", where))
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Coerce = typing.Callable[[Any, bool], Any]
+_BUILDERS: dict[type, Coerce] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _build(cls: type, raw: dict, is_json: bool) -> Any:
+    try:
+        return _builder(cls)(raw, is_json)
+    except _Bad as bad:
+        raise bad.invalid() from None
 
 
-def _optional(hint: Any) -> bool:
-    return type(None) in typing.get_args(hint)
+def _builder(cls: type) -> Coerce:
+    """A function that builds ``cls`` from a decoded map; compiled once per class from its
+    type hints (decoding is on every consumer's hot path)."""
+    if cls in _BUILDERS:
+        return _BUILDERS[cls]
+    hints = typing.get_type_hints(cls)
+    plan = [(f.name, _coercer(hints[f.name]), type(None) in typing.get_args(hints[f.name]),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)]
 
-
-def _coerce(value: Any, hint: Any, is_json: bool, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], is_json, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InvalidEvent("bad_field", f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_coerce(v, args[0], is_json, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise InvalidEvent("bad_field", f"{where}: expected a map, got {type(value).__name__}")
-        return {
-            _coerce(k, args[0], is_json, f"{where} key"): _coerce(v, args[1], is_json, f"{where}.{k}")
-            for k, v in value.items()
-        }
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise InvalidEvent("bad_field", f"{where}: expected a map, got {type(value).__name__}")
-        return _build(hint, value, is_json, path=f"{where}.")
-    if hint is bytes:
-        if is_json and isinstance(value, str):
+    def build(raw: dict, is_json: bool) -> Any:
+        kwargs = {}
+        for name, coerce, optional, required in plan:
+            value = raw.get(name)
+            if value is None and (not optional or name not in raw):
+                if required:
+                    bad = _Bad("missing_field", f"{cls.SCHEMA} needs field '{{where}}'")
+                    bad.path.append(f".{name}")
+                    raise bad
+                continue
             try:
-                return base64.b64decode(value, validate=True)
-            except binascii.Error:
-                raise InvalidEvent("bad_field", f"{where}: not valid base64") from None
-        if not isinstance(value, bytes):
-            raise InvalidEvent("bad_field", f"{where}: expected bytes, got {type(value).__name__}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidEvent("bad_field", f"{where}: expected a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise InvalidEvent("non_finite", f"{where} is {value}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidEvent("bad_field", f"{where}: expected an integer, got {type(value).__name__}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise InvalidEvent("bad_field", f"{where}: expected a string, got {type(value).__name__}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise InvalidEvent("bad_field", f"{where}: expected true/false")
-        return value
-    raise TypeError(f"no coercion for {hint!r}")  # a bug in the schema, not in the input
+                kwargs[name] = coerce(value, is_json)
+            except _Bad as bad:
+                bad.path.append(f".{name}")
+                raise
+        return cls(**kwargs)
+
+    _BUILDERS[cls] = build
+    return build
+
+
+def _coercer(hint: Any) -> Coerce:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        inner = _coercer(next(a for a in args if a is not type(None)))
+        return lambda value, is_json: None if value is None else inner(value, is_json)
+    if origin is tuple:
+        item = _coercer(args[0])
+
+        def as_tuple(value: Any, is_json: bool) -> tuple:
+            if not isinstance(value, (list, tuple)):
+                raise _Bad("bad_field", f"{{where}}: expected a list, got {type(value).__name__}")
+            out = []
+            for i, v in enumerate(value):
+                try:
+                    out.append(item(v, is_json))
+                except _Bad as bad:
+                    bad.path.append(f"[{i}]")
+                    raise
+            return tuple(out)
+
+        return as_tuple
+    if origin is dict:
+        key, val = _coercer(args[0]), _coercer(args[1])
+
+        def as_dict(value: Any, is_json: bool) -> dict:
+            if not isinstance(value, dict):
+                raise _Bad("bad_field", f"{{where}}: expected a map, got {type(value).__name__}")
+            out = {}
+            for k, v in value.items():
+                try:
+                    k2 = key(k, is_json)
+                except _Bad as bad:
+                    bad.path.append(" key")
+                    raise
+                try:
+                    out[k2] = val(v, is_json)
+                except _Bad as bad:
+                    bad.path.append(f".{k}")
+                    raise
+            return out
+
+        return as_dict
+    if dataclasses.is_dataclass(hint):
+        def as_event(value: Any, is_json: bool) -> Any:
+            if not isinstance(value, dict):
+                raise _Bad("bad_field", f"{{where}}: expected a map, got {type(value).__name__}")
+            return _builder(hint)(value, is_json)
+
+        return as_event
+    try:
+        return _SCALARS[hint]
+    except KeyError:
+        raise TypeError(f"no coercion for {hint!r}") from None  # a bug in the schema, not in the input
+
+
+def _as_bytes(value: Any, is_json: bool) -> bytes:
+    if is_json and isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise _Bad("bad_field", "{where}: not valid base64") from None
+    if not isinstance(value, bytes):
+        raise _Bad("bad_field", f"{{where}}: expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _as_float(value: Any, is_json: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad("bad_field", f"{{where}}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _Bad("non_finite", f"{{where}} is {value}")
+    return float(value)
+
+
+def _as_int(value: Any, is_json: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad("bad_field", f"{{where}}: expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _as_str(value: Any, is_json: bool) -> str:
+    if not isinstance(value, str):
+        raise _Bad("bad_field", f"{{where}}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _as_bool(value: Any, is_json: bool) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("bad_field", "{where}: expected true/false")
+    return value
+
+
+_SCALARS: dict[type, Coerce] = {bytes: _as_bytes, float: _as_float, int: _as_int, str: _as_str, bool: _as_bool}
 
 
 # ---------------------------------------------------------------------------- payloads
 
 
-def check_reading(ev: SensorEvent, max_bytes: int | None = None) -> None:
+def check_reading(ev: SensorEvent, max_bytes: int | None = None, decode: bool = True) -> None:
     """Validate a reading's payload against its modality.
+
+    Args:
+        ev: the reading.
+        max_bytes: payloads larger than this are ``oversize``.
+        decode: decode image bodies (catches truncated and corrupt ones). A consumer that
+            decodes every image anyway (the worker, in one batch) checks headers only and
+            sets aside the bodies that fail there, so each image is decoded once.
 
     Raises:
         InvalidEvent: ``unknown_modality``, ``oversize``, ``bad_image``, ``bad_audio``,
@@ -459,25 +545,77 @@ def check_reading(ev: SensorEvent, max_bytes: int | None = None) -> None:
     if max_bytes is not None and len(ev.payload) > max_bytes:
         raise InvalidEvent("oversize", f"{m} payload {len(ev.payload)} bytes > {max_bytes}", m)
     if m == "image":
-        _check_image(ev)
+        _check_image(ev) if decode else _check_image_header(ev.payload)
     elif m == "audio":
         _check_audio(ev)
     else:
         _check_series(ev)
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    r"""``(width, height)`` from a JPEG's frame header or a PNG's IHDR; None if there is none.
+
+    Reads headers only (microseconds), for a check before anything is decoded.
+
+    Examples:
+        >>> png = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big")
+        >>> image_size(png)
+        (640, 480)
+        >>> sof = b"\xff\xc0\x00\x11\x08" + (480).to_bytes(2, "big") + (640).to_bytes(2, "big")
+        >>> image_size(b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + sof)
+        (640, 480)
+        >>> image_size(b"\xff\xd8\xff\xda\x00\x02") is None  # scan data before any frame header
+        True
+    """
+    if data.startswith(PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if marker in _JPEG_FRAMES:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_FRAMES = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _check_image_header(data: bytes) -> None:
+    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(PNG_MAGIC)):
+        raise InvalidEvent("bad_image", f"payload ({len(data)} bytes) is neither JPEG nor PNG", "image")
+    size = image_size(data)
+    if size is None:
+        raise InvalidEvent("bad_image", f"image does not decode: no frame header in {len(data)} bytes", "image")
+    w, h = size
+    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
+        raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
+
+
 def _check_image(ev: SensorEvent) -> None:
     from PIL import Image, UnidentifiedImageError
 
     data = ev.payload
-    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(b"\x89PNG\r\n\x1a\n")):
-        raise InvalidEvent("bad_image", f"payload ({len(data)} bytes) is neither JPEG nor PNG", "image")
+    _check_image_header(data)  # before decoding: a tiny file can claim a huge image
     try:
         with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            # Check the header's size before decoding: a tiny file can claim a huge image.
-            if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
-                raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
             img.load()  # decodes fully: catches truncated and corrupt bodies
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidEvent("bad_image", f"image does not decode: {exc}", "image") from None
@@ -512,8 +650,14 @@ def _check_series(ev: SensorEvent) -> None:
         raise InvalidEvent("non_finite", f"series has {bad} NaN/inf values", "series")
 
 
-def split_bad_readings(sample: Sample, max_bytes: int | None = None) -> tuple[Sample, list[InvalidEvent]]:
+def split_bad_readings(sample: Sample, max_bytes: int | None = None,
+                       decode: bool = True) -> tuple[Sample, list[InvalidEvent]]:
     """Check every reading; bad ones are removed and marked missing.
+
+    Args:
+        sample: the sample.
+        max_bytes: payloads larger than this are ``oversize``.
+        decode: see :func:`check_reading`.
 
     Returns:
         The sample with only valid readings (bad modalities added to ``missing``) and the
@@ -525,7 +669,7 @@ def split_bad_readings(sample: Sample, max_bytes: int | None = None) -> tuple[Sa
         try:
             if name != ev.modality:
                 raise InvalidEvent("bad_field", f"reading under {name!r} has modality {ev.modality!r}", name)
-            check_reading(ev, max_bytes)
+            check_reading(ev, max_bytes, decode)
         except InvalidEvent as exc:
             exc.modality = exc.modality or name
             errors.append(exc)

@@ -39,6 +39,7 @@ from streamfuse.events import (
     encode,
     encode_json,
     headers,
+    image_size,
     split_bad_readings,
     to_map,
 )
@@ -555,6 +556,35 @@ def test_image_decompression_bomb_is_bad_image() -> None:
     bomb = png_header_only(20_000, 20_000)  # 57 bytes that claim 400 M pixels
     err = reject_reading(image_event(bomb, encoding="png"))
     assert err.reason == "bad_image"
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"optimize": True},
+                                     {"exif": b"Exif\x00\x00" + b"\x00" * 40}],
+                         ids=["baseline", "progressive", "444", "optimized", "exif"])
+def test_image_size_reads_jpeg_frame_headers(options) -> None:
+    pixels = RNG.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "JPEG", **options)
+    assert image_size(buf.getvalue()) == (53, 37)
+    assert image_size(png_bytes(21, 9)) == (21, 9)
+
+
+def test_header_check_without_decoding() -> None:
+    """decode=False checks signature and claimed size only; the body is left to the one
+    batch decode that follows (which sets aside what fails there)."""
+    for good in (jpeg_bytes(64, 48), png_bytes(8, 8)):
+        check_reading(image_event(good), decode=False)
+    truncated = jpeg_bytes(64, 64)[:400]
+    check_reading(image_event(truncated), decode=False)  # headers are intact
+    assert reject_reading(image_event(truncated)).reason == "bad_image"  # a full check decodes
+    for bad, words in [(b"\x00" + jpeg_bytes(), "neither JPEG nor PNG"),
+                       (b"\xff\xd8\xff" + bytes(50), "no frame header"),
+                       (png_header_only(20_000, 20_000), "20000x20000 outside")]:
+        with pytest.raises(InvalidEvent, match=words) as err:
+            check_reading(image_event(bad), decode=False)
+        assert err.value.reason == "bad_image" and err.value.modality == "image"
+    fixed, errors = split_bad_readings(sample(image=image_event(b"\x00junk"), series=series_event()), decode=False)
+    assert fixed.missing == ("image",) and [e.reason for e in errors] == ["bad_image"]
 
 
 @pytest.mark.parametrize("rate", [0, 100, 999, 384_001, 10_000_000, None])
