@@ -27,10 +27,9 @@ from streamfuse.errors import ConfigError
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, Label, Prediction
 from streamfuse.monitor import detectors as d
 from streamfuse.monitor.kpis import FUSED, UME, KpiEngine, Sink
-from streamfuse.monitor.policy import MASKING_KINDS, PolicyConfig, PolicyContext, RollbackPolicy
+from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
 
 SCOPE_RANK = {"asset": 0, "line": 1, "global": 2}
-COMMAND_KINDS = (*MASKING_KINDS, "fusion_regression")  # alert kinds the policy answers with commands
 SEVERITY = {"sensor_fault": "warning", "degradation": "critical", "drift": "warning", "dominance": "warning",
             "fusion_regression": "critical", "command_unacked": "critical", "action_suppressed": "warning"}
 
@@ -123,39 +122,6 @@ class MonitorCore:
         live = [w for w, t in self._workers.items() if (self.kpis.watermark or t) - t <= 4 * self.settings.kpi_window_ms]
         self._pending[cmd.command_id] = {"issued_wall": now_ms, "expected": live, "acked": {},
                                          "alerted": False, "modality": cmd.modality}
-
-    def quiet_windows(self) -> int:
-        """How many of the next KPI window closes certainly issue no command.
-
-        Commands come only from :meth:`_transition`, i.e. when a detector fires or
-        resolves, and only for the kinds the policy acts on (degradation, sensor fault,
-        fusion regression; drift and dominance alerts never command). A window close
-        updates each detector at most once, and an update moves a hysteresis streak by at
-        most one (:attr:`~streamfuse.monitor.detectors._Hysteresis.windows_to_change`); a
-        detector not made yet (a new asset or modality) starts with empty streaks and
-        needs ``fire_windows``. So none of them can change state in the next
-        ``min(windows to change) - 1`` closes, whatever the predictions and labels hold.
-        Inhibition, cooldowns and the rate cap only ever remove commands, so they are
-        left out (the bound stays safe). The lock-step replay publishes through the
-        quiet closes without waiting (:mod:`streamfuse.replay.lockstep`).
-
-        Examples:
-            >>> from streamfuse.config import MonitorSettings
-            >>> core = MonitorCore({}, MonitorSettings(fire_windows=3))
-            >>> core.quiet_windows()     # nothing seen: every detector needs 3 bad windows
-            2
-        """
-        fresh = self.settings.fire_windows
-        need = [fresh]
-        for key, det in self._detectors.items():
-            if _kind_of(key) in COMMAND_KINDS:
-                need.append(det.windows_to_change)
-        for key, (_, state) in self._saved_detectors.items():
-            if _kind_of(key) in COMMAND_KINDS:
-                limit, streak = (self.settings.resolve_windows, state.get("good", 0)) if state.get("firing") else \
-                    (fresh, state.get("bad", 0))
-                need.append(max(1, limit - streak))
-        return min(need) - 1
 
     def open_alerts(self) -> list[str]:
         return sorted(fp for fp, e in self._episodes.items() if not e["inhibited"])
@@ -339,9 +305,3 @@ class MonitorCore:
         # its saved state when it is made.
         self._detectors = {}
         self._saved_detectors = dict(state.get("detectors", {}))
-
-
-def _kind_of(detector_key: str) -> str:
-    """The alert kind of a detector key (``sensor|dropout|asset-1|audio`` -> ``sensor_fault``)."""
-    head = detector_key.split("|", 1)[0]
-    return "sensor_fault" if head == "sensor" else head

@@ -67,27 +67,6 @@ class _Hysteresis:
         """Whether the last ``update`` fired or resolved the alert."""
         return self._changed
 
-    @property
-    def windows_to_change(self) -> int:
-        """The fewest updates (windows) after which the alert can fire or resolve: a
-        streak grows by at most one per update, so ``fire_windows - bad`` while it is
-        not firing and ``resolve_windows - good`` while it is. Always >= 1 (a streak
-        that reaches its limit changes the state at once). The lock-step replay uses it
-        to prove that the next windows cannot issue a command.
-
-        Examples:
-            >>> det = RateAlarm(threshold=0.2, fire_windows=3, min_n=10)
-            >>> det.windows_to_change
-            3
-            >>> det.update(9, 10); det.windows_to_change    # one bad window
-            2
-            >>> det.update(2, 10); det.windows_to_change    # in the band: the streak breaks
-            3
-        """
-        if self._firing:
-            return max(1, self.resolve_windows - self._good)
-        return max(1, self.fire_windows - self._bad)
-
     def _hysteresis_state(self) -> dict[str, Any]:
         return {"firing": self._firing, "bad": self._bad, "good": self._good}
 

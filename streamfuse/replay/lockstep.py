@@ -2,11 +2,8 @@
 
 The monitor decides (alerts, commands) only when a KPI window closes, i.e. when its
 watermark — the minimum over prediction partitions of the largest event time — passes
-``window end + label grace``. Those thresholds are where the replay may have to wait;
-the ones it does wait at are its *barriers*. Most window closes are provably quiet (no
-command can come out of them, see :meth:`Lockstep._next_stop` and
-:meth:`~streamfuse.monitor.core.MonitorCore.quiet_windows`), and the replay publishes
-through those without stopping. For each barrier ``B``:
+``window end + label grace``. Those thresholds are the replay's *barriers*. For each
+barrier ``B``:
 
 1. **publish** every record with clock < ``B``, then, in every samples partition, the
    records up to and including its first sample at or after ``B`` (the *probe*). A
@@ -22,15 +19,13 @@ through those without stopping. For each barrier ``B``:
    its own time; its decisions depend on event time only).
 
 Labels that arrived before their deadline enter with their sample (:mod:`.plan`); a late
-one waits until the monitor has closed its window (its deadline is always a barrier), so
-it is late in every replay. At the end, one *flush* sample per partition (a copy of its last sample, id
+one waits until the monitor has closed its window, so it is late in every replay. At the
+end, one *flush* sample per partition (a copy of its last sample, id
 ``replay-flush:<p>``, at the last barrier) closes the final windows; its own window
 never closes and it is left out of every result. Then the replay waits until the
 monitor has closed every window and handled a *barrier ack* (an
 :class:`~streamfuse.events.Ack` from ``replay-barrier``, recorded in Redis once handled)
-and checks that the monitor decided exactly what its shadow did. ``timing_s`` in the
-result says where the wall time went after the start-up (publishing, waiting for
-predictions and for acks, the flush, the monitor's catch-up).
+and checks that the monitor decided exactly what its shadow did.
 """
 
 from __future__ import annotations
@@ -100,12 +95,8 @@ class Lockstep:
         self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published
         self.last_sample: dict[int, tuple[bytes | None, Sample]] = {}
         self.published = 0
-        self.ready_s: float | None = None  # until the first prediction (pipeline start-up)
-        self._first_at: float | None = None
+        self.ready_s: float | None = None  # until the first step's predictions (pipeline start-up)
         self.waited_commands = 0
-        self.steps = 0
-        self.quiet_violations = 0
-        self.timing: dict[str, float] = {}  # wall seconds per phase, start-up excluded
         self._acked_upto = 0
         self._pace: tuple[float, int] | None = None
 
@@ -116,7 +107,7 @@ class Lockstep:
         first = self.streams.next_clock()
         if first is None:
             raise ReplayError("nothing to replay: the recording (after --from/--to/--assets) has no input records")
-        bound = self._next_stop(None, first)
+        bound = threshold_after(first, self.window_ms, self.grace_ms)
         started = time.monotonic()
         while not self.stop.is_set():
             t0 = time.monotonic()
@@ -125,93 +116,25 @@ class Lockstep:
             for stream in self.streams.of("samples"):
                 if self.pub_max.get(stream.partition, bound - 1) < bound:
                     self._probe(stream)
-            t1 = time.monotonic()
             self._resolve()
             for stream in self.streams.of("samples"):  # a probe the worker dead-lettered does not close
                 while (stream.head is not None and stream.partition in self.col.part_max
                        and self.col.part_max[stream.partition] < bound):
                     self._probe(stream)
                     self._resolve()
-            t2 = time.monotonic()
-            self._check_quiet(bound)
+            t1 = time.monotonic()
             self._await_commands()
-            t3 = time.monotonic()
-            startup = 0.0
-            if self.ready_s is None and self._first_at is not None:
-                # Start-up: until the first prediction (model loading, group joins); the
-                # rest of the first step's wait is work like any other step's.
-                self.ready_s = self._first_at - started
-                startup = max(0.0, self._first_at - t1)
-            self._time(publish_s=t1 - t0, predictions_s=t2 - t1 - startup, commands_s=t3 - t2)
-            self.steps += 1
-            log.debug("step to %d: publish %.3f s, predictions %.3f s, commands %.3f s", bound, t1 - t0,
-                      t2 - t1, t3 - t2)
+            if self.ready_s is None and self.col.rows:
+                self.ready_s = time.monotonic() - started
+            log.debug("step to %d: publish + predictions %.3f s, commands %.3f s", bound, t1 - t0,
+                      time.monotonic() - t1)
             nxt = self.streams.next_clock()
             if nxt is None:
                 break
-            bound = self._next_stop(bound, nxt)
-        t4 = time.monotonic()
+            bound = threshold_after(max(bound, nxt), self.window_ms, self.grace_ms)
         self._flush()
-        t5 = time.monotonic()
-        verified = self._verify()
-        self._time(flush_s=t5 - t4, monitor_catch_up_s=time.monotonic() - t5)
-        if self.quiet_violations:
-            verified["lockstep_verified"] = False
         return {"published": self.published, "commands_awaited": self.waited_commands, "startup_s": self.ready_s,
-                "windows_closed": len(self.shadow_closed), "steps": self.steps,
-                "quiet_violations": self.quiet_violations,
-                "timing_s": {k: round(v, 3) for k, v in self.timing.items()}, **verified}
-
-    # ------------------------------------------------------------------ where to stop
-
-    def _next_stop(self, stop: int | None, nxt: int) -> int:
-        """The next window-closing threshold at which to wait for predictions.
-
-        Only a window close can issue a command, and the shadow proves how many of the
-        next closes cannot (:meth:`MonitorCore.quiet_windows`, from the detectors'
-        streaks alone, before any of those windows' predictions exist). The shadow has
-        every prediction published so far, so its watermark ``wm`` is the monitor's
-        final one for them: the next closes happen when the watermark passes the
-        thresholds ``T1 = threshold_after(wm)``, ``T1 + window``, ... — each at most one
-        window. With ``q`` quiet closes the replay publishes through ``T1 .. Tq`` without
-        waiting and stops at ``T(q+1)``: a window that closes at (or after) the stop
-        closes on the last probe prediction, after every sample of the step was served,
-        exactly where the one-window lock-step would have closed it; its commands are
-        acknowledged before anything later is published. So every command takes effect
-        at the same sample as with a stop at every threshold, and ``q = 0`` is that.
-
-        A late label (:meth:`Streams.late_deadlines`) must find its window closed by the
-        monitor, so the replay also stops at its window's deadline.
-
-        Progress: the stop always moves past ``stop``. When ``T(q+1) <= stop``, the
-        watermark is held by a partition with no samples left (every other one was probed
-        past ``stop``), so no window closes before the final flush and any stop is safe;
-        likewise once no samples are left at all (only labels): then the stop jumps to
-        the next record.
-        """
-        w, g = self.window_ms, self.grace_ms
-        wm = self.shadow.kpis.watermark
-        cand = threshold_after(nxt if wm is None else wm, w, g) + self.shadow.quiet_windows() * w
-        if stop is not None:
-            cand = max(cand, threshold_after(stop, w, g))
-            if all(s.head is None for s in self.streams.of("samples")):
-                cand = max(cand, threshold_after(nxt, w, g))
-        late = [d for d in self.streams.late_deadlines(cand) if stop is None or d > stop]
-        return min([cand, *late])
-
-    def _check_quiet(self, stop: int) -> None:
-        """Commands of a window that closed before the stop break the proof above: say so
-        (the replay is then not verified) instead of letting it pass silently."""
-        for c in self.expected_commands[self._acked_upto:]:
-            if c.issued_ms + self.grace_ms < stop:  # issued_ms is the alert's window end
-                self.quiet_violations += 1
-                log.error("command %s came from window ending %d, which closed before the lock-step stop %d "
-                          "that the shadow monitor proved quiet; this replay may not be reproducible",
-                          c.command_id, c.issued_ms, stop)
-
-    def _time(self, **parts: float) -> None:
-        for k, v in parts.items():
-            self.timing[k] = self.timing.get(k, 0.0) + v
+                "windows_closed": len(self.shadow_closed), **self._verify()}
 
     # ------------------------------------------------------------------ publishing
 
@@ -297,8 +220,6 @@ class Lockstep:
     # ------------------------------------------------------------------ the shadow monitor
 
     def _shadow(self, pred: Prediction, partition: int) -> None:
-        if self._first_at is None:
-            self._first_at = time.monotonic()
         self.shadow_windows.add(pred.ts_ms - pred.ts_ms % self.window_ms)
         out = self.shadow.on_prediction(pred, f"{self.prefix}predictions:{partition}")
         self.shadow_closed.update(k.window_start_ms for k in out.kpis if k.scope == "global" and k.modality == "fused")

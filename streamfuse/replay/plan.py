@@ -109,10 +109,7 @@ class Stream:
     """One topic-partition to publish: records in offset order, each with its clock.
 
     ``clocks`` are running maxima (non-decreasing); ``records`` yields exactly as many
-    records as there are clocks. ``deadlines`` (labels only, when re-timed) holds, per
-    record, the deadline of a *late* label's window (end + label grace, at or before its
-    clock) and None for the others: the monitor must have closed that window before the
-    label is published (:meth:`Streams.late_deadlines`).
+    records as there are clocks.
     """
 
     topic: str
@@ -120,7 +117,6 @@ class Stream:
     clocks: list[int]
     records: Iterator[dict[str, Any]]
     pos: int = 0
-    deadlines: list[int | None] | None = None
 
     @property
     def rank(self) -> tuple[int, str, int]:
@@ -167,25 +163,6 @@ class Streams:
     def of(self, topic: str) -> list[Stream]:
         return [s for s in self.streams if s.topic == topic]
 
-    def late_deadlines(self, bound: int) -> list[int]:
-        """Deadlines of the late labels still to publish with clock < ``bound``, sorted.
-
-        Examples:
-            >>> labels = Stream("labels", 0, [10, 30, 50], iter([{}, {}, {}]), deadlines=[None, 25, 45])
-            >>> Streams([labels]).late_deadlines(50)
-            [25]
-        """
-        out = []
-        for s in self.streams:
-            if s.deadlines is None:
-                continue
-            for i in range(s.pos, len(s.clocks)):
-                if s.clocks[i] >= bound:
-                    break
-                if s.deadlines[i] is not None:
-                    out.append(s.deadlines[i])
-        return sorted(out)
-
 
 def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str, Any]]]],
                   filters: Filters | None = None, deadline: Callable[[int], int] | None = None) -> Streams:
@@ -214,7 +191,7 @@ def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str,
     wall = WallToEvent(pairs)
     out = []
     for (topic, p), rows in own.items():
-        kept, clocks, late, top = set(), [], [], None
+        kept, clocks, top = set(), [], None
         for i, ts, stamp, key in rows:
             known = [x for x in (ts, wall(stamp) if topic == "labels" or ts is None else None) if x is not None]
             # Nothing to place it by (an undecodable record before any reading): where it was.
@@ -222,12 +199,10 @@ def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str,
             if not filters.keep(key, ts if ts is not None else clock):
                 continue
             if topic == "labels":
-                due = deadline(ts) if deadline is not None and ts is not None else None
-                if due is not None and clock < due:
+                if deadline is not None and ts is not None and clock < deadline(ts):
                     clock = ts  # on time: it enters with its sample
                 kept.add(i)
                 clocks.append(clock)
-                late.append(due if due is not None and clock >= due else None)
                 continue
             top = clock if top is None else max(top, clock)
             kept.add(i)
@@ -235,8 +210,7 @@ def clock_streams(sources: dict[tuple[str, int], Callable[[], Iterator[dict[str,
         if topic == "labels":
             records = [r for i, r in enumerate(sources[(topic, p)]()) if i in kept]
             order = sorted(range(len(clocks)), key=clocks.__getitem__)  # stable: offset order on ties
-            out.append(Stream(topic, p, [clocks[i] for i in order], iter([records[i] for i in order]),
-                              deadlines=[late[i] for i in order] if deadline is not None else None))
+            out.append(Stream(topic, p, [clocks[i] for i in order], iter([records[i] for i in order])))
         else:
             out.append(Stream(topic, p, clocks, _kept(sources[(topic, p)](), kept)))
     return Streams(out)

@@ -129,18 +129,6 @@ def test_a_label_later_than_its_deadline_keeps_its_lateness():
     streams = clock_streams(_sources({("samples", 0): samples, ("labels", 0): late}),
                             deadline=lambda ts: ts - ts % 2000 + 3000)
     assert streams.of("labels")[0].clocks == [16_000]
-    # The replay must stop at the window's deadline (end 12 s + grace 1 s) before it.
-    assert streams.of("labels")[0].deadlines == [13_000]
-    assert streams.late_deadlines(16_001) == [13_000] and streams.late_deadlines(16_000) == []
-
-
-def test_on_time_labels_have_no_deadline_to_wait_for():
-    samples = [rec(i, _sample(i, 10_000 + 200 * i), 500 + 10 * i) for i in range(20)]
-    labels = [rec(i, _label(i, 10_000 + 200 * i), 500 + 10 * (i + 5)) for i in range(15)]
-    srcs = _sources({("samples", 0): samples, ("labels", 0): labels})
-    streams = clock_streams(srcs, deadline=lambda ts: ts - ts % 2000 + 3000)
-    assert streams.of("labels")[0].deadlines == [None] * 15 and streams.late_deadlines(99_999) == []
-    assert clock_streams(srcs).of("labels")[0].deadlines is None  # not re-timed: nothing known
 
 
 def test_filters_by_asset_and_time():
