@@ -3,11 +3,16 @@
 One run, on this machine, with the demo models:
 
 1. model_only_sps — forward passes of the same models at the same batch size on tensors
-   already in memory (the ceiling: no Kafka, no decoding, no fusion, no encoding);
+   already in memory, run as the worker runs them (``Bundle.forward``: traced on the CPU)
+   — the ceiling: no Kafka, no decoding, no fusion, no encoding. The eager models' rate
+   is reported too (``model_only_eager_sps``);
 2. worker_sps — Kafka in → predictions out on the embedded broker: a backlog of samples
-   drained by one InferenceWorker (measured between its first and last prediction);
+   drained by one InferenceWorker (measured between its first and last prediction; the
+   predictions are read after the worker stopped, so nothing else runs in its process);
 3. latency p50 / p99 at 70 % of the measured worker capacity: samples published at that
-   rate, latency = prediction produce time − sample publish time.
+   rate by a separate process, latency = prediction produce time − sample publish time.
+
+Torch uses its default thread count (one per core) in both 1 and 2.
 
 Prints the ratio worker_sps / model_only_sps and writes JSON (``--json PATH``).
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import statistics
 import threading
@@ -41,17 +47,20 @@ from streamfuse.sim.plant import Plant, PlantConfig
 from streamfuse.topics import Topics, ensure_topics
 
 
-def model_only(bundle, samples, batch: int, repeats: int) -> float:
+def model_only(bundle, samples, batch: int, repeats: int, eager: bool = False) -> float:
     """Samples per second of the models alone on pre-built tensors."""
     tensors = {m: [batch_tensor(bundle.configs[m], [s.readings[m] for s in samples[i:i + batch]], bundle.device)
                    for i in range(0, len(samples), batch)] for m in bundle.modalities}
     n = sum(t.shape[0] for t in tensors[bundle.modalities[0]])
 
     def once() -> None:
-        with torch.inference_mode(), autocast(bundle.device):
-            for m in bundle.modalities:
-                for x in tensors[m]:
-                    bundle.models[m](x).float().softmax(-1)
+        for m in bundle.modalities:
+            for x in tensors[m]:
+                if eager:
+                    with torch.inference_mode(), autocast(bundle.device):
+                        bundle.models[m](x).float().softmax(-1)
+                else:
+                    bundle.forward(m, x)[1].float().softmax(-1)
         if bundle.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -86,6 +95,22 @@ def run_worker(settings: Settings, bundle, n: int) -> tuple[InferenceWorker, thr
     return worker, thread
 
 
+def publish_paced(settings: Settings, samples, rate: float) -> None:
+    """Publish ``samples`` at ``rate`` per second, each stamped with its publish time (run
+    in its own process, like a real producer)."""
+    producer = make_producer(settings, "bench-latency")
+    topic, hdrs = Topics(settings.topic_prefix).samples, headers(MSGPACK)
+    t0 = time.time()
+    for i, s in enumerate(samples):
+        wait = t0 + i / rate - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        s = dataclasses.replace(s, ts_ms=int(time.time() * 1000), sample_id=f"lat-{i}")
+        producer.send(topic, key=s.asset_id.encode(), value=encode(s), headers=hdrs)
+    producer.flush()
+    producer.close()
+
+
 def publish(settings: Settings, samples) -> None:
     producer = make_producer(settings, "bench-producer")
     hdrs = headers(MSGPACK)
@@ -114,7 +139,8 @@ def main() -> None:
     samples = [s for s, _ in plant.dataset(args.samples, seed=7)]
 
     ref = model_only(bundle, samples, args.batch, repeats=3)
-    print(f"model-only forward: {ref:8.1f} samples/s  (batch {args.batch}, {device})")
+    ref_eager = model_only(bundle, samples, args.batch, repeats=3, eager=True)
+    print(f"model-only forward: {ref:8.1f} samples/s as served (eager {ref_eager:.1f})  (batch {args.batch}, {device})")
 
     with EmbeddedBroker() as broker:
         tag = uuid.uuid4().hex[:6]
@@ -126,8 +152,8 @@ def main() -> None:
         ensure_topics(settings)
         publish(settings, samples)  # a backlog: the worker runs flat out
         worker, thread = run_worker(settings, bundle, len(samples))
-        preds = collect_predictions(settings, len(samples), timeout_s=600)
-        thread.join(timeout=30)
+        thread.join(timeout=600)
+        preds = collect_predictions(settings, len(samples), timeout_s=60)
         produced = sorted(p.produced_ms for p in preds)
         first_batch = sum(1 for t in produced if t == produced[0])
         worker_sps = (len(produced) - first_batch) / max(1e-3, (produced[-1] - produced[0]) / 1000)
@@ -142,25 +168,19 @@ def main() -> None:
         lat_samples = [samples[i % len(samples)] for i in range(n_lat)]
         worker2, thread2 = run_worker(lat_settings, bundle, n_lat)
         time.sleep(2.0)  # let the consumer group settle before the clock starts
-        producer = make_producer(lat_settings, "bench-latency")
-        topic, hdrs = Topics(lat_settings.topic_prefix).samples, headers(MSGPACK)
-        t0 = time.time()
-        for i, s in enumerate(lat_samples):
-            wait = t0 + i / rate - time.time()
-            if wait > 0:
-                time.sleep(wait)
-            s = dataclasses.replace(s, ts_ms=int(time.time() * 1000), sample_id=f"lat-{i}")
-            producer.send(topic, key=s.asset_id.encode(), value=encode(s), headers=hdrs)
-        producer.flush()
-        producer.close()
-        lat_preds = collect_predictions(lat_settings, n_lat, timeout_s=120)
-        thread2.join(timeout=30)
+        publisher = multiprocessing.get_context("spawn").Process(
+            target=publish_paced, args=(lat_settings, lat_samples, rate))
+        publisher.start()
+        publisher.join()
+        thread2.join(timeout=120)
+        lat_preds = collect_predictions(lat_settings, n_lat, timeout_s=60)
         lat = sorted(p.produced_ms - p.ts_ms for p in lat_preds)
         p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         print(f"latency at {rate:.0f} samples/s (70 % capacity): p50 {p50:.0f} ms, p99 {p99:.0f} ms")
 
     result = {
         "model_only_sps": round(ref, 1),
+        "model_only_eager_sps": round(ref_eager, 1),
         "worker_sps": round(worker_sps, 1),
         "ratio": round(worker_sps / ref, 3),
         "p50_ms": p50,

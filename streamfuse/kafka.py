@@ -1,6 +1,9 @@
 """Where the code meets the broker: client settings chosen with the broker.
 
-Every Kafka client in streamfuse is configured here. The embedded test broker (Tansu)
+Every Kafka client in streamfuse is configured here: kafka-python for the control plane
+and the tools, faust (aiokafka) for the monitor, and librdkafka (confluent-kafka) for the
+inference worker's data path, whose fetching, parsing and producing run in C threads
+that do not take Python's GIL from the models (see :mod:`streamfuse.inference.feeder`). The embedded test broker (Tansu)
 differs from Apache Kafka in ways measured in ``BROKER.md``; each workaround is a field
 of :class:`BrokerProfile`, picked once by ``Settings.broker_kind`` — never scattered
 through the code:
@@ -139,6 +142,60 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         # Tansu reports end offsets per batch; faust table recovery needs exact ones.
         cfg["producer_max_batch_size"] = 1
         cfg["producer_linger"] = 0.0
+    return cfg
+
+
+def _rd_security(settings: Settings) -> dict[str, Any]:
+    sec = settings.kafka_security
+    out: dict[str, Any] = {"security.protocol": sec.protocol}
+    if sec.sasl_mechanism:
+        out["sasl.mechanism"] = sec.sasl_mechanism
+        out["sasl.username"] = sec.sasl_username
+        if sec.sasl_password is not None:
+            out["sasl.password"] = sec.sasl_password.get_secret_value()
+    for key, rd in (("ssl_cafile", "ssl.ca.location"), ("ssl_certfile", "ssl.certificate.location"),
+                    ("ssl_keyfile", "ssl.key.location")):
+        value = getattr(sec, key)
+        if value is not None:
+            out[rd] = str(value)
+    return out
+
+
+def rd_producer_config(settings: Settings, client_id: str = "streamfuse") -> dict[str, Any]:
+    """librdkafka producer settings: the same choices as :func:`producer_config`."""
+    p = profile(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": bootstrap(settings),
+        "client.id": client_id,
+        "acks": "all",
+        "message.max.bytes": MAX_MESSAGE_BYTES,
+        "enable.idempotence": p.idempotent_producer,
+        "linger.ms": 0 if p.one_record_per_batch else 5,
+        "retries": 5,
+    }
+    if p.one_record_per_batch:
+        cfg["batch.num.messages"] = 1
+    cfg.update(_rd_security(settings))
+    return cfg
+
+
+def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "streamfuse") -> dict[str, Any]:
+    """librdkafka consumer settings: the same choices as :func:`consumer_config`. Without a
+    group, the consumer can only ``assign`` (it gets a private group id it never joins)."""
+    p = profile(settings)
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": bootstrap(settings),
+        "client.id": client_id,
+        "group.id": group or f"{client_id}-assign-only",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.max.bytes": FETCH_MAX_BYTES,
+        "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
+        "session.timeout.ms": p.session_timeout_ms,
+        "heartbeat.interval.ms": p.heartbeat_interval_ms,
+    }
+    cfg.update(_rd_security(settings))
     return cfg
 
 

@@ -37,11 +37,13 @@ def _bits(players: np.ndarray) -> np.ndarray:
 
 
 def subset_table(fuse, players: np.ndarray, fused_label: np.ndarray) -> np.ndarray:
-    """Fill the subset table by calling the fusion once per subset.
+    """Fill the subset table with one call of the fusion on every subset at once.
 
     Args:
-        fuse: ``fuse(use) -> [B, C]`` probabilities, for a ``[B, M]`` bool mask of the
-            modalities that take part (rows with none must give the uniform distribution).
+        fuse: ``fuse(use) -> [K, C]`` probabilities for a ``[K, M]`` bool mask of the
+            modalities that take part; it is called once, with ``K = 2**M * B`` rows,
+            subset-major (row ``s * B + b`` is row ``b`` under subset ``s``). Rows with no
+            modality must give the uniform distribution.
         players: ``[B, M]`` bool, each row's modalities in the fusion.
         fused_label: ``[B]`` int, the fused label ``ŷ`` of each row.
 
@@ -60,12 +62,10 @@ def subset_table(fuse, players: np.ndarray, fused_label: np.ndarray) -> np.ndarr
         [[0.5, 0.9, 0.6, 0.75]]
     """
     b, m = players.shape
-    rows = np.arange(b)
-    out = np.empty((b, 2**m))
-    for s, mask in enumerate(subset_masks(m)):
-        probs = np.asarray(fuse(players & mask[None, :]))
-        out[:, s] = probs[rows, fused_label]
-    return out
+    masks = subset_masks(m)
+    use = (players[None, :, :] & masks[:, None, :]).reshape(-1, m)
+    probs = np.asarray(fuse(use)).reshape(2**m, b, -1)
+    return probs[:, np.arange(b), np.broadcast_to(fused_label, (b,))].T.astype(np.float64)
 
 
 def leave_one_out_shares(values: np.ndarray, players: np.ndarray) -> np.ndarray:

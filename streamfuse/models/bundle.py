@@ -30,7 +30,7 @@ from streamfuse.models.fusion import FusionUnit, ume
 from streamfuse.models.manifest import MANIFEST, bundle_version
 from streamfuse.models.outputs import CheckedProbs, Encoded, FusedOutput, LoadedUnit
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked
-from streamfuse.models.runtime import autocast
+from streamfuse.models.runtime import Forward, autocast, traced_forward
 
 __all__ = [
     "MANIFEST", "Bundle", "CheckedProbs", "Encoded", "FusedOutput", "LoadedUnit", "bundle_version", "load_bundle",
@@ -93,6 +93,7 @@ class Bundle:
         self.device = device
         self.models = models
         self.max_batch = 256
+        self._forwards: dict[str, Forward] = {}  # modality -> compiled forward, built on first use
 
     def __repr__(self) -> str:
         mods = list(self.modalities)
@@ -144,6 +145,16 @@ class Bundle:
             errors += [(start + i, e) for i, e in batch.errors]
         return CheckedProbs(torch.cat(probs), indices, errors)
 
+    def forward(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits of one modality's model for the input batch ``x``, run as
+        served: traced on the CPU (:func:`~streamfuse.models.runtime.traced_forward`,
+        built on the first call), under inference mode and the device's autocast."""
+        fwd = self._forwards.get(modality)
+        if fwd is None:
+            fwd = self._forwards[modality] = traced_forward(self.models[modality], x)
+        with torch.inference_mode(), autocast(self.device):
+            return fwd(x)
+
     # ------------------------------------------------------------------ encode + fuse
 
     def encode(self, samples: Sequence[Mapping[str, SensorEvent]]) -> Encoded:
@@ -161,6 +172,7 @@ class Bundle:
         n, c = len(samples), len(self.classes)
         probs = torch.zeros(n, len(self.modalities), c)
         computed = torch.zeros(n, len(self.modalities), dtype=torch.bool)
+        signal_std = torch.full((n, len(self.modalities)), float("nan"))
         features: dict[str, torch.Tensor] = {}
         errors: list[tuple[int, InvalidEvent]] = []
         seconds: dict[str, float] = {}
@@ -173,16 +185,16 @@ class Bundle:
                 chunk = rows[start : start + self.max_batch]
                 batch = batch_tensor_checked(cfg, [samples[i][m] for i in chunk], self.device)
                 if batch.indices:
-                    with torch.inference_mode(), autocast(self.device):
-                        f, logits = model.forward_both(batch.tensor)
+                    f, logits = self.forward(m, batch.tensor)
                     good = [chunk[k] for k in batch.indices]
                     probs[good, j] = logits.float().softmax(dim=-1).cpu()
                     feats[good] = f.float().cpu()
                     computed[good, j] = True
+                    signal_std[good, j] = batch.signal_std
                 errors += [(chunk[k], e) for k, e in batch.errors]
             features[m] = feats
             seconds[m] = time.perf_counter() - t0  # .cpu() above waited for the device
-        return Encoded(probs, features, computed, sorted(errors, key=lambda pair: pair[0]), seconds)
+        return Encoded(probs, features, computed, sorted(errors, key=lambda pair: pair[0]), seconds, signal_std)
 
     def fuse(self, enc: Encoded, use: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         """Fuse the modalities in ``use`` (intersected with ``enc.computed``).

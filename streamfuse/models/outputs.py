@@ -49,6 +49,8 @@ class Encoded(NamedTuple):
         computed: ``[B, M]`` bool: the reading was there, decoded and ran.
         errors: ``(sample position, error)`` for readings that failed to decode.
         seconds: modality -> wall time spent decoding and running it.
+        signal_std: ``[B, M]`` float32, each reading's signal spread (``CheckedBatch``);
+            NaN where not computed.
     """
 
     modality_probs: torch.Tensor
@@ -56,6 +58,7 @@ class Encoded(NamedTuple):
     computed: torch.Tensor
     errors: list[tuple[int, InvalidEvent]]
     seconds: dict[str, float]
+    signal_std: torch.Tensor | None = None
 
 
 class LoadedUnit(NamedTuple):

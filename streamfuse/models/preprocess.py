@@ -40,11 +40,16 @@ class CheckedBatch(NamedTuple):
         tensor: input for the good readings, in order (first dimension may be 0).
         indices: positions of the good readings in the input list.
         errors: ``(position, error)`` for each reading that failed, ``modality`` set.
+        signal_std: ``[len(indices)]`` float32 on the CPU: each good reading's signal
+            spread, a by-product of decoding for the monitor's sensor-health checks —
+            grey levels (0..255) of the image at model size, the mono audio in [-1, 1),
+            the raw series values.
     """
 
     tensor: torch.Tensor
     indices: list[int]
     errors: list[tuple[int, InvalidEvent]]
+    signal_std: torch.Tensor
 
 
 def batch_tensor(
@@ -88,6 +93,7 @@ def batch_tensor_checked(
     """
     device = torch.device(device)
     items: dict[int, torch.Tensor] = {}
+    stds: dict[int, float] = {}
     errors: list[tuple[int, InvalidEvent]] = []
     todo = []
     for i, ev in enumerate(readings):
@@ -97,8 +103,9 @@ def batch_tensor_checked(
         else:
             todo.append(i)
     decode = {"image": _decode_images, "audio": _decode_audio, "series": _decode_series}[cfg.modality]
-    done, failed = decode(cfg, [readings[i] for i in todo], device)
+    done, spread, failed = decode(cfg, [readings[i] for i in todo], device)
     items.update({todo[j]: t for j, t in done.items()})
+    stds.update({todo[j]: v for j, v in spread.items()})
     errors.extend((todo[j], e) for j, e in failed)
     errors.sort(key=lambda pair: pair[0])
     indices = sorted(items)
@@ -107,8 +114,11 @@ def batch_tensor_checked(
     else:
         tensor = torch.empty((0, *_item_shape(cfg)), device=device)
     if cfg.modality == "image":
+        signal_std = _grey_std(tensor).cpu()  # uint8 RGB, before normalization
         tensor = _normalize_image(cfg, tensor)
-    return CheckedBatch(tensor, indices, errors)
+    else:
+        signal_std = torch.tensor([stds[i] for i in indices], dtype=torch.float32)
+    return CheckedBatch(tensor, indices, errors, signal_std)
 
 
 def _item_shape(cfg: ModalityConfig) -> tuple[int, ...]:
@@ -119,7 +129,8 @@ def _item_shape(cfg: ModalityConfig) -> tuple[int, ...]:
     return (cfg.in_channels, cfg.series_len)
 
 
-Decoded = tuple[dict[int, torch.Tensor], list[tuple[int, InvalidEvent]]]
+# (position -> model input, position -> signal std (images: computed on the batch), errors)
+Decoded = tuple[dict[int, torch.Tensor], dict[int, float], list[tuple[int, InvalidEvent]]]
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -155,7 +166,16 @@ def _decode_images(cfg: ModalityConfig, readings: list[SensorEvent], device: tor
             img = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
             img = img.round_().clamp_(0, 255).to(torch.uint8)  # as if the image had been stored at this size
         decoded[i] = img
-    return decoded, errors
+    return decoded, {}, errors
+
+
+def _grey_std(batch: torch.Tensor) -> torch.Tensor:
+    """Per image, the standard deviation of its grey levels (ITU-R 601 luma, 0..255)."""
+    if not batch.shape[0]:
+        return torch.empty(0)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=batch.device).view(1, 3, 1, 1)
+    grey = (batch.float() * weights).sum(dim=1)
+    return grey.flatten(1).std(dim=1, correction=0)
 
 
 def _normalize_image(cfg: ModalityConfig, batch: torch.Tensor) -> torch.Tensor:
@@ -166,6 +186,7 @@ def _normalize_image(cfg: ModalityConfig, batch: torch.Tensor) -> torch.Tensor:
 
 def _decode_audio(cfg: ModalityConfig, readings: list[SensorEvent], device: torch.device) -> Decoded:
     decoded: dict[int, torch.Tensor] = {}
+    stds: dict[int, float] = {}
     errors: list[tuple[int, InvalidEvent]] = []
     by_rate: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for i, ev in enumerate(readings):
@@ -175,8 +196,9 @@ def _decode_audio(cfg: ModalityConfig, readings: list[SensorEvent], device: torc
             errors.append((i, InvalidEvent("bad_audio", detail, "audio")))
             continue
         pcm = np.frombuffer(ev.payload, dtype="<i2").reshape(-1, ch)
-        mono = torch.from_numpy(pcm.astype(np.float32).mean(axis=1) / 32768.0)
-        by_rate.setdefault(ev.sample_rate, []).append((i, mono))
+        mono = pcm.astype(np.float32).mean(axis=1) / 32768.0 if ch > 1 else pcm[:, 0] / np.float32(32768.0)
+        stds[i] = float(mono.std())
+        by_rate.setdefault(ev.sample_rate, []).append((i, torch.from_numpy(mono)))
     for rate, group in by_rate.items():
         if rate == cfg.sample_rate:
             decoded.update((i, _fit(wave.to(device), cfg.clip_samples)) for i, wave in group)
@@ -186,11 +208,12 @@ def _decode_audio(cfg: ModalityConfig, readings: list[SensorEvent], device: torc
         waves = torch.stack([_fit(wave, need) for _, wave in group]).to(device)
         out = AF.resample(waves, rate, cfg.sample_rate)
         decoded.update((i, _fit(out[j], cfg.clip_samples)) for j, (i, _) in enumerate(group))
-    return decoded, errors
+    return decoded, stds, errors
 
 
 def _decode_series(cfg: ModalityConfig, readings: list[SensorEvent], device: torch.device) -> Decoded:
     decoded: dict[int, torch.Tensor] = {}
+    stds: dict[int, float] = {}
     errors: list[tuple[int, InvalidEvent]] = []
     for i, ev in enumerate(readings):
         if not ev.payload or len(ev.payload) % 4:
@@ -208,8 +231,9 @@ def _decode_series(cfg: ModalityConfig, readings: list[SensorEvent], device: tor
         if not np.isfinite(arr).all():
             errors.append((i, InvalidEvent("non_finite", "series has NaN/inf values", "series")))
             continue
+        stds[i] = float(arr.std())
         decoded[i] = _fit(torch.from_numpy(arr.reshape(shape).copy()).to(device), cfg.series_len)
-    return decoded, errors
+    return decoded, stds, errors
 
 
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -14,10 +14,11 @@ def ume_game(probs: np.ndarray, players: np.ndarray):
     """The UME fusion over a [B, M, C] tensor, its fused labels and its subset table."""
     c = probs.shape[-1]
 
-    def fuse(use):
+    def fuse(use):  # rows are subset-major copies of the B samples
+        p = np.tile(probs, (len(use) // len(probs), 1, 1))
         w = use[..., None].astype(float)
         k = w.sum(axis=1)
-        return np.where(k > 0, (probs * w).sum(axis=1) / np.maximum(k, 1), 1.0 / c)
+        return np.where(k > 0, (p * w).sum(axis=1) / np.maximum(k, 1), 1.0 / c)
 
     y = fuse(players).argmax(axis=1)
     return subset_table(fuse, players, y), fuse, y

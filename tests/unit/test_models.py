@@ -193,6 +193,49 @@ def test_preprocess_checked_isolates_bad_readings():
     assert batch_tensor_checked(cfg("audio"), [bad_audio]).errors[0][1].reason == "bad_audio"
 
 
+def test_preprocess_reports_signal_spread_for_sensor_health():
+    """A flat signal has spread 0 in every modality; a live one has the spread of its raw values."""
+    rng = np.random.default_rng(5)
+    flat_px = np.full((32, 32, 3), 90, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(flat_px).save(buf, "PNG")
+    flat_image = SensorEvent("e", "a", "image", 0, buf.getvalue(), encoding="png")
+    img = batch_tensor_checked(cfg("image", image_size=32), [flat_image, image_event(1, rng)])
+    assert img.signal_std[0] == 0 and img.signal_std[1] > 20  # grey levels, 0..255
+    live = audio_event(2, rng)
+    silent = SensorEvent("e", "a", "audio", 0, bytes(1600), sample_rate=8000, channels=1)
+    aud = batch_tensor_checked(cfg("audio"), [silent, live, audio_event(2, rng, rate=16000, channels=2)])
+    raw = np.frombuffer(live.payload, "<i2") / 32768.0
+    assert aud.signal_std[0] == 0 and aud.signal_std[1] == pytest.approx(raw.std(), rel=1e-5)
+    assert aud.signal_std[2] == pytest.approx(raw.std(), rel=0.2)  # the same kind of signal, stereo
+    ser = series_event(0, rng)
+    out = batch_tensor_checked(cfg("series"), [SensorEvent("e", "a", "series", 0, bytes(64)), ser])
+    assert out.signal_std.tolist() == pytest.approx([0.0, np.frombuffer(ser.payload, "<f4").std()], rel=1e-6)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "series"])
+def test_models_are_served_traced_with_eager_outputs(modality):
+    model = create_model(cfg(modality)).eval()
+    rng = np.random.default_rng(1)
+    x = batch_tensor(model.sf_config, [MAKERS[modality](k % 4, rng) for k in range(5)])
+    fwd = runtime.traced_forward(model, x)
+    assert isinstance(fwd, torch.ScriptMethod)  # traced, so one call holds the GIL only at its ends
+    with torch.inference_mode():
+        for batch in (x, x[:1], torch.cat([x, x])):  # other batch sizes than the trace's
+            for a, b in zip(model.forward_both(batch), fwd(batch)):
+                assert torch.equal(a, b)
+
+
+def test_a_model_that_does_not_trace_faithfully_is_served_eagerly(caplog):
+    class Noisy(torch.nn.Module):
+        def forward_both(self, x):
+            return x + torch.rand_like(x), x
+
+    model = Noisy()
+    assert runtime.traced_forward(model, torch.zeros(3, 4)) == model.forward_both
+    assert "does not trace" in caplog.text
+
+
 # ------------------------------------------------------------------ fusion
 
 

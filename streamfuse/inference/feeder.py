@@ -1,0 +1,214 @@
+"""The worker's intake: Kafka → decoded micro-batches, on its own thread.
+
+While the models run on one batch, the feeder polls, decodes and checks the next one, so
+that Kafka and msgpack overlap with compute. The consumer is librdkafka's
+(confluent-kafka): fetching and parsing run in its C threads, which never hold Python's
+GIL — with kafka-python's pure-Python I/O threads beside the models, the worker ran at a
+third of this speed, each thread waiting for the GIL behind the others. The feeder's
+thread owns the consumer, so offsets are committed here too, when the worker hands back
+a batch whose outputs the broker has acknowledged (:meth:`Feeder.commit`): at-least-once.
+
+Batching follows Triton's two knobs: a batch is handed over when it holds ``max_batch``
+samples, or ``max_delay_ms`` after its first sample arrived. While the worker is still
+busy with the previous batch, the ready batch keeps growing up to ``max_batch`` instead of
+waiting idle — under load batches fill up, at low load the delay bounds latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import NamedTuple
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from streamfuse.errors import InvalidEvent
+from streamfuse.events import Sample, content_type_of, decode, split_bad_readings
+
+log = logging.getLogger(__name__)
+IDLE_POLL_MS = 50  # an idle feeder comes back this often to commit and to check for stop
+GROW_POLL_MS = 5  # a due batch waiting for the worker polls this long between offers
+OFFER_S = 0.02  # a full batch is offered this long at a time (commits are done in between)
+
+
+class Record(NamedTuple):
+    """A consumed record (the fields of kafka-python's ``ConsumerRecord`` the worker uses)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+
+    @classmethod
+    def of(cls, msg) -> Record:
+        """From a confluent-kafka ``Message``."""
+        return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.headers())
+
+
+Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+
+
+class Batch(NamedTuple):
+    """One micro-batch, decoded.
+
+    Attributes:
+        samples: ``(record, sample)`` for each sample that decoded; readings that failed
+            their header checks are already removed (and listed in ``dead``).
+        dead: ``(record, error)`` for each record or reading to dead-letter.
+        first_at: ``time.monotonic()`` when the batch's first record arrived.
+        offsets: per partition, the offset to commit once this batch's outputs are out.
+    """
+
+    samples: list[tuple[Record, Sample]]
+    dead: list[tuple[Record, InvalidEvent]]
+    first_at: float
+    offsets: Offsets
+
+
+class Feeder:
+    """Args:
+        consumer: a confluent-kafka consumer in a group; the feeder's thread subscribes it
+            to ``topic`` on :meth:`start`, owns it from then on, and closes it.
+        topic: the samples topic.
+        max_batch: at most this many records per batch.
+        max_delay_ms: hand a batch over at most this long after its first record.
+        max_payload_bytes: the readings' size limit.
+    """
+
+    def __init__(self, consumer, topic: str, max_batch: int, max_delay_ms: int, max_payload_bytes: int) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_ms / 1000
+        self.max_payload_bytes = max_payload_bytes
+        self._ready: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self._commits: queue.SimpleQueue[Offsets] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sf-feeder", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def get(self, timeout_s: float) -> Batch | None:
+        """The next batch, or None after ``timeout_s``; re-raises the feeder's failure."""
+        try:
+            return self._ready.get(timeout=timeout_s)
+        except queue.Empty:
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive() and not self._stop.is_set():
+                raise RuntimeError("the feeder thread stopped")
+            return None
+
+    def commit(self, offsets: Offsets) -> None:
+        """Commit ``offsets`` (from :attr:`Batch.offsets`) on the feeder's thread, soon."""
+        self._commits.put(offsets)
+
+    def close(self) -> None:
+        """Commit what was handed back, close the consumer and stop. Batches polled but
+        not yet processed are not committed: whoever owns their partitions next re-reads them."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        elif self._thread.ident is None:  # never started
+            self.consumer.close()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            self.consumer.subscribe([self.topic])
+            pending: Batch | None = None
+            while not self._stop.is_set():
+                self._do_commits()
+                pending = self._fill(pending)
+                if pending is not None and self._handed_over(pending):
+                    pending = None
+        except BaseException as exc:  # surfaces in get()
+            self._error = exc
+            log.exception("feeder failed")
+        finally:
+            try:
+                self._do_commits()
+            finally:
+                self.consumer.close()
+
+    def _fill(self, batch: Batch | None) -> Batch | None:
+        """Poll once into ``batch``, or start one: a new batch starts with the first record
+        to arrive (waiting up to :data:`IDLE_POLL_MS`) plus whatever is already fetched; an
+        open one waits for more until it is full or its delay has passed."""
+        if batch is None:
+            first = self.consumer.poll(IDLE_POLL_MS / 1000)
+            if first is None:
+                return None
+            msgs = [first, *self.consumer.consume(num_messages=self.max_batch - 1, timeout=0)]
+        else:
+            room = self.max_batch - len(batch.samples) - len(batch.dead)
+            if room <= 0:
+                return batch
+            left = self.max_delay_s - (time.monotonic() - batch.first_at)
+            # past due: the worker is busy with the previous batch; grow this one meanwhile
+            msgs = self.consumer.consume(num_messages=room, timeout=left if left > 0 else GROW_POLL_MS / 1000)
+        records = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                records.append(Record.of(msg))
+            elif err.fatal():
+                raise KafkaException(err)
+            else:  # transient (the client retries); nothing was consumed
+                log.warning("consumer: %s", err)
+        if not records:
+            return batch
+        if batch is None:
+            batch = Batch([], [], time.monotonic(), {})
+        for msg in records:
+            tp = (msg.topic, msg.partition)
+            batch.offsets[tp] = max(batch.offsets.get(tp, 0), msg.offset + 1)
+            try:
+                sample = decode(msg.value, content_type_of(msg.headers), expect=Sample,
+                                max_bytes=self.max_payload_bytes)
+            except InvalidEvent as exc:
+                batch.dead.append((msg, exc))
+                continue
+            # Image bodies are decoded once, in the batch; a body that fails there is set aside then.
+            sample, errors = split_bad_readings(sample, self.max_payload_bytes, decode=False)
+            batch.dead.extend((msg, exc) for exc in errors)
+            batch.samples.append((msg, sample))
+        return batch
+
+    def _handed_over(self, batch: Batch) -> bool:
+        full = len(batch.samples) + len(batch.dead) >= self.max_batch
+        due = time.monotonic() - batch.first_at >= self.max_delay_s
+        if not (full or due):
+            return False
+        try:
+            # A due batch that is not full waits for the worker by growing, not idly.
+            self._ready.put(batch, timeout=OFFER_S if full else 0.0005)
+            return True
+        except queue.Full:
+            return False
+
+    def _do_commits(self) -> None:
+        offsets: Offsets = {}
+        while True:
+            try:
+                handed = self._commits.get_nowait()
+            except queue.Empty:
+                break
+            for tp, off in handed.items():
+                offsets[tp] = max(offsets.get(tp, 0), off)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, off) for (t, p), off in offsets.items()],
+                                 asynchronous=False)
+        except KafkaException as exc:
+            # The group rebalanced: these partitions' new owner re-reads the records since
+            # their last commit (duplicates downstream, made harmless by sample_id).
+            log.warning("offsets not committed after a rebalance (%s); the new owner re-processes them", exc)
