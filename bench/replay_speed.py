@@ -7,8 +7,9 @@ One run, on this machine:
 2. reference — ``worker_ceiling_x``: one worker (the replay's settings) drains the
    recorded samples as a backlog, no monitor, no lock-step; its samples/s divided by
    the plant's samples/s is the fastest any replay on this machine could go;
-3. ``streamfuse replay --max-speed`` of the recording, exact (micro-batches of 1: every
-   number reproducible) and ``--batched`` (the live batch size).
+3. ``streamfuse replay --max-speed`` of the recording: ``default`` (stream batches up to
+   the live batch size; every number reproducible) and, for comparison, ``batch_1``
+   (micro-batches of one sample).
 
 Speeds are event seconds per wall second after the pipeline's start-up (model loading,
 consumer group joins), which is reported separately. Prints each replay's ratio to the
@@ -113,7 +114,7 @@ def main() -> None:
         print(f"reference: one worker drains a backlog at {worker_sps:.0f} samples/s = {ceiling:.1f}x real time "
               f"(plant: {plant_sps:g} samples/s)")
         runs = {}
-        for mode, max_batch in (("exact", 1), ("batched", None)):
+        for mode, max_batch in (("default", None), ("batch_1", 1)):
             s = replay(work / "rec", live, max_batch=max_batch, report_dir=work / mode)
             r = s["replay"]
             runs[mode] = {"speed_x": r["speed_x"], "speed_x_with_startup": r["speed_x_with_startup"],

@@ -38,6 +38,9 @@ class WorkerSettings(BaseModel):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = Field(1, ge=0)  # torch CPU threads; 0 = torch's default (one per core)
     metrics_port: int = Field(0, ge=0, le=65535)  # 0 = no /metrics endpoint
+    # Cut micro-batches by the records only (max_batch per partition, or a batch-end
+    # header), never by the clock: same records, same outputs bit for bit. Replays use it.
+    stream_batches: bool = False
 
 
 class MonitorSettings(BaseModel):

@@ -294,6 +294,11 @@ def encode_json(event: Event) -> bytes:
     return json.dumps(to_map(event), default=default, separators=(",", ":")).encode()
 
 
+# Header on a sample: a worker cutting stream batches ends the batch after this record
+# (replays mark the last sample before each wait; see streamfuse.inference.feeder).
+BATCH_END = "sf-batch-end"
+
+
 def headers(content_type: str = MSGPACK) -> list[tuple[str, bytes]]:
     return [("content-type", content_type.encode())]
 

@@ -10,7 +10,9 @@ through the code:
 
 * end offsets are wrong when producers batch → one record per batch;
 * kafka-python's idempotent producer never recovers after a broker restart → off;
-* consumer groups join after half the session timeout → short session timeout.
+* consumer groups join after half the session timeout → short session timeout;
+* a fetch waiting for data is answered only when its wait is over, not when data arrives
+  → short fetch waits (every replay step and every worker pick-up paid a full 500 ms).
 
 Real Kafka keeps normal batching, idempotence and session timeouts.
 """
@@ -44,11 +46,12 @@ class BrokerProfile:
     idempotent_producer: bool
     session_timeout_ms: int
     heartbeat_interval_ms: int
+    fetch_max_wait_ms: int
 
 
 PROFILES = {
-    "kafka": BrokerProfile("kafka", False, True, 45_000, 3_000),
-    "tansu": BrokerProfile("tansu", True, False, 2_000, 500),
+    "kafka": BrokerProfile("kafka", False, True, 45_000, 3_000, 500),
+    "tansu": BrokerProfile("tansu", True, False, 2_000, 500, 20),
 }
 
 
@@ -114,6 +117,7 @@ def consumer_config(
         "max_partition_fetch_bytes": FETCH_PARTITION_BYTES,
         "session_timeout_ms": p.session_timeout_ms,
         "heartbeat_interval_ms": p.heartbeat_interval_ms,
+        "fetch_max_wait_ms": p.fetch_max_wait_ms,
     }
     cfg.update(_security(settings))
     cfg.update(overrides)
@@ -194,6 +198,7 @@ def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "
         "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
         "session.timeout.ms": p.session_timeout_ms,
         "heartbeat.interval.ms": p.heartbeat_interval_ms,
+        "fetch.wait.max.ms": p.fetch_max_wait_ms,
     }
     cfg.update(_rd_security(settings))
     return cfg

@@ -165,8 +165,7 @@ def consume(settings: Settings, intake: Intake, producer, stop: threading.Event,
     from streamfuse.kafka import make_consumer
 
     topics = Topics(settings.topic_prefix)
-    consumer = make_consumer(settings, settings.alerts.group, "streamfuse-alerts", max_poll_records=500,
-                             fetch_max_wait_ms=100)  # alerts are few: answer fast rather than batch
+    consumer = make_consumer(settings, settings.alerts.group, "streamfuse-alerts", max_poll_records=500)
     consumer.subscribe([topics.alerts])
     known: set = set()
 

@@ -12,6 +12,14 @@ Batching follows Triton's two knobs: a batch is handed over when it holds ``max_
 samples, or ``max_delay_ms`` after its first sample arrived. While the worker is still
 busy with the previous batch, the ready batch keeps growing up to ``max_batch`` instead of
 waiting idle — under load batches fill up, at low load the delay bounds latency.
+
+*Stream batches* (``stream_batches``, used by replays) are cut by the records alone:
+each partition's records in offset order, up to ``max_batch`` of them, ending early after
+a record whose headers carry :data:`BATCH_END` (the replay marks the last sample it
+publishes to each partition before it waits). A model's output for a row depends on the
+batch it ran in (float sums in another order at another batch size), so batches that
+depend on arrival times would make replays differ in the last digits; batches that
+depend only on the records make the same recording give the same outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from typing import NamedTuple
 
 from confluent_kafka import KafkaException, TopicPartition
 
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import Sample, content_type_of, decode, split_bad_readings
+from streamfuse.events import BATCH_END, Sample, content_type_of, decode, split_bad_readings
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # an idle feeder comes back this often to commit and to check for stop
@@ -77,11 +86,16 @@ class Feeder:
         max_batch: at most this many records per batch.
         max_delay_ms: hand a batch over at most this long after its first record.
         max_payload_bytes: the readings' size limit.
+        stream_batches: cut batches where the stream says, never by the clock (replays).
     """
 
-    def __init__(self, consumer, topic: str, max_batch: int, max_delay_ms: int, max_payload_bytes: int) -> None:
+    def __init__(self, consumer, topic: str, max_batch: int, max_delay_ms: int, max_payload_bytes: int,
+                 stream_batches: bool = False) -> None:
         self.consumer = consumer
         self.topic = topic
+        self.stream_batches = stream_batches
+        self._open: dict[tuple[str, int], Batch] = {}  # stream batches being filled, per partition
+        self._cut: deque[Batch] = deque()  # stream batches complete, in order
         self.max_batch = max_batch
         self.max_delay_s = max_delay_ms / 1000
         self.max_payload_bytes = max_payload_bytes
@@ -126,6 +140,10 @@ class Feeder:
             pending: Batch | None = None
             while not self._stop.is_set():
                 self._do_commits()
+                if self.stream_batches:
+                    self._read_stream()
+                    self._offer_cut()
+                    continue
                 pending = self._fill(pending)
                 if pending is not None and self._handed_over(pending):
                     pending = None
@@ -143,44 +161,80 @@ class Feeder:
         to arrive (waiting up to :data:`IDLE_POLL_MS`) plus whatever is already fetched; an
         open one waits for more until it is full or its delay has passed."""
         if batch is None:
-            first = self.consumer.poll(IDLE_POLL_MS / 1000)
-            if first is None:
+            records = self._poll(self.max_batch)
+            if not records:
                 return None
-            msgs = [first, *self.consumer.consume(num_messages=self.max_batch - 1, timeout=0)]
+            batch = Batch([], [], time.monotonic(), {})
         else:
             room = self.max_batch - len(batch.samples) - len(batch.dead)
             if room <= 0:
                 return batch
             left = self.max_delay_s - (time.monotonic() - batch.first_at)
             # past due: the worker is busy with the previous batch; grow this one meanwhile
-            msgs = self.consumer.consume(num_messages=room, timeout=left if left > 0 else GROW_POLL_MS / 1000)
-        records = []
+            records = self._consume(room, left if left > 0 else GROW_POLL_MS / 1000)
+        for msg in records:
+            self._add(batch, msg)
+        return batch
+
+    def _read_stream(self) -> None:
+        """Stream batches: each partition's records in offset order, cut after
+        ``max_batch`` records or after a record with the :data:`BATCH_END` header."""
+        for msg in self._poll(self.max_batch):
+            tp = (msg.topic, msg.partition)
+            batch = self._open.get(tp)
+            if batch is None:
+                batch = self._open[tp] = Batch([], [], time.monotonic(), {})
+            self._add(batch, msg)
+            marked = any(k == BATCH_END for k, _ in msg.headers or ())
+            if marked or len(batch.samples) + len(batch.dead) >= self.max_batch:
+                self._cut.append(self._open.pop(tp))
+
+    def _offer_cut(self) -> None:
+        while self._cut:
+            try:
+                self._ready.put(self._cut[0], timeout=OFFER_S)
+            except queue.Full:
+                return
+            self._cut.popleft()
+
+    def _poll(self, n: int) -> list[Record]:
+        """The first record to arrive (waiting up to :data:`IDLE_POLL_MS`) and up to
+        ``n - 1`` more that are already fetched."""
+        first = self._records([m for m in [self.consumer.poll(IDLE_POLL_MS / 1000)] if m is not None])
+        if not first:
+            return []
+        return first + self._consume(n - 1, 0)
+
+    def _consume(self, n: int, timeout_s: float) -> list[Record]:
+        """Up to ``n`` records, waiting at most ``timeout_s`` for them."""
+        return self._records(self.consumer.consume(num_messages=n, timeout=timeout_s)) if n > 0 else []
+
+    @staticmethod
+    def _records(msgs) -> list[Record]:
+        out = []
         for msg in msgs:
             err = msg.error()
             if err is None:
-                records.append(Record.of(msg))
+                out.append(Record.of(msg))
             elif err.fatal():
                 raise KafkaException(err)
             else:  # transient (the client retries); nothing was consumed
                 log.warning("consumer: %s", err)
-        if not records:
-            return batch
-        if batch is None:
-            batch = Batch([], [], time.monotonic(), {})
-        for msg in records:
-            tp = (msg.topic, msg.partition)
-            batch.offsets[tp] = max(batch.offsets.get(tp, 0), msg.offset + 1)
-            try:
-                sample = decode(msg.value, content_type_of(msg.headers), expect=Sample,
-                                max_bytes=self.max_payload_bytes)
-            except InvalidEvent as exc:
-                batch.dead.append((msg, exc))
-                continue
-            # Image bodies are decoded once, in the batch; a body that fails there is set aside then.
-            sample, errors = split_bad_readings(sample, self.max_payload_bytes, decode=False)
-            batch.dead.extend((msg, exc) for exc in errors)
-            batch.samples.append((msg, sample))
-        return batch
+        return out
+
+    def _add(self, batch: Batch, msg: Record) -> None:
+        """Decode and check one record into ``batch``."""
+        tp = (msg.topic, msg.partition)
+        batch.offsets[tp] = max(batch.offsets.get(tp, 0), msg.offset + 1)
+        try:
+            sample = decode(msg.value, content_type_of(msg.headers), expect=Sample, max_bytes=self.max_payload_bytes)
+        except InvalidEvent as exc:
+            batch.dead.append((msg, exc))
+            return
+        # Image bodies are decoded once, in the batch; a body that fails there is set aside then.
+        sample, errors = split_bad_readings(sample, self.max_payload_bytes, decode=False)
+        batch.dead.extend((msg, exc) for exc in errors)
+        batch.samples.append((msg, sample))
 
     def _handed_over(self, batch: Batch) -> bool:
         full = len(batch.samples) + len(batch.dead) >= self.max_batch

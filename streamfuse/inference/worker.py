@@ -141,7 +141,7 @@ class InferenceWorker:
         control = Consumer(rd_consumer_config(self.settings, None, f"{self.worker_id}-control"))
         out = Outbox(Producer(rd_producer_config(self.settings, self.worker_id)))
         feeder = Feeder(consumer, self.topics.samples, wcfg.max_batch, wcfg.max_delay_ms,
-                        self.settings.max_payload_bytes)
+                        self.settings.max_payload_bytes, wcfg.stream_batches)
         in_flight: deque[tuple[Delivery, Offsets]] = deque()  # per batch, in order
         try:
             catch_up_to = self._assign_control(control)

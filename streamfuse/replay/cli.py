@@ -107,8 +107,6 @@ def replay(
     to_s: Optional[float] = typer.Option(None, "--to", help="Stop S seconds after the recording's start."),
     assets: Optional[str] = typer.Option(None, "--assets", help="Only these asset ids, comma-separated."),
     keep: bool = typer.Option(False, "--keep", help="Keep the namespace's topics and Redis keys."),
-    batched: bool = typer.Option(False, "--batched", help="Let the worker batch (faster; KPI values may differ in "
-                                 "the last digits between runs, decisions do not)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Replay a recording through sync/worker/monitor in its own namespace; evaluate and report.
@@ -135,7 +133,7 @@ def replay(
             "policy_overrides": load_policy(policy) if policy else None,
             "time_range": (from_s, to_s) if from_s is not None or to_s is not None else None,
             "assets": [a.strip() for a in assets.split(",") if a.strip()] if assets else None,
-            "max_batch": None if batched else 1, "stop": _stop_on_signals()}
+            "stop": _stop_on_signals()}
         if compare:
             result = do_compare(recording, settings, compare[0], compare[1], report_dir=report, namespace=namespace,
                                 **opts)

@@ -69,16 +69,7 @@ class Collector(Observer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from streamfuse.kafka import make_consumer
-
-        # The Observer's consumer waits up to kafka-python's default 500 ms per fetch; the
-        # replay paces itself on what it reads, so it asks for short fetch waits.
-        tps = list(self.consumer.assignment())
-        self.consumer.close()
-        consumer = make_consumer(self.settings, None, "streamfuse-replay-collector", fetch_max_wait_ms=20)
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        self.consumer = _Tee(consumer, self._see)
+        self.consumer = _Tee(self.consumer, self._see)
         self.on_prediction = None
         self.rows: dict[str, Row] = {}
         self.dead_at: dict[tuple[int, int], str] = {}

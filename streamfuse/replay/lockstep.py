@@ -9,6 +9,11 @@ barrier ``B``:
    records up to and including its first sample at or after ``B`` (the *probe*). A
    partition's predictions come out in offset order, so the window closes on the last
    probe prediction, after every sample of the step was served — never in the middle.
+   The last sample published to each partition before a wait carries the
+   :data:`~streamfuse.events.BATCH_END` header: the replay's worker cuts its micro-batches
+   there and after ``max_batch`` records, never by the clock
+   (:mod:`streamfuse.inference.feeder`), so every replay runs the same batches and gets
+   the same numbers bit for bit, at the live batch size.
 2. **resolve**: wait until each published sample has its prediction (or the worker's
    dead letter); a partition whose probe was dead-lettered is probed again.
 3. **commands**: a *shadow* of the monitor (the same :class:`MonitorCore`, fed the same
@@ -39,7 +44,7 @@ from typing import Any, Callable
 
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import MSGPACK, Ack, Label, Prediction, Sample, content_type_of, decode, encode, headers
+from streamfuse.events import BATCH_END, MSGPACK, Ack, Label, Prediction, Sample, content_type_of, decode, encode, headers
 from streamfuse.monitor.core import MonitorCore
 from streamfuse.replay.collect import BARRIER_WORKER, FLUSH_PREFIX, Collector
 from streamfuse.replay.errors import ReplayError
@@ -92,6 +97,7 @@ class Lockstep:
         collector.on_prediction = self._shadow
         self.pending: dict[tuple[int, int], str | None] = {}  # (partition, offset) -> sample id (None: bad)
         self.futures: list[tuple[Any, str | None]] = []
+        self.held: dict[int, tuple[dict[str, Any], str | None]] = {}  # samples partition -> last, unsent
         self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published
         self.last_sample: dict[int, tuple[bytes | None, Sample]] = {}
         self.published = 0
@@ -149,15 +155,27 @@ class Lockstep:
                 self.pub_max[rec["partition"]] = max(self.pub_max.get(rec["partition"], ts), ts)
         elif stream.topic == "labels":
             self._label(rec, clock)
-        fut = self.producer.send(self.prefix + stream.topic, key=rec["key"], value=rec["value"],
-                                 headers=[(k, v) for k, v in rec["headers"]], partition=rec["partition"],
-                                 timestamp_ms=rec["timestamp_ms"])
         if stream.topic == "samples":
-            self.futures.append((fut, sid))
+            # Held back until the next sample of its partition, or the next wait: the last
+            # sample before a wait carries the batch-end mark for the worker's stream batches.
+            held = self.held.pop(rec["partition"], None)
+            if held is not None:
+                self._send_sample(*held, last=False)
+            self.held[rec["partition"]] = (rec, sid)
+        else:
+            self.producer.send(self.prefix + stream.topic, key=rec["key"], value=rec["value"],
+                               headers=[(k, v) for k, v in rec["headers"]], partition=rec["partition"],
+                               timestamp_ms=rec["timestamp_ms"])
         if count:
             self.published += 1
             if self.on_progress is not None:
                 self.on_progress(self.published, clock)
+
+    def _send_sample(self, rec: dict[str, Any], sid: str | None, last: bool) -> None:
+        hdrs = [(k, v) for k, v in rec["headers"]] + ([(BATCH_END, b"1")] if last else [])
+        fut = self.producer.send(self.prefix + "samples", key=rec["key"], value=rec["value"], headers=hdrs,
+                                 partition=rec["partition"], timestamp_ms=rec["timestamp_ms"])
+        self.futures.append((fut, sid))
 
     def _sample_id(self, rec: dict[str, Any]) -> str | None:
         """The id of a sample the worker will predict; None for one it will dead-letter."""
@@ -244,6 +262,9 @@ class Lockstep:
 
     def _resolve(self) -> None:
         """Wait until every published sample is predicted or dead-lettered."""
+        for rec, sid in self.held.values():
+            self._send_sample(rec, sid, last=True)
+        self.held.clear()
         self.producer.flush()
         for fut, sid in self.futures:
             meta = fut.get(timeout=30)

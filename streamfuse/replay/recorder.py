@@ -122,7 +122,7 @@ def record(settings: Settings, out_dir: str | Path, topics: Iterable[str] | None
     names = resolve_topics(topics, prefix)
     notes = _check_annotations(annotations)
     writer = RecordingWriter(out_dir, compression)
-    consumer = make_consumer(settings, None, "streamfuse-recorder", fetch_max_wait_ms=100)
+    consumer = make_consumer(settings, None, "streamfuse-recorder")
     stats: dict[str, dict[str, Any]] = {}
     started_ms = int(time.time() * 1000)
     try:

@@ -55,7 +55,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
            models: dict[str, str] | None = None, policy_overrides: dict[str, Any] | None = None,
            report_dir: str | Path | None = None, time_range: tuple[float | None, float | None] | None = None,
            assets: list[str] | None = None, keep: bool = False, bundle: str | Path | None = None,
-           max_batch: int | None = 1, progress: bool = False, verify: bool = True, title: str | None = None,
+           max_batch: int | None = None, progress: bool = False, verify: bool = True, title: str | None = None,
            stop: threading.Event | None = None) -> dict[str, Any]:
     """Replay a recording through sync (if it holds readings), a worker and the monitor.
 
@@ -73,10 +73,9 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
         assets: only these asset ids.
         keep: keep the namespace's topics and Redis keys (to inspect them).
         bundle: a bundle directory whose units to import and serve.
-        max_batch: the replay worker's micro-batch limit. 1 (default) makes every number
-            bit-for-bit reproducible (a CNN's float results depend on the batch
-            composition); None keeps the live setting, faster, with the same decisions
-            but last-digit differences in KPI values.
+        max_batch: the replay worker's micro-batch limit; None = the live setting. Either
+            way every number is bit-for-bit reproducible: the worker cuts stream batches
+            (by the records, never the clock; see :mod:`streamfuse.inference.feeder`).
         progress: show a progress bar (events/s, ETA).
         verify: check the recording's checksums first.
         title: a name for the report.
@@ -115,8 +114,8 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
     rate = (rec.manifest.get("meta", {}).get("sim") or {}).get("rate_hz")
     ns = make_namespace(settings, namespace, _partitions(rec), policy_overrides, rate)
     s = ns.settings
-    if max_batch is not None:
-        s = ns.settings = s.model_copy(update={"worker": s.worker.model_copy(update={"max_batch": max_batch})})
+    worker = {"stream_batches": True} | ({"max_batch": max_batch} if max_batch is not None else {})
+    s = ns.settings = s.model_copy(update={"worker": s.worker.model_copy(update=worker)})
     log_dir = Path(report_dir) / "logs" if report_dir else Path(tempfile.mkdtemp(prefix="streamfuse-replay-"))
     procs: dict[str, Any] = {}
     collector = producer = None

@@ -54,7 +54,7 @@ def run_sync_stage(ns: Namespace, streams: Streams, log_dir: Path, stall_s: floa
     t = Topics(stage.topic_prefix)
     proc = _spawn_sync(stage, log_dir)
     producer = make_producer(stage, "streamfuse-replay-sync")
-    consumer = make_consumer(stage, None, "streamfuse-replay-sync", fetch_max_wait_ms=50)
+    consumer = make_consumer(stage, None, "streamfuse-replay-sync")
     tps = [TopicPartition(n, p) for n in (t.samples, t.deadletter) for p in range(stage.partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)

@@ -20,6 +20,7 @@ import pytest
 from conftest import delete_topics
 from streamfuse.config import Settings
 from streamfuse.demo import ensure_models, spawn, stop_children
+from streamfuse.events import BATCH_END
 from streamfuse.kafka import make_consumer
 from streamfuse.replay import Recording, decisions, fault_annotations, record, replay
 from streamfuse.replay.collect import Collector
@@ -184,10 +185,14 @@ def test_round_trip_replayed_inputs_are_byte_identical(live, first_replay):
     s = live["settings"]
     rec = Recording(live["root"] / "rec")
     ns = s.model_copy(update={"topic_prefix": first_replay["namespace"]})
-    # The replay adds one flush sample per partition at the end (it closes the last windows).
+    # The replay adds one flush sample per partition at the end (it closes the last windows),
+    # and marks the last sample before each wait with a batch-end header for the worker.
     replayed = read_topic(ns, ns.topic_prefix + "samples")
     assert all(is_flush(rows[-1][1]) for rows in replayed.values())
-    got = {p: [r for r in rows if not is_flush(r[1])] for p, rows in replayed.items()}
+    marked = sum(1 for rows in replayed.values() for r in rows if (BATCH_END, b"1") in r[2])
+    assert marked >= len(replayed) * 2  # at least a few steps per partition
+    got = {p: [(k, v, [h for h in hdrs if h[0] != BATCH_END], ts) for k, v, hdrs, ts in rows if not is_flush(v)]
+           for p, rows in replayed.items()}
     assert got == recorded(rec, "samples")
     # Labels are re-timed (they enter with their sample when they arrived in time), so
     # their order within a partition may change; every record is there, unchanged.
@@ -219,7 +224,7 @@ def test_determinism_two_replays_decide_the_same(live, first_replay):
     a, b = decisions(first_replay["summary"]), decisions(again)
     assert a["alerts"] and a["commands"]
     assert a == b
-    assert again["metrics"] == first_replay["summary"]["metrics"]  # bit-for-bit with max_batch=1
+    assert again["metrics"] == first_replay["summary"]["metrics"]  # bit for bit: stream batches of up to 16
     assert again["replay"]["lockstep_verified"]
 
 

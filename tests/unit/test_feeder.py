@@ -1,0 +1,175 @@
+"""The worker's intake: micro-batches by time (live) and by the stream (replays)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from streamfuse.events import BATCH_END, MSGPACK, Sample, SensorEvent, encode, headers
+from streamfuse.inference.feeder import Feeder
+
+
+class Msg:
+    """The parts of a confluent-kafka Message the feeder reads."""
+
+    def __init__(self, partition: int, offset: int, value: bytes, marked: bool = False) -> None:
+        self._p, self._o, self._v = partition, offset, value
+        self._h = headers(MSGPACK) + ([(BATCH_END, b"1")] if marked else [])
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "t"
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def key(self):
+        return b"k"
+
+    def value(self):
+        return self._v
+
+    def headers(self):
+        return self._h
+
+
+class Consumer:
+    """Hands out pre-arranged deliveries: chunk ``i`` becomes available ``i * gap_s`` after
+    the first read, so tests decide how and when records arrive."""
+
+    def __init__(self, chunks: list[list[Msg]], gap_s: float = 0.0) -> None:
+        self.chunks, self.gap_s = [list(c) for c in chunks], gap_s
+        self.start: float | None = None
+        self.taken = 0  # chunks fully handed out
+        self.commits: list = []
+
+    def subscribe(self, topics):
+        pass
+
+    def _take(self, n: int, timeout: float) -> list[Msg]:
+        if self.start is None:
+            self.start = time.monotonic()
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.chunks and not self.chunks[0]:
+                self.chunks.pop(0)
+                self.taken += 1
+            if self.chunks and time.monotonic() >= self.start + self.taken * self.gap_s:
+                out, self.chunks[0] = self.chunks[0][:n], self.chunks[0][n:]
+                return out
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(0.001)
+
+    def poll(self, timeout):
+        got = self._take(1, timeout)
+        return got[0] if got else None
+
+    def consume(self, num_messages, timeout):
+        return self._take(num_messages, timeout)
+
+    def commit(self, offsets, asynchronous):
+        self.commits.append(offsets)
+
+    def close(self):
+        pass
+
+
+def sample_bytes(partition: int, i: int) -> bytes:
+    ev = SensorEvent(f"e{partition}-{i}", "a", "series", i, np.arange(4, dtype="<f4").tobytes())
+    return encode(Sample(f"s{partition}-{i}", "a", i, {"series": ev}))
+
+
+def stream(n_per_partition: int, marks: set[tuple[int, int]]) -> dict[int, list[Msg]]:
+    return {p: [Msg(p, i, sample_bytes(p, i), (p, i) in marks) for i in range(n_per_partition)] for p in range(3)}
+
+
+def batches_of(feeder: Feeder, n_records: int) -> list[list[str]]:
+    feeder.start()
+    out, seen, deadline = [], 0, time.monotonic() + 10
+    while seen < n_records and time.monotonic() < deadline:
+        b = feeder.get(0.1)
+        if b is not None:
+            out.append([s.sample_id for _, s in b.samples])
+            seen += len(b.samples) + len(b.dead)
+    feeder.close()
+    return out
+
+
+def interleaved(parts: dict[int, list[Msg]], seed: int) -> list[list[Msg]]:
+    """The same records, per-partition order kept, delivered in a random interleaving and
+    random chunk sizes (as fetches would)."""
+    rng = random.Random(seed)
+    queues = {p: list(ms) for p, ms in parts.items()}
+    order: list[Msg] = []
+    while any(queues.values()):
+        p = rng.choice([p for p, q in queues.items() if q])
+        order.append(queues[p].pop(0))
+    chunks, i = [], 0
+    while i < len(order):
+        k = rng.randint(1, 7)
+        chunks.append(order[i:i + k])
+        i += k
+    return chunks
+
+
+def test_stream_batches_depend_on_the_records_not_on_their_arrival():
+    marks = {(0, 4), (0, 9), (1, 1), (1, 9), (2, 6), (2, 9)}
+    parts = stream(10, marks)
+    runs = []
+    for seed in range(4):
+        feeder = Feeder(Consumer(interleaved(parts, seed), gap_s=0.003 * seed), "t", max_batch=4, max_delay_ms=1,
+                        max_payload_bytes=10_000, stream_batches=True)
+        runs.append(sorted(batches_of(feeder, 30)))
+    assert all(r == runs[0] for r in runs)
+    p0 = [b for b in runs[0] if b[0].startswith("s0-")]
+    # cut after max_batch records or after a marked one, in offset order
+    assert sorted(p0) == [["s0-0", "s0-1", "s0-2", "s0-3"], ["s0-4"], ["s0-5", "s0-6", "s0-7", "s0-8"], ["s0-9"]]
+    assert ["s1-0", "s1-1"] in runs[0] and ["s1-6", "s1-7", "s1-8", "s1-9"] in runs[0]
+
+
+def test_time_batches_close_after_the_delay_and_at_max_batch():
+    parts = stream(6, set())
+    chunks = [parts[0][:2], parts[0][2:], parts[1]]
+    feeder = Feeder(Consumer(chunks, gap_s=0.15), "t", max_batch=4, max_delay_ms=50, max_payload_bytes=10_000)
+    got = batches_of(feeder, 12)
+    assert got[0] == ["s0-0", "s0-1"]  # the next records came after the 50 ms delay
+    assert all(len(b) <= 4 for b in got) and sum(map(len, got)) == 12
+
+
+def test_offsets_handed_back_are_committed_and_bad_records_are_dead():
+    msgs = [Msg(0, 0, sample_bytes(0, 0)), Msg(0, 1, b"\xc1 not msgpack", marked=True)]
+    consumer = Consumer([msgs])
+    feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
+    feeder.start()
+    batch = None
+    while batch is None:
+        batch = feeder.get(0.1)
+    assert [s.sample_id for _, s in batch.samples] == ["s0-0"]
+    assert [e.reason for _, e in batch.dead] == ["undecodable"]
+    feeder.commit(batch.offsets)
+    feeder.close()
+    assert [(tp.topic, tp.partition, tp.offset) for c in consumer.commits for tp in c] == [("t", 0, 2)]
+
+
+@pytest.mark.parametrize("stream_batches", [False, True])
+def test_a_failing_consumer_surfaces_in_get(stream_batches):
+    class Broken(Consumer):
+        def poll(self, timeout):
+            raise RuntimeError("broker gone")
+
+    feeder = Feeder(Broken([]), "t", max_batch=4, max_delay_ms=1, max_payload_bytes=10_000,
+                    stream_batches=stream_batches)
+    feeder.start()
+    with pytest.raises(RuntimeError, match="broker gone"):
+        for _ in range(50):
+            feeder.get(0.05)
+    feeder.close()
