@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # an idle feeder comes back this often to commit and to check for stop
 GROW_POLL_MS = 5  # a due batch waiting for the worker polls this long between offers
 OFFER_S = 0.02  # a full batch is offered this long at a time (commits are done in between)
+REVOKE_WAIT_S = 10.0  # on a rebalance, wait this long for the worker's batches to be committed
 
 
 class Record(NamedTuple):
@@ -94,6 +95,8 @@ class Feeder:
         self.consumer = consumer
         self.topic = topic
         self.stream_batches = stream_batches
+        self._handed = self._returned = 0  # batches given to the worker / handed back to commit
+        self._generation = 0  # + 1 per revocation
         self._open: dict[tuple[str, int], Batch] = {}  # stream batches being filled, per partition
         self._cut: deque[Batch] = deque()  # stream batches complete, in order
         self.max_batch = max_batch
@@ -136,7 +139,7 @@ class Feeder:
 
     def _run(self) -> None:
         try:
-            self.consumer.subscribe([self.topic])
+            self.consumer.subscribe([self.topic], on_revoke=self._on_revoke)
             pending: Batch | None = None
             while not self._stop.is_set():
                 self._do_commits()
@@ -160,11 +163,9 @@ class Feeder:
         """Poll once into ``batch``, or start one: a new batch starts with the first record
         to arrive (waiting up to :data:`IDLE_POLL_MS`) plus whatever is already fetched; an
         open one waits for more until it is full or its delay has passed."""
+        gen = self._generation
         if batch is None:
             records = self._poll(self.max_batch)
-            if not records:
-                return None
-            batch = Batch([], [], time.monotonic(), {})
         else:
             room = self.max_batch - len(batch.samples) - len(batch.dead)
             if room <= 0:
@@ -172,6 +173,12 @@ class Feeder:
             left = self.max_delay_s - (time.monotonic() - batch.first_at)
             # past due: the worker is busy with the previous batch; grow this one meanwhile
             records = self._consume(room, left if left > 0 else GROW_POLL_MS / 1000)
+        if self._generation != gen:
+            batch = None  # its partitions were revoked while polling: their next owner reads them
+        if not records:
+            return batch
+        if batch is None:
+            batch = Batch([], [], time.monotonic(), {})
         for msg in records:
             self._add(batch, msg)
         return batch
@@ -196,6 +203,28 @@ class Feeder:
             except queue.Full:
                 return
             self._cut.popleft()
+            self._handed += 1
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        """A rebalance takes partitions away (librdkafka calls this inside poll, on this
+        thread). Batches the worker has not started are dropped — the partitions' next
+        owner reads them from the last commit — and the ones it has are waited for and
+        committed first, so that no record is predicted twice by the same group unless a
+        worker dies."""
+        self._generation += 1
+        self._open.clear()
+        self._cut.clear()
+        try:
+            while True:
+                self._ready.get_nowait()
+                self._handed -= 1
+        except queue.Empty:
+            pass
+        deadline = time.monotonic() + REVOKE_WAIT_S
+        while self._returned < self._handed and time.monotonic() < deadline and not self._stop.is_set():
+            self._do_commits()
+            time.sleep(0.005)
+        self._do_commits()
 
     def _poll(self, n: int) -> list[Record]:
         """The first record to arrive (waiting up to :data:`IDLE_POLL_MS`) and up to
@@ -244,9 +273,10 @@ class Feeder:
         try:
             # A due batch that is not full waits for the worker by growing, not idly.
             self._ready.put(batch, timeout=OFFER_S if full else 0.0005)
-            return True
         except queue.Full:
             return False
+        self._handed += 1
+        return True
 
     def _do_commits(self) -> None:
         offsets: Offsets = {}
@@ -255,6 +285,7 @@ class Feeder:
                 handed = self._commits.get_nowait()
             except queue.Empty:
                 break
+            self._returned += 1
             for tp, off in handed.items():
                 offsets[tp] = max(offsets.get(tp, 0), off)
         if not offsets:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -33,10 +34,6 @@ def macro_f1(y_true: list[str], y_pred: list[str]) -> float:
     classes = sorted(set(y_true) | set(y_pred))
     if not classes:
         return 0.0
-    total = 0.0
-    for c in classes:
-        tp = sum(t == c and p == c for t, p in zip(y_true, y_pred))
-        fp = sum(t != c and p == c for t, p in zip(y_true, y_pred))
-        fn = sum(t == c and p != c for t, p in zip(y_true, y_pred))
-        total += 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return total / len(classes)
+    tp = Counter(t for t, p in zip(y_true, y_pred) if t == p)
+    true, pred = Counter(y_true), Counter(y_pred)  # tp + fn, tp + fp
+    return sum(2 * tp[c] / (true[c] + pred[c]) for c in classes if tp[c]) / len(classes)

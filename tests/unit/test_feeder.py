@@ -49,10 +49,11 @@ class Consumer:
         self.chunks, self.gap_s = [list(c) for c in chunks], gap_s
         self.start: float | None = None
         self.taken = 0  # chunks fully handed out
+        self.delivered = 0
         self.commits: list = []
 
-    def subscribe(self, topics):
-        pass
+    def subscribe(self, topics, on_revoke=None):
+        self.on_revoke = on_revoke
 
     def _take(self, n: int, timeout: float) -> list[Msg]:
         if self.start is None:
@@ -64,6 +65,7 @@ class Consumer:
                 self.taken += 1
             if self.chunks and time.monotonic() >= self.start + self.taken * self.gap_s:
                 out, self.chunks[0] = self.chunks[0][:n], self.chunks[0][n:]
+                self.delivered += len(out)
                 return out
             if time.monotonic() >= deadline:
                 return []
@@ -173,3 +175,41 @@ def test_a_failing_consumer_surfaces_in_get(stream_batches):
         for _ in range(50):
             feeder.get(0.05)
     feeder.close()
+
+
+def test_a_rebalance_drops_unstarted_batches_and_commits_the_started_ones_first():
+    """On revoke, what the worker has not started is dropped (its partitions' next owner
+    reads it from the last commit) and what it has is committed before the partitions go."""
+    msgs = [Msg(0, i, sample_bytes(0, i), marked=True) for i in range(3)]
+    events: list[str] = []
+
+    class Rebalancing(Consumer):
+        def poll(self, timeout):
+            if self.delivered == 2 and not events:  # after two batches: revoke
+                events.append("revoke")
+                self.on_revoke(self, [])
+                events.append("revoked")
+            return super().poll(timeout)
+
+        def commit(self, offsets, asynchronous):
+            events.append(f"commit {offsets[0].offset}")
+            super().commit(offsets, asynchronous)
+
+    consumer = Rebalancing([msgs[:2], msgs[2:]], gap_s=0.05)
+    feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
+    feeder.start()
+    first = None
+    while first is None:
+        first = feeder.get(0.1)  # the worker starts the first batch; the second waits in the queue
+    deadline = time.monotonic() + 5
+    while "revoke" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert events == ["revoke"]  # waiting for the started batch
+    feeder.commit(first.offsets)  # its outputs are out
+    while "revoked" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    third = feeder.get(1.0)
+    feeder.close()
+    assert events[:3] == ["revoke", "commit 1", "revoked"]  # committed before the partitions went
+    assert [s.sample_id for _, s in third.samples] == ["s0-2"]  # the second batch was dropped, not served
