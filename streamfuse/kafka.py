@@ -46,11 +46,11 @@ class BrokerProfile:
     idempotent_producer: bool
     session_timeout_ms: int
     heartbeat_interval_ms: int
-    fetch_max_wait_ms: int
+    fetch_max_wait_ms: int | None  # None: each client's default (a real broker answers when data arrives)
 
 
 PROFILES = {
-    "kafka": BrokerProfile("kafka", False, True, 45_000, 3_000, 500),
+    "kafka": BrokerProfile("kafka", False, True, 45_000, 3_000, None),
     "tansu": BrokerProfile("tansu", True, False, 2_000, 500, 20),
 }
 
@@ -117,8 +117,9 @@ def consumer_config(
         "max_partition_fetch_bytes": FETCH_PARTITION_BYTES,
         "session_timeout_ms": p.session_timeout_ms,
         "heartbeat_interval_ms": p.heartbeat_interval_ms,
-        "fetch_max_wait_ms": p.fetch_max_wait_ms,
     }
+    if p.fetch_max_wait_ms is not None:
+        cfg["fetch_max_wait_ms"] = p.fetch_max_wait_ms
     cfg.update(_security(settings))
     cfg.update(overrides)
     return cfg
@@ -134,7 +135,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
     """faust-streaming ``App`` keyword arguments (faust talks to Kafka through aiokafka)."""
     p = profile(settings)
     cfg: dict[str, Any] = {
-        "broker": f"kafka://{bootstrap(settings)}",
+        "broker": f"{_faust_scheme(p)}://{bootstrap(settings)}",
         "broker_session_timeout": p.session_timeout_ms / 1000,
         "broker_heartbeat_interval": p.heartbeat_interval_ms / 1000,
         "producer_max_request_size": MAX_MESSAGE_BYTES,
@@ -198,10 +199,32 @@ def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "
         "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
         "session.timeout.ms": p.session_timeout_ms,
         "heartbeat.interval.ms": p.heartbeat_interval_ms,
-        "fetch.wait.max.ms": p.fetch_max_wait_ms,
     }
+    if p.fetch_max_wait_ms is not None:
+        cfg["fetch.wait.max.ms"] = p.fetch_max_wait_ms
     cfg.update(_rd_security(settings))
     return cfg
+
+
+def _faust_scheme(p: BrokerProfile) -> str:
+    """The faust transport for the profile: faust's own (``kafka``), or — where the
+    profile needs a shorter fetch wait — :mod:`streamfuse.faust_transport`, registered
+    under ``sfkafka<ms>`` (on Tansu every monitor pick-up would otherwise take 1.5 s)."""
+    if p.fetch_max_wait_ms is None:
+        return "kafka"
+    from faust.transport.drivers import TRANSPORTS
+
+    scheme = f"sfkafka{p.fetch_max_wait_ms}"
+    TRANSPORTS.setdefault(scheme, "streamfuse.faust_transport:Transport")
+    return scheme
+
+
+def make_rd_producer(settings: Settings, client_id: str = "streamfuse"):
+    """A librdkafka (confluent-kafka) producer: sends cost microseconds of Python, for
+    the hot paths (the worker's outputs, a replay's inputs)."""
+    from confluent_kafka import Producer
+
+    return Producer(rd_producer_config(settings, client_id))
 
 
 def make_producer(settings: Settings, client_id: str = "streamfuse"):

@@ -69,7 +69,7 @@ class Lockstep:
         settings: the replay namespace's settings.
         streams: what to publish.
         collector: reads the namespace's outputs.
-        producer: a kafka-python producer for the namespace.
+        producer: a librdkafka producer for the namespace (``make_rd_producer``).
         store: the namespace's Redis status store (where the monitor records acks).
         baselines: the served models' baselines (as the monitor gets them).
         alive: raises when a pipeline process died.
@@ -96,7 +96,6 @@ class Lockstep:
         self.shadow_windows: set[int] = set()  # windows the shadow got predictions for
         collector.on_prediction = self._shadow
         self.pending: dict[tuple[int, int], str | None] = {}  # (partition, offset) -> sample id (None: bad)
-        self.futures: list[tuple[Any, str | None]] = []
         self.held: dict[int, tuple[dict[str, Any], str | None]] = {}  # samples partition -> last, unsent
         self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published
         self.last_sample: dict[int, tuple[bytes | None, Sample]] = {}
@@ -163,9 +162,9 @@ class Lockstep:
                 self._send_sample(*held, last=False)
             self.held[rec["partition"]] = (rec, sid)
         else:
-            self.producer.send(self.prefix + stream.topic, key=rec["key"], value=rec["value"],
-                               headers=[(k, v) for k, v in rec["headers"]], partition=rec["partition"],
-                               timestamp_ms=rec["timestamp_ms"])
+            self.producer.produce(self.prefix + stream.topic, key=rec["key"], value=rec["value"],
+                                  headers=[(k, v) for k, v in rec["headers"]], partition=rec["partition"],
+                                  timestamp=rec["timestamp_ms"], on_delivery=self._delivered)
         if count:
             self.published += 1
             if self.on_progress is not None:
@@ -173,9 +172,18 @@ class Lockstep:
 
     def _send_sample(self, rec: dict[str, Any], sid: str | None, last: bool) -> None:
         hdrs = [(k, v) for k, v in rec["headers"]] + ([(BATCH_END, b"1")] if last else [])
-        fut = self.producer.send(self.prefix + "samples", key=rec["key"], value=rec["value"], headers=hdrs,
-                                 partition=rec["partition"], timestamp_ms=rec["timestamp_ms"])
-        self.futures.append((fut, sid))
+
+        def sent(err, msg) -> None:  # where it landed: predictions and dead letters say so
+            self._delivered(err, msg)
+            self.pending[(msg.partition(), msg.offset())] = sid
+
+        self.producer.produce(self.prefix + "samples", key=rec["key"], value=rec["value"], headers=hdrs,
+                              partition=rec["partition"], timestamp=rec["timestamp_ms"], on_delivery=sent)
+        self.producer.poll(0)
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            raise ReplayError(f"could not publish to {msg.topic()}: {err}", self.prefix)
 
     def _sample_id(self, rec: dict[str, Any]) -> str | None:
         """The id of a sample the worker will predict; None for one it will dead-letter."""
@@ -204,8 +212,8 @@ class Lockstep:
         while stream.head is not None:
             clock = stream.head
             self._publish(stream, stream.pop(), clock)
-            if self.futures and self.futures[-1][1] is not None:
-                return
+            if self.held.get(stream.partition, (None, None))[1] is not None:
+                return  # a sample the worker will predict
 
     def _wait_pace(self, clock: int) -> None:
         if self.speed is None:
@@ -265,16 +273,13 @@ class Lockstep:
         for rec, sid in self.held.values():
             self._send_sample(rec, sid, last=True)
         self.held.clear()
-        self.producer.flush()
-        for fut, sid in self.futures:
-            meta = fut.get(timeout=30)
-            self.pending[(meta.partition, meta.offset)] = sid
-        self.futures.clear()
+        if self.producer.flush(30):
+            raise ReplayError("the broker did not take the replay's records within 30 s", self.prefix)
 
         def done() -> bool:
             for where, sid in list(self.pending.items()):
                 dead = self.col.dead_at.get(where)
-                if (sid is not None and sid in self.col.prediction_counts) or (
+                if (sid is not None and sid in self.col.served_by) or (
                         dead is not None and (sid is None or dead == "no_usable_modality")):
                     del self.pending[where]
             return not self.pending
@@ -295,9 +300,9 @@ class Lockstep:
         """Wait for the monitor to finish, then compare its decisions with the shadow's."""
         self._wait(lambda: self.shadow_closed <= self.col.closed, "the monitor to close the last windows")
         marker = f"replay-barrier-{time.time_ns()}"
-        self.producer.send(self.prefix + "control.acks", key=BARRIER_WORKER.encode(), headers=headers(MSGPACK),
-                           value=encode(Ack(marker, BARRIER_WORKER, "barrier", 0)))
-        self.producer.flush()
+        self.producer.produce(self.prefix + "control.acks", key=BARRIER_WORKER.encode(), headers=headers(MSGPACK),
+                              value=encode(Ack(marker, BARRIER_WORKER, "barrier", 0)), on_delivery=self._delivered)
+        self.producer.flush(30)
         r, key = self.store.r, self.store.key("workers")
 
         def handled() -> bool:

@@ -90,7 +90,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
             RegistryError / ModelError: an unknown or broken model version.
     """
     from streamfuse.demo import spawn, stop_children
-    from streamfuse.kafka import make_producer
+    from streamfuse.kafka import make_rd_producer
     from streamfuse.replay.collect import Collector
     from streamfuse.replay.lockstep import Lockstep
     from streamfuse.replay.namespace import make_namespace, setup_models
@@ -133,7 +133,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
                 streams = run_sync_stage(ns, streams, log_dir, on_progress=bar.sync)
             procs = {"worker": spawn("worker", s, log_dir), "monitor": spawn("monitor", s, log_dir)}
             collector = Collector(s, t0)
-            producer = make_producer(s, "streamfuse-replay")
+            producer = make_rd_producer(s, "streamfuse-replay")
             store = StatusStore(connect(s), s.redis_prefix)
 
             def alive() -> None:
@@ -155,7 +155,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
         if collector is not None:
             collector.consumer.close()
         if producer is not None:
-            producer.close()
+            producer.flush(30)
         if not keep:
             ns.delete()
     summary = summarize(collector, labels, rec.annotations, s.monitor, versions, wall_s, counters,

@@ -256,7 +256,11 @@ def test_consumer_config() -> None:
 
 def test_faust_config() -> None:
     t = faust_config(Settings(kafka_bootstrap="127.0.0.1:19092", broker="tansu", partitions=6))
-    assert t["broker"] == "kafka://127.0.0.1:19092"
+    assert t["broker"] == "sfkafka20://127.0.0.1:19092"  # faust's transport with Tansu's short fetch wait
+    from faust.transport import by_url
+
+    consumer = by_url(t["broker"]).Consumer
+    assert consumer.__mro__[1].__module__ == "faust.transport.drivers.aiokafka"
     assert t["broker_session_timeout"] == 2.0 and t["broker_heartbeat_interval"] == 0.5
     assert t["producer_max_batch_size"] == 1 and t["producer_linger"] == 0.0
     assert t["topic_partitions"] == 6 and t["topic_replication_factor"] == 1
