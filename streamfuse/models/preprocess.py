@@ -10,6 +10,10 @@ Everything is derived from the model's :class:`~streamfuse.models.config.Modalit
 - series: float32LE -> ``[in_channels, L]`` -> zero-padded / cropped to ``series_len``;
   ``[B, in_channels, series_len]``.
 
+Audio and series batches are built on the CPU and copied to CUDA in one asynchronous
+transfer from pinned memory; the log-mel spectrogram is the audio model's first layer, so
+it runs on the device.
+
 Readings are validated upstream (:func:`streamfuse.events.check_reading`); one that still
 fails here raises :class:`~streamfuse.errors.InvalidEvent`, and
 :func:`batch_tensor_checked` sets it aside so that the rest of the batch goes on.
@@ -31,6 +35,7 @@ from streamfuse.events import SensorEvent
 from streamfuse.models.config import ModalityConfig
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+CPU = torch.device("cpu")
 
 
 class CheckedBatch(NamedTuple):
@@ -103,7 +108,9 @@ def batch_tensor_checked(
         else:
             todo.append(i)
     decode = {"image": _decode_images, "audio": _decode_audio, "series": _decode_series}[cfg.modality]
-    done, spread, failed = decode(cfg, [readings[i] for i in todo], device)
+    # Images decode where they run (nvJPEG on CUDA); audio and series are built on the CPU
+    # and go to the device as one batch from pinned memory (an asynchronous copy).
+    done, spread, failed = decode(cfg, [readings[i] for i in todo], device if cfg.modality == "image" else CPU)
     items.update({todo[j]: t for j, t in done.items()})
     stds.update({todo[j]: v for j, v in spread.items()})
     errors.extend((todo[j], e) for j, e in failed)
@@ -111,6 +118,8 @@ def batch_tensor_checked(
     indices = sorted(items)
     if indices:
         tensor = torch.stack([items[i] for i in indices])
+        if tensor.device != device:
+            tensor = _to_device(tensor, device)
     else:
         tensor = torch.empty((0, *_item_shape(cfg)), device=device)
     if cfg.modality == "image":
@@ -119,6 +128,14 @@ def batch_tensor_checked(
     else:
         signal_std = torch.tensor([stds[i] for i in indices], dtype=torch.float32)
     return CheckedBatch(tensor, indices, errors, signal_std)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``: through pinned (page-locked) memory to CUDA, so the copy
+    is asynchronous and DMA-driven."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _item_shape(cfg: ModalityConfig) -> tuple[int, ...]:

@@ -193,6 +193,17 @@ def test_preprocess_checked_isolates_bad_readings():
     assert batch_tensor_checked(cfg("audio"), [bad_audio]).errors[0][1].reason == "bad_audio"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("modality", ["image", "audio", "series"])
+def test_preprocess_on_cuda_matches_the_cpu(modality):
+    rng = np.random.default_rng(2)
+    readings = [MAKERS[modality](k % 4, rng) for k in range(6)]
+    c = cfg(modality)
+    on_gpu, on_cpu = batch_tensor(c, readings, "cuda"), batch_tensor(c, readings, "cpu")
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=2 / 255 if modality == "image" else 1e-6)
+
+
 def test_preprocess_reports_signal_spread_for_sensor_health():
     """A flat signal has spread 0 in every modality; a live one has the spread of its raw values."""
     rng = np.random.default_rng(5)
