@@ -27,6 +27,7 @@ from typing import Any
 from streamfuse.config import Settings
 
 log = logging.getLogger(__name__)
+RD_LOG = logging.getLogger("streamfuse.rdkafka")  # librdkafka's own messages, into our logs
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Fetch sizes: Kafka's own default per partition. A record batch larger than this is still
@@ -177,6 +178,7 @@ def rd_producer_config(settings: Settings, client_id: str = "streamfuse") -> dic
         "enable.idempotence": p.idempotent_producer,
         "linger.ms": 0 if p.one_record_per_batch else 5,
         "retries": 5,
+        "logger": RD_LOG,
     }
     if p.one_record_per_batch:
         cfg["batch.num.messages"] = 1
@@ -199,6 +201,7 @@ def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "
         "max.partition.fetch.bytes": FETCH_PARTITION_BYTES,
         "session.timeout.ms": p.session_timeout_ms,
         "heartbeat.interval.ms": p.heartbeat_interval_ms,
+        "logger": RD_LOG,
     }
     if p.fetch_max_wait_ms is not None:
         cfg["fetch.wait.max.ms"] = p.fetch_max_wait_ms

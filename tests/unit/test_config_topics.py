@@ -22,6 +22,8 @@ from streamfuse.kafka import (
     faust_config,
     producer_config,
     profile,
+    rd_consumer_config,
+    rd_producer_config,
 )
 from streamfuse.topics import DAY_MS, Topics
 
@@ -285,6 +287,26 @@ def test_security_settings_reach_every_client(tmp_path: Path) -> None:
         assert "ssl_certfile" not in cfg and "ssl_keyfile" not in cfg
     plain = producer_config(kafka())
     assert not any(k.startswith(("sasl_", "ssl_")) for k in plain)
+    for cfg in (rd_producer_config(s), rd_consumer_config(s, "g")):  # librdkafka's names
+        assert cfg["security.protocol"] == "SASL_SSL" and cfg["sasl.mechanism"] == "SCRAM-SHA-256"
+        assert cfg["sasl.username"] == "sf" and cfg["sasl.password"] == "pw"
+        assert cfg["ssl.ca.location"] == str(ca) and "ssl.key.location" not in cfg
+
+
+def test_librdkafka_configs_follow_the_profile() -> None:
+    from confluent_kafka import Consumer, Producer
+
+    t, k = rd_producer_config(tansu(), "w1"), rd_producer_config(kafka())
+    assert t["batch.num.messages"] == 1 and t["enable.idempotence"] is False and t["acks"] == "all"
+    assert "batch.num.messages" not in k and k["enable.idempotence"] is True and k["linger.ms"] == 5
+    c = rd_consumer_config(tansu(), "g1", "w1")
+    assert (c["group.id"], c["enable.auto.commit"], c["auto.offset.reset"]) == ("g1", False, "earliest")
+    assert (c["session.timeout.ms"], c["fetch.wait.max.ms"]) == (2_000, 20)
+    assert c["max.partition.fetch.bytes"] == FETCH_PARTITION_BYTES
+    assert "fetch.wait.max.ms" not in rd_consumer_config(kafka(), "g1")  # Kafka answers when data arrives
+    assert rd_consumer_config(tansu(), None, "w1")["group.id"] == "w1-assign-only"
+    Producer(t)  # librdkafka accepts every key
+    Consumer(c).close()
 
 
 @pytest.mark.parametrize("make", [producer_config, admin_config, faust_config, lambda s: consumer_config(s, "g")])
