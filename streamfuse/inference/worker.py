@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.errors import InvalidEvent
+from streamfuse.errors import BrokerError, InvalidEvent
 from streamfuse.events import MSGPACK, Ack, Command, DeadLetter, Prediction, content_type_of, decode, encode, headers
 from streamfuse.inference.commands import CommandHandler
 from streamfuse.inference.contributions import (
@@ -174,7 +174,8 @@ class InferenceWorker:
         topic = self.topics.control
         meta = control.list_topics(topic, timeout=30).topics[topic]
         if meta.error is not None:
-            raise KafkaException(meta.error)
+            raise BrokerError(f"cannot read the control topic {topic!r} ({meta.error.str()}); create the "
+                              "topics first: streamfuse topics")
         parts = sorted(meta.partitions) or [0]
         ends = {(topic, p): control.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
         control.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
