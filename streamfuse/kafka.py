@@ -60,19 +60,30 @@ def profile(settings: Settings) -> BrokerProfile:
     return PROFILES[settings.broker_kind]
 
 
-def _security(settings: Settings) -> dict[str, Any]:
+# Each security setting under its kafka-python and its librdkafka name.
+_SECURITY_NAMES = {
+    "protocol": ("security_protocol", "security.protocol"),
+    "sasl_mechanism": ("sasl_mechanism", "sasl.mechanism"),
+    "sasl_username": ("sasl_plain_username", "sasl.username"),
+    "sasl_password": ("sasl_plain_password", "sasl.password"),
+    "ssl_cafile": ("ssl_cafile", "ssl.ca.location"),
+    "ssl_certfile": ("ssl_certfile", "ssl.certificate.location"),
+    "ssl_keyfile": ("ssl_keyfile", "ssl.key.location"),
+}
+
+
+def _security(settings: Settings, rdkafka: bool = False) -> dict[str, Any]:
+    """TLS / SASL settings under kafka-python's names (or librdkafka's)."""
     sec = settings.kafka_security
-    out: dict[str, Any] = {"security_protocol": sec.protocol}
+    values: dict[str, Any] = {"protocol": sec.protocol}
     if sec.sasl_mechanism:
-        out["sasl_mechanism"] = sec.sasl_mechanism
-        out["sasl_plain_username"] = sec.sasl_username
+        values.update(sasl_mechanism=sec.sasl_mechanism, sasl_username=sec.sasl_username)
         if sec.sasl_password is not None:
-            out["sasl_plain_password"] = sec.sasl_password.get_secret_value()
+            values["sasl_password"] = sec.sasl_password.get_secret_value()
     for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        value = getattr(sec, key)
-        if value is not None:
-            out[key] = str(value)
-    return out
+        if getattr(sec, key) is not None:
+            values[key] = str(getattr(sec, key))
+    return {_SECURITY_NAMES[k][rdkafka]: v for k, v in values.items()}
 
 
 def bootstrap(settings: Settings) -> str:
@@ -151,22 +162,6 @@ def faust_config(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
-def _rd_security(settings: Settings) -> dict[str, Any]:
-    sec = settings.kafka_security
-    out: dict[str, Any] = {"security.protocol": sec.protocol}
-    if sec.sasl_mechanism:
-        out["sasl.mechanism"] = sec.sasl_mechanism
-        out["sasl.username"] = sec.sasl_username
-        if sec.sasl_password is not None:
-            out["sasl.password"] = sec.sasl_password.get_secret_value()
-    for key, rd in (("ssl_cafile", "ssl.ca.location"), ("ssl_certfile", "ssl.certificate.location"),
-                    ("ssl_keyfile", "ssl.key.location")):
-        value = getattr(sec, key)
-        if value is not None:
-            out[rd] = str(value)
-    return out
-
-
 def rd_producer_config(settings: Settings, client_id: str = "streamfuse") -> dict[str, Any]:
     """librdkafka producer settings: the same choices as :func:`producer_config`."""
     p = profile(settings)
@@ -182,7 +177,7 @@ def rd_producer_config(settings: Settings, client_id: str = "streamfuse") -> dic
     }
     if p.one_record_per_batch:
         cfg["batch.num.messages"] = 1
-    cfg.update(_rd_security(settings))
+    cfg.update(_security(settings, rdkafka=True))
     return cfg
 
 
@@ -205,7 +200,7 @@ def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "
     }
     if p.fetch_max_wait_ms is not None:
         cfg["fetch.wait.max.ms"] = p.fetch_max_wait_ms
-    cfg.update(_rd_security(settings))
+    cfg.update(_security(settings, rdkafka=True))
     return cfg
 
 
@@ -228,6 +223,13 @@ def make_rd_producer(settings: Settings, client_id: str = "streamfuse"):
     from confluent_kafka import Producer
 
     return Producer(rd_producer_config(settings, client_id))
+
+
+def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse"):
+    """A librdkafka (confluent-kafka) consumer (see :func:`rd_consumer_config`)."""
+    from confluent_kafka import Consumer
+
+    return Consumer(rd_consumer_config(settings, group, client_id))
 
 
 def make_producer(settings: Settings, client_id: str = "streamfuse"):

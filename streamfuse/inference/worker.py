@@ -21,7 +21,7 @@ from collections import deque
 
 import numpy as np
 import torch
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
@@ -32,7 +32,7 @@ from streamfuse.inference.contributions import (
     MAX_SHAPLEY_MODALITIES, confidence_entropy, leave_one_out_shares, shapley_values, subset_table,
 )
 from streamfuse.inference.feeder import Batch, Feeder, Offsets, Record
-from streamfuse.kafka import rd_consumer_config, rd_producer_config
+from streamfuse.kafka import make_rd_consumer, make_rd_producer
 from streamfuse.metrics import WorkerMetrics, serve
 from streamfuse.models.bundle import Bundle, Encoded
 from streamfuse.topics import Topics
@@ -137,9 +137,9 @@ class InferenceWorker:
         """Consume until stopped (or ``max_samples`` predictions); returns the count."""
         wcfg = self.settings.worker
         serve(self.metrics_registry, wcfg.metrics_port)
-        consumer = Consumer(rd_consumer_config(self.settings, wcfg.group, self.worker_id))
-        control = Consumer(rd_consumer_config(self.settings, None, f"{self.worker_id}-control"))
-        out = Outbox(Producer(rd_producer_config(self.settings, self.worker_id)))
+        consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id)
+        control = make_rd_consumer(self.settings, None, f"{self.worker_id}-control")
+        out = Outbox(make_rd_producer(self.settings, self.worker_id))
         feeder = Feeder(consumer, self.topics.samples, wcfg.max_batch, wcfg.max_delay_ms,
                         self.settings.max_payload_bytes, wcfg.stream_batches)
         in_flight: deque[tuple[Delivery, Offsets]] = deque()  # per batch, in order
