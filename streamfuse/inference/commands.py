@@ -17,6 +17,8 @@ from typing import Any
 
 from streamfuse.errors import StreamfuseError
 from streamfuse.events import Command, Sample
+from streamfuse.models.bundle import LoadedUnit, warm_up
+from streamfuse.models.encoders import SensorModel
 
 log = logging.getLogger(__name__)
 MODEL_ACTIONS = ("rollback_model", "activate_model", "rollback_fusion")
@@ -135,9 +137,15 @@ class CommandHandler:
     # ------------------------------------------------------------------ model swaps
 
     def _load(self, unit: str, version: str, cmd: Command | None) -> None:
-        device = self.worker.bundle.device
-        future = self._pool.submit(self.registry.load_unit, unit, version, device)
+        future = self._pool.submit(self._load_unit, unit, version, self.worker.bundle.device)
         self.pending.append(PendingSwap(unit, version, cmd, future))
+
+    def _load_unit(self, unit: str, version: str, device) -> LoadedUnit:
+        """On the loader thread: the unit's weights, and a model's served (traced) form."""
+        loaded = self.registry.load_unit(unit, version, device)
+        if isinstance(loaded.module, SensorModel):
+            warm_up(loaded.module)
+        return loaded
 
     def reconcile(self) -> None:
         """Follow the registry: load any active version this worker does not serve yet."""

@@ -145,6 +145,7 @@ class InferenceWorker:
         in_flight: deque[tuple[Delivery, Offsets]] = deque()  # per batch, in order
         try:
             catch_up_to = self._assign_control(control)
+            self.bundle.warm_up()  # trace the models now, not on the first batch
             feeder.start()
             log.info("worker %s serving bundle %s (batch <= %d, delay <= %d ms)",
                      self.worker_id, self.bundle.version, wcfg.max_batch, wcfg.max_delay_ms)

@@ -29,8 +29,8 @@ from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import FusionUnit, ume
 from streamfuse.models.manifest import MANIFEST, bundle_version
 from streamfuse.models.outputs import CheckedProbs, Encoded, FusedOutput, LoadedUnit
-from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked
-from streamfuse.models.runtime import Forward, autocast, traced_forward
+from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked, example_input
+from streamfuse.models.runtime import autocast, served_forward
 
 __all__ = [
     "MANIFEST", "Bundle", "CheckedProbs", "Encoded", "FusedOutput", "LoadedUnit", "bundle_version", "load_bundle",
@@ -46,6 +46,13 @@ def __getattr__(name: str) -> Any:  # the I/O functions' historical home; lazy t
 
         return getattr(bundle_io, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def warm_up(model: SensorModel) -> None:
+    """Build ``model``'s served form on an example batch, so that the first real batch does not
+    pay for tracing: at start-up, or in the thread that loads a new version."""
+    device = next(model.parameters()).device
+    served_forward(model, example_input(model.sf_config, device))
 
 
 class Bundle:
@@ -93,7 +100,6 @@ class Bundle:
         self.device = device
         self.models = models
         self.max_batch = 256
-        self._forwards: dict[str, Forward] = {}  # modality -> compiled forward, built on first use
 
     def __repr__(self) -> str:
         mods = list(self.modalities)
@@ -147,13 +153,16 @@ class Bundle:
 
     def forward(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits of one modality's model for the input batch ``x``, run as
-        served: traced on the CPU (:func:`~streamfuse.models.runtime.traced_forward`,
-        built on the first call), under inference mode and the device's autocast."""
-        fwd = self._forwards.get(modality)
-        if fwd is None:
-            fwd = self._forwards[modality] = traced_forward(self.models[modality], x)
+        served: traced on the CPU (:func:`~streamfuse.models.runtime.served_forward`,
+        built on the first call unless :func:`warm_up` did it), under inference mode and
+        the device's autocast."""
         with torch.inference_mode(), autocast(self.device):
-            return fwd(x)
+            return served_forward(self.models[modality], x)(x)
+
+    def warm_up(self) -> None:
+        """Build every model's served form now (see :func:`warm_up`)."""
+        for model in self.models.values():
+            warm_up(model)
 
     # ------------------------------------------------------------------ encode + fuse
 

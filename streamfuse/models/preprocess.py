@@ -138,6 +138,19 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device)
 
 
+def example_input(cfg: ModalityConfig, device: torch.device | str = "cpu", rows: int = 2) -> torch.Tensor:
+    """A fixed random input batch of ``rows`` for the model ``cfg`` describes (for warm-ups
+    and trace checks: unlike zeros, it takes every value path a real batch takes).
+
+    Examples:
+        >>> from streamfuse.models.config import default_config
+        >>> example_input(default_config("series", ["ok", "bad"], series_len=4)).shape
+        torch.Size([2, 1, 4])
+    """
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((rows, *_item_shape(cfg)), generator=gen).to(device)
+
+
 def _item_shape(cfg: ModalityConfig) -> tuple[int, ...]:
     if cfg.modality == "image":
         return (3, cfg.image_size, cfg.image_size)

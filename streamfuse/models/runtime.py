@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -47,6 +48,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_SERVED: weakref.WeakKeyDictionary[nn.Module, Forward] = weakref.WeakKeyDictionary()
+
+
+def served_forward(model: nn.Module, example: torch.Tensor) -> Forward:
+    """The form ``model`` is served in (:func:`traced_forward`), built once per model
+    object — a bundle that swaps one unit keeps the others' traces — on ``example``."""
+    fwd = _SERVED.get(model)
+    if fwd is None:
+        fwd = _SERVED[model] = traced_forward(model, example)
+    return fwd
 
 
 def traced_forward(model: nn.Module, example: torch.Tensor) -> Forward:

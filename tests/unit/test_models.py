@@ -237,6 +237,16 @@ def test_models_are_served_traced_with_eager_outputs(modality):
                 assert torch.equal(a, b)
 
 
+def test_a_models_served_form_is_built_once_and_can_be_built_ahead():
+    model = create_model(cfg("series")).eval()
+    bundle.warm_up(model)  # as the loader thread does for a new version
+    x = batch_tensor(model.sf_config, [series_event(1, np.random.default_rng(3))])
+    fwd = runtime.served_forward(model, x)
+    assert isinstance(fwd, torch.ScriptMethod) and runtime.served_forward(model, x) is fwd
+    other = create_model(cfg("series")).eval()
+    assert runtime.served_forward(other, x) is not fwd  # per model object, not per config
+
+
 def test_a_model_that_does_not_trace_faithfully_is_served_eagerly(caplog):
     class Noisy(torch.nn.Module):
         def forward_both(self, x):
