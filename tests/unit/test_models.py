@@ -9,7 +9,6 @@ to an architecture or preprocessing) with::
 
 from __future__ import annotations
 
-import doctest
 import io
 import json
 import sys
@@ -22,7 +21,7 @@ from PIL import Image
 
 from streamfuse.errors import InvalidEvent, ModelError
 from streamfuse.events import Label, Sample, SensorEvent
-from streamfuse.models import bundle, config, encoders, fusion, manifest, metrics, preprocess, runtime
+from streamfuse.models import bundle, encoders, runtime
 from streamfuse.models.bundle import load_bundle, read_manifest, save_bundle
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import create_model
@@ -407,15 +406,6 @@ def test_training_beats_chance_and_is_deterministic(tmp_path):
         train_bundle(train, bad, None, tmp_path / "c", **kw)
     with pytest.raises(ModelError, match="already exists"):
         train_bundle(train, val, None, tmp_path / "a", **kw)
-
-
-# ------------------------------------------------------------------ doctests
-
-
-@pytest.mark.parametrize("module", [metrics, fusion, config, encoders, preprocess, bundle, manifest, runtime])
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
 
 
 if __name__ == "__main__" and "--regen-golden" in sys.argv:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import wave
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import typer
 from typer.testing import CliRunner
 
 from streamfuse.errors import StreamfuseError
-from streamfuse.models import dataset
 from streamfuse.models.cli import dataset_app
 from streamfuse.models.dataset import (
     BadColumnsError, BadFileError, DatasetError, EmptySplitError, MissingFileError, UnknownLabelError, export_sim,
@@ -140,6 +138,3 @@ def test_classes_can_be_given_and_test_can_be_required(tmp_path):
     with pytest.raises(EmptySplitError, match="test split"):
         load_dataset(root, classes=["x", "y"], require=("train", "val", "test"))
 
-
-def test_doctests():
-    assert doctest.testmod(dataset, optionflags=doctest.ELLIPSIS).failed == 0
