@@ -74,6 +74,17 @@ class DatasetRows:
     modalities: tuple[str, ...]
     rows: tuple[Row, ...]
 
+    def check_faults(self, faults: Sequence[FaultSpec]) -> None:
+        """Check that every fault names a modality the dataset has.
+
+        Raises:
+            ConfigError: naming the faults and the dataset's modalities.
+        """
+        absent = [str(f) for f in faults if f.modality not in self.modalities]
+        if absent:
+            raise ConfigError(f"faults {absent} name a modality the dataset {self.root} has no column for; "
+                              f"it has {list(self.modalities)}: drop them or add that column")
+
     def check_classes(self, classes: Sequence[str], whose: str) -> None:
         """Check that every row's label is one of ``classes`` (e.g. the served models').
 
@@ -161,10 +172,7 @@ class DatasetPlant:
         self.config = config or PlantConfig(assets=assets, lines=lines, rate_hz=rate_hz, seed=seed,
                                             faults=tuple(faults))
         self.data = source if isinstance(source, DatasetRows) else load_rows(source, split)
-        absent = [str(f) for f in self.config.faults if f.modality not in self.data.modalities]
-        if absent:
-            raise ConfigError(f"faults {absent} name a modality the dataset {self.data.root} has no column for; "
-                              f"it has {list(self.data.modalities)}")
+        self.data.check_faults(self.config.faults)
         self.start_ms, self.run_id = start_ms, run_id
         shape = Plant(self.config)  # the same asset and line ids and period as the simulated plant
         self.asset_ids, self.line_ids, self.period_ms = shape.asset_ids, shape.line_ids, shape.period_ms
