@@ -278,5 +278,7 @@ def main() -> None:
     try:
         app()
     except StreamfuseError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(str(exc))}")  # the message may hold [brackets]
         raise SystemExit(2) from None

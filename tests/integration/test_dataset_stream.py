@@ -15,14 +15,15 @@ import pytest
 
 from typer.testing import CliRunner
 
+from conftest import add_image_version
 from streamfuse.cli import app
-from streamfuse.demo import Observer, child_env
+from streamfuse.demo import Observer, child_env, serve_models
 from streamfuse.events import Label, SensorEvent, decode
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer
-from streamfuse.models.dataset import export_sim
+from streamfuse.models.dataset import UnknownLabelError, export_sim
 from streamfuse.registry import Registry
-from streamfuse.sim.dataset_plant import DatasetPlant
+from streamfuse.sim.dataset_plant import DatasetPlant, load_rows
 from streamfuse.sync_app import run_sync
 from streamfuse.topics import Topics, ensure_topics
 
@@ -139,3 +140,21 @@ def test_simulate_dataset_through_sync_and_worker(settings, tmp_path: Path):
     fused = [p.fused_label == inputs.labels[p.sample_id].label for p in observer.predictions.values()]
     assert sum(fused) / len(fused) > 0.7
     assert image_top1(after=False) > image_top1(after=True) + 0.3
+
+
+def test_demo_models_bundle_is_served_and_the_rows_labels_checked(settings, trained_bundle, tmp_path: Path):
+    registry = Registry(settings)
+    served = registry.active()
+    registry.activate("image", add_image_version(settings, tmp_path), actor="test")  # something else is active
+    root = export_sim(tmp_path / "data", 20, seed=4).parent
+    rows = load_rows(root)
+
+    out = serve_models(settings, None, rows, trained_bundle)  # demo --dataset DIR --models BUNDLE
+    assert out.bundle_dir == trained_bundle.resolve() and registry.active() == served
+
+    meta = root / "metadata.csv"  # the same data, with a class the served models do not know
+    meta.write_text(meta.read_text().replace(",overheat,", ",overheated,"))
+    line = next(i for i, t in enumerate(meta.read_text().splitlines(), 1) if ",test,overheated," in t)
+    with pytest.raises(UnknownLabelError, match=rf"line {line}: label 'overheated' of '[^']+' \(test\) is not one "
+                                                r"of the served models' classes .*--models M"):
+        serve_models(settings, None, load_rows(root), None)
