@@ -127,3 +127,11 @@ class AlertMetrics:
         self.queued = Gauge(
             "streamfuse_alerts_queued", "Notifications waiting for delivery.", ["receiver"], registry=registry
         )
+
+
+class RedisMetrics:
+    """Redis reachability of one process (``process`` = worker, monitor, sync, alerts-dispatch, alerts-api)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge("streamfuse_redis_up", "1 when this process reached Redis on its last try, 0 during an outage",
+                        ["process"], registry=registry)
