@@ -7,9 +7,21 @@ alert → command → ack audit trail to Redis.
 
 Restart safety: open KPI records live in a changelogged faust table (``records``) and
 the detectors' and policy's state in another (``state``, written whenever a window
-closes), so a killed monitor resumes where it stopped; alerts and commands have
-deterministic ids and are claimed in Redis before they are published, so re-processing
-after a restart publishes none twice.
+closes), so a killed monitor resumes where it stopped.
+
+At-least-once alerts and commands: each has a deterministic id; the monitor produces it,
+waits for the broker's acknowledgement, and only then claims the id in Redis. Killed
+between the two, the restarted monitor re-derives and publishes it again with the same
+id, which the alert dispatcher and the workers drop as a duplicate; a re-derived output
+whose claim is in Redis is not published again.
+
+Redis is not on the data path: every Redis write (status, audit, claims, readiness) goes
+through a write-behind :class:`~streamfuse.store.StatusWriter`, so a Redis outage never
+stops or crashes the agent. During an outage the monitor keeps computing KPIs and
+publishing alerts and commands on time; a claim that cannot be checked counts as not
+claimed (publish: duplicates are harmless, losses are not), and the writes made during
+the outage land, in order, once Redis is back (``streamfuse_redis_up{process="monitor"}``
+shows the outage; it is logged once when it starts and once when it ends).
 """
 
 from __future__ import annotations
@@ -26,9 +38,10 @@ from streamfuse.events import (
     MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, decode, encode,
 )
 from streamfuse.kafka import faust_config
-from streamfuse.metrics import MonitorMetrics, serve
+from streamfuse.faultpoint import reached
+from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.monitor.core import MonitorCore, Outputs
-from streamfuse.store import StatusStore, connect
+from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -58,7 +71,10 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     out = {name: app.topic(getattr(topics, name), **raw) for name in ("kpis", "alerts", "control", "deadletter")}
     records = app.Table("records", default=None, partitions=settings.partitions)
     state = app.Table("state", default=None, partitions=settings.partitions)
-    store = StatusStore(connect(settings), settings.redis_prefix)
+    link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
+    store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
+    writer = StatusWriter(link, "monitor-redis-writer")
+    published: set[str] = set()  # claims of this process's life: known without asking Redis
 
     def sink(key: str, value) -> None:
         if value is None:
@@ -82,6 +98,19 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
         restored["seq"] += 1
         state[f"core@{partition}"] = {"seq": restored["seq"], "core": core.state_dict()}
 
+    async def publish(kind: str, ident: str, topic, key: bytes, value: bytes) -> bool:
+        """Produce unless claimed before; claim once the broker acknowledged it."""
+        claim = f"{kind}:{ident}"
+        if claim in published or link.attempt(store.claimed, kind, ident, what=f"checking the {kind} claim",
+                                               default=False):
+            return False  # already published (before a restart, or Redis says so)
+        fut = await topic.send(key=key, value=value, headers=HEADERS)
+        await fut  # the broker's acknowledgement
+        reached("monitor-after-produce")
+        published.add(claim)
+        writer.submit(f"claiming {kind} {ident}", store.claim, kind, ident)
+        return True
+
     async def emit(result: Outputs) -> None:
         for s in result.kpis:
             await out["kpis"].send(key=f"{s.scope}|{s.scope_id}|{s.modality}".encode(), value=encode(s),
@@ -91,21 +120,21 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                     value = getattr(s, kpi)
                     if value is not None:
                         metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
-        store.put_kpis(result.kpis)
+        if result.kpis:
+            writer.submit("writing the latest KPIs", store.put_kpis, result.kpis)
         for a in result.alerts:
-            if not store.claim("alert", f"{a.alert_id}:{a.status}"):
-                continue  # already published before a restart
-            await out["alerts"].send(key=a.fingerprint.encode(), value=encode(a), headers=HEADERS)
-            store.put_alert(a)
+            if not await publish("alert", f"{a.alert_id}:{a.status}", out["alerts"], a.fingerprint.encode(),
+                                 encode(a)):
+                continue
+            writer.submit(f"recording alert {a.alert_id}", store.put_alert, a)
             metrics.alerts.labels(a.kind, a.status).inc()
             metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
             log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
         for c in result.commands:
-            if not store.claim("command", c.command_id):
+            if not await publish("command", c.command_id, out["control"], (c.modality or "").encode(), encode(c)):
                 continue
-            await out["control"].send(key=(c.modality or "").encode(), value=encode(c), headers=HEADERS)
             core.issued(c, now_ms())
-            store.put_command(c)
+            writer.submit(f"recording command {c.command_id}", store.put_command, c)
             metrics.commands.labels(c.action).inc()
             log.warning("command %s %s %s %s:%s", c.command_id, c.action, c.modality, c.scope, c.scope_id)
 
@@ -127,7 +156,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             if isinstance(ev, Ack):
                 metrics.events.labels("ack").inc()
                 core.on_ack(ev)
-                store.put_ack(ev)
+                writer.submit(f"recording the ack of {ev.command_id}", store.put_ack, ev)
             elif isinstance(ev, Label):
                 metrics.events.labels("label").inc()
                 core.on_label(ev)
@@ -148,7 +177,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
 
     @app.task
     async def ready() -> None:
-        store.mark_ready("monitor", settings.monitor.app_id)
+        writer.submit("marking the monitor ready", store.mark_ready, "monitor", settings.monitor.app_id)
 
     return app
 
