@@ -79,13 +79,22 @@ def demo(
 
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port to listen on (0 = a free one).")) -> None:
-    """Run the embedded Kafka-protocol broker in the foreground (Ctrl-C stops it)."""
+    """Run the embedded Kafka-protocol broker in the foreground (Ctrl-C or SIGTERM stops it and
+    leaves no process behind; a port in use is an error)."""
+    import signal
+
     from streamfuse.embedded import EmbeddedBroker
 
     _settings()
-    b = EmbeddedBroker(port=port).start()
-    console.print(f"broker ready: export STREAMFUSE_KAFKA_BOOTSTRAP={b.bootstrap} STREAMFUSE_BROKER=tansu")
+
+    def on_term(signum, frame):  # SIGTERM as Ctrl-C: the finally below kills and reaps the broker
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    b = EmbeddedBroker(port=port)
     try:
+        b.start()
+        console.print(f"broker ready: export STREAMFUSE_KAFKA_BOOTSTRAP={b.bootstrap} STREAMFUSE_BROKER=tansu")
         b.wait()
     except KeyboardInterrupt:
         pass  # Ctrl-C is the normal way to stop it
