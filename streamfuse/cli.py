@@ -153,6 +153,9 @@ def simulate(
         stats = pub.stats
     console.print(f"published {stats.samples} samples ({stats.sensor_events} sensor readings), "
                   f"{stats.labels} labels, {stats.malformed} malformed records")
+    if stats.send_retried or stats.send_lost:
+        console.print(f"[red]broker trouble:[/red] {stats.send_retried} failed sends sent again, "
+                      f"{stats.send_lost} records lost after every retry")
 
 
 @app.command()

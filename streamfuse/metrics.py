@@ -135,3 +135,14 @@ class RedisMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.up = Gauge("streamfuse_redis_up", "1 when this process reached Redis on its last try, 0 during an outage",
                         ["process"], registry=registry)
+
+
+class ProducerMetrics:
+    """Sends the broker did not take (see :class:`streamfuse.sends.TrackedProducer`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.failures = Counter(
+            "streamfuse_producer_send_failures_total",
+            "Failed sends by outcome: retried (sent again) or lost (given up, reported).",
+            ["process", "outcome"], registry=registry,
+        )

@@ -30,7 +30,8 @@ from prometheus_client import CollectorRegistry
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import MSGPACK, DeadLetter, Sample, SensorEvent, content_type_of, decode, encode, headers
-from streamfuse.metrics import SyncMetrics
+from streamfuse.metrics import ProducerMetrics, SyncMetrics
+from streamfuse.sends import TrackedProducer
 from streamfuse.sync import OUTCOMES, SyncConfig, Synchronizer
 from streamfuse.topics import Topics
 
@@ -165,6 +166,8 @@ class SyncProcess:
         self.settings, self.config, self.group = settings, config, group
         self.topics = Topics(settings.topic_prefix)
         self.metrics = SyncMetrics(registry)
+        self.registry = registry
+        self._stop: threading.Event | None = None
         self.tasks: dict[int, SyncTask] = {}
         self._revoked: dict[int, SyncTask] = {}  # kept through a rebalance in case they come back
         self._pending: set[int] = set()  # new tasks waiting for their commit metadata
@@ -191,7 +194,11 @@ class SyncProcess:
             def on_partitions_assigned(self, assigned):
                 proc._on_assigned(assigned)
 
-        self.producer = make_producer(self.settings, "streamfuse-sync")
+        # Nothing may be lost: a send that fails is sent again until the broker takes it,
+        # and offsets are committed only once every output was delivered.
+        self.producer = TrackedProducer(make_producer(self.settings, "streamfuse-sync"), "sync",
+                                        ProducerMetrics(self.registry).failures, max_attempts=None)
+        self._stop = stop
         try:
             # The range assignor gives one member partition p of every sensor topic: a whole task.
             self.consumer = make_consumer(self.settings, self.group, "streamfuse-sync",
@@ -273,7 +280,9 @@ class SyncProcess:
         from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata
 
-        self.producer.flush()
+        if not self.producer.flush(self._stop):
+            log.warning("sync stopping with undelivered outputs: offsets not committed, they are re-read")
+            return
         offsets = {}
         assigned = self.consumer.assignment()
         for p, task in self.tasks.items():
