@@ -11,7 +11,8 @@ metadata wait timed out), sends it again, and counts what it gives up on:
 - ``streamfuse_producer_send_failures_total{process, outcome="retried"}`` for each
   failed send that was sent again;
 - ``outcome="lost"`` for each record given up after ``max_attempts`` (never, for a
-  process that must not lose anything: ``max_attempts=None`` retries until delivered).
+  process that must not lose anything: ``max_attempts=None`` retries until delivered),
+  or at once when the error is not retriable (a record too large for the broker).
 
 A re-sent record keeps its key, value and headers, so its event id is unchanged and
 the consumers' deduplication applies; it may arrive out of order (late).
@@ -64,7 +65,8 @@ class TrackedProducer:
         except (KafkaError, BufferError) as exc:  # buffer full or no metadata within max_block_ms
             self._on_error(topic, record, attempt, exc)
             return
-        fut.add_errback(lambda exc: self._on_error(topic, record, attempt, exc))
+        if fut is not None:  # None: a stand-in producer that reports nothing
+            fut.add_errback(lambda exc: self._on_error(topic, record, attempt, exc))
 
     def _on_error(self, topic: str, record: dict[str, Any], attempt: int, exc: BaseException) -> None:
         with self._lock:  # may run on the producer's I/O thread
@@ -81,7 +83,9 @@ class TrackedProducer:
             failed, self._failed = list(self._failed), deque()
         resent = 0
         for topic, record, attempt, exc in failed:
-            if self.max_attempts is not None and attempt >= self.max_attempts:
+            # a record the broker will never take (too large, a bad topic) is not retried
+            final = getattr(exc, "retriable", True) is False
+            if final or (self.max_attempts is not None and attempt >= self.max_attempts):
                 self.lost += 1
                 self._count("lost")
                 log.error("%s: gave up a record for %s after %d attempts (%s: %s); counted in "
