@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import (
-    MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, decode, encode,
+    MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, dead_letter_original, decode, encode,
 )
 from streamfuse.kafka import faust_config
 from streamfuse.faultpoint import reached
@@ -149,7 +149,8 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                             expect=(Prediction, Label, Ack), max_bytes=settings.max_payload_bytes)
             except InvalidEvent as exc:
                 metrics.rejected.labels(exc.reason).inc()
-                dead = DeadLetter(exc.reason, exc.detail, msg.topic, event.value or b"", "monitor",
+                original, note = dead_letter_original(event.value)
+                dead = DeadLetter(exc.reason, exc.detail + note, msg.topic, original, "monitor",
                                   int(msg.timestamp * 1000), msg.partition, msg.offset, event.key)
                 await out["deadletter"].send(key=event.key, value=encode(dead), headers=HEADERS)
                 continue
