@@ -231,13 +231,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     from rich.table import Table
 
     t = Table(title="latest global KPIs")
-    for col in ("scope", "modality", "n", "accuracy", "agreement", "contribution", "masked"):
+    for col in ("scope", "modality", "n", "accuracy", "est. accuracy", "agreement", "contribution", "masked"):
         t.add_column(col)
     for key, k in st["kpis"].items():
         if k["scope"] != "global":
             continue
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k["agreement"]),
+        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k.get("est_accuracy")),
+                  fmt(k["agreement"]),
                   fmt(k["mean_contribution"]), fmt(k["masked_rate"]))
     console.print(t)
     console.print(f"open alerts: {len(st['open_alerts'])}")

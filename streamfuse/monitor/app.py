@@ -33,7 +33,8 @@ from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
-GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate")
+GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
+          "est_accuracy")
 
 
 def now_ms() -> int:
@@ -92,6 +93,9 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                     if value is not None:
                         metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
         store.put_kpis(result.kpis)
+        for s in result.estimates:  # label-free, at the window's end: long before its labels
+            if s.est_accuracy is not None:
+                metrics.accuracy_estimate.labels(s.scope, s.scope_id, s.modality).set(s.est_accuracy)
         for a in result.alerts:
             if not store.claim("alert", f"{a.alert_id}:{a.status}"):
                 continue  # already published before a restart
@@ -137,7 +141,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                 # Publish first, checkpoint after: killed in between, the monitor re-derives
                 # the same outputs from the older checkpoint, and the Redis claims drop them.
                 await emit(result)
-                if result.kpis:
+                if result.kpis or result.alerts:
                     checkpoint(msg.partition)
             metrics.pending_labels.set(core.kpis.pending_labels)
 

@@ -454,3 +454,41 @@ class SkewAlarm(Detector):
 
 
 from streamfuse.monitor.paired import FusionRegression, paired_difference_interval  # noqa: E402,F401 (re-exported)
+
+
+class UpstreamOutage(Detector):
+    """Every asset quiet at once: the broker or an upstream gateway, not the sensors.
+
+    A window is *bad* when at least ``min_n`` assets reported and every one of them had
+    a modality go quiet (missing readings above the sensor-fault rate); *good* when at
+    most half of them did. While it fires the monitor says "upstream outage" and holds
+    back the per-sensor dropout alerts and their masks (masking healthy sensors fixes
+    nothing when the pipe in front of them is down).
+
+    Args:
+        fire_windows: consecutive bad windows before firing.
+        resolve_windows: consecutive good windows before resolving.
+        min_n: assets a window needs to count (one quiet asset is a sensor fault).
+
+    Examples:
+        >>> out = UpstreamOutage(fire_windows=1, resolve_windows=2)
+        >>> history = []
+        >>> for quiet in (0, 1, 4, 4, 3, 0, 0, 0):        # 4 assets; all go quiet in windows 2..3
+        ...     out.update(quiet, 4)
+        ...     history.append("F" if out.firing else ".")
+        >>> "".join(history)
+        '..FFFF..'
+    """
+
+    def __init__(self, fire_windows: int = 1, resolve_windows: int = 2, min_n: int = 2) -> None:
+        self._init_windows(fire_windows, resolve_windows, min_n)
+        self.reset()
+
+    def update(self, quiet_assets: int, assets: int) -> None:
+        """How many of the ``assets`` that reported in one window had a modality go quiet."""
+        self._changed = False
+        _check_counts(quiet_assets, assets, "quiet_assets")
+        if assets < self.min_n:
+            return
+        self._last = quiet_assets / assets
+        self._step(bad=quiet_assets == assets, good=2 * quiet_assets <= assets)

@@ -309,3 +309,34 @@ def sample_evidence(cal: Calibration, labels: Mapping[str, str], fused: str | No
         if t is not None:
             out[FUSED] = (t.p_correct.get(kc[1]), None)
     return out
+
+
+def estimate_errors(windows: Sequence[tuple[str, float | None, float | None, int]]) -> dict[str, Any]:
+    """How far the label-free estimate was from the labelled accuracy, per window.
+
+    Args:
+        windows: ``(unit, estimated accuracy, labelled accuracy, labelled samples)`` of
+            each closed window (a scope's snapshot); windows without both are skipped.
+
+    Returns:
+        ``{"windows", "median_abs_error", "p90_abs_error", "by_unit": {unit: {...}}}``.
+
+    Examples:
+        >>> estimate_errors([("image", 0.9, 0.95, 20), ("image", 0.1, 0.05, 20), ("audio", None, 0.9, 20)])
+        {'windows': 2, 'median_abs_error': 0.05, 'p90_abs_error': 0.05, 'by_unit': {'image': {'windows': 2, 'median_abs_error': 0.05, 'p90_abs_error': 0.05}}}
+    """
+    def stats(errs: list[float]) -> dict[str, Any]:
+        errs = sorted(errs)
+        if not errs:
+            return {"windows": 0, "median_abs_error": None, "p90_abs_error": None}
+        mid = len(errs) // 2
+        med = errs[mid] if len(errs) % 2 else (errs[mid - 1] + errs[mid]) / 2
+        return {"windows": len(errs), "median_abs_error": round(med, 4),
+                "p90_abs_error": round(errs[min(len(errs) - 1, int(0.9 * len(errs)))], 4)}
+
+    by_unit: dict[str, list[float]] = {}
+    for unit, est, acc, n in windows:
+        if est is not None and acc is not None and n > 0:
+            by_unit.setdefault(unit, []).append(abs(est - acc))
+    return {**stats([e for v in by_unit.values() for e in v]),
+            "by_unit": {u: stats(v) for u, v in sorted(by_unit.items())}}
