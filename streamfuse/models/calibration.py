@@ -46,8 +46,9 @@ def fit_calibration(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
 
 
 def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration) -> None:
-    """Store each unit's tables with its baseline (``fused`` with the fusion's)."""
-    for unit, base in baselines.items():
+    """Store each unit's tables with its baseline (``fused`` with the fusion's); the
+    baselines' maps are replaced, not changed (the candidates' records share them)."""
+    for unit, base in list(baselines.items()):
         tables = cal.unit_dict(FUSED if unit == "fused" else unit)
         if tables and isinstance(base, MutableMapping):
-            base["calibration"] = tables
+            baselines[unit] = {**base, "calibration": tables}

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamfuse.errors import ConfigError
-from streamfuse.monitor.base import DetectorValueError, _check_finite, _check_range
+from streamfuse.monitor.base import Detector, DetectorValueError, _check_finite, _check_range
 
 DAY_S = 86_400
 MAX_FALSE_ALARMS_PER_DAY = 10_000.0  # beyond this a "budget" is no longer a guard
@@ -73,7 +73,7 @@ def check_budget(false_alarms_per_day: Any) -> float:
     return float(false_alarms_per_day)
 
 
-class Cusum:
+class Cusum(Detector):
     """Page's CUSUM on per-sample log-likelihood ratios, with a recovery CUSUM.
 
     ``S = max(0, S + llr)`` fires at ``S >= threshold``. While firing, the evidence for
@@ -111,11 +111,10 @@ class Cusum:
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self._s = 0.0
         self._r = 0.0
         self._n = 0
-        self._firing = False
-        self._changed = False
 
     def update(self, llr: float) -> None:
         """One sample's log-likelihood ratio (broken vs healthy)."""
@@ -140,15 +139,6 @@ class Cusum:
         self._changed = False
         if not self._firing:
             self._firing, self._changed, self._r = True, True, 0.0
-
-    @property
-    def firing(self) -> bool:
-        return self._firing
-
-    @property
-    def changed(self) -> bool:
-        """Whether the last ``update`` / ``fire`` fired or resolved the alarm."""
-        return self._changed
 
     @property
     def statistic(self) -> float:

@@ -67,7 +67,7 @@ def test_compare_prints_and_saves_the_table(trained):
     _, out, output = trained
     report = json.loads((out / "compare.json").read_text())
     kinds = [r["kind"] for r in report["rows"]]
-    assert kinds == ["stage1"] * 3 + ["probe"] * 3 + ["joint", "ume", "candidate", "candidate", "chosen"]
+    assert kinds == ["stage1"] * 3 + ["probe"] * 3 + ["joint", "ume", "candidate", "candidate", "candidate", "chosen"]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["n"] == 60 for r in report["rows"])
     md = (out / "compare.md").read_text()
     assert "| joint fused (end to end) |" in md and "| image branch in joint (linear probe) |" in md
