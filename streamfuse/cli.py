@@ -47,6 +47,19 @@ def _parse_faults(specs: list[str]):
     return tuple(parse_fault(s) for s in specs)
 
 
+def _dataset_rows(settings: Settings, dataset: Optional[Path], split: str, faults):
+    """The checked rows of ``--dataset`` (None without it), before anything starts."""
+    if dataset is None:
+        return None
+    from streamfuse.sim.dataset_plant import load_rows
+
+    rows = load_rows(dataset, split, max_payload_bytes=settings.max_payload_bytes)
+    rows.check_faults(faults)
+    console.print(f"dataset {rows.root}: {len(rows.rows)} {split} rows, classes {list(rows.classes)}, "
+                  f"modalities {list(rows.modalities)}")
+    return rows
+
+
 @app.command()
 def demo(
     duration: float = typer.Option(90.0, help="Seconds to run the simulated plant."),
@@ -58,6 +71,11 @@ def demo(
     logs: Path = typer.Option(Path(".cache/streamfuse/demo-logs"), help="Child process logs."),
     record: Optional[Path] = typer.Option(None, help="Record the run (every topic, with the faults "
                                                      "annotated) into this new directory, for `streamfuse replay`."),
+    dataset: Optional[Path] = typer.Option(None, help="Stream this labelled dataset (metadata.csv layout) as the "
+                                                      "plant instead of simulating it."),
+    split: str = typer.Option("test", help="With --dataset: the split to stream (train | val | test)."),
+    models: Optional[Path] = typer.Option(None, help="Serve this bundle (`streamfuse train --out`), imported and "
+                                                     "activated, instead of the demo bundle."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the whole pipeline locally: embedded broker, plant, worker, monitor, alert dispatcher, live KPIs."""
@@ -66,7 +84,10 @@ def demo(
     settings = _settings(verbose)
     sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
     settings = settings.model_copy(update={"sim": sim})
-    result = run_demo(settings, duration, _parse_faults(fault), summary, console, logs, record_dir=record)
+    faults = _parse_faults(fault)
+    rows = _dataset_rows(settings, dataset, split, faults)
+    result = run_demo(settings, duration, faults, summary, console, logs, record_dir=record, dataset=rows,
+                      models=models)
     c = result["counts"]
     console.print(f"samples {c['samples']}, predictions {c['predictions']}, dead-letter {c['dead_letter']}, "
                   f"KPI snapshots {c['kpi_snapshots']}, alerts {c['alerts']}, commands {c['commands']}")
@@ -135,18 +156,23 @@ def simulate(
     jitter_ms: int = typer.Option(40, help="With --per-modality-topics: event-time jitter of each reading, ms."),
     reorder: float = typer.Option(0.05, help="With --per-modality-topics: share of readings published out of order."),
     drop: float = typer.Option(0.02, help="With --per-modality-topics: share of readings never published."),
+    dataset: Optional[Path] = typer.Option(None, help="Stream this labelled dataset's rows (metadata.csv layout) "
+                                                      "as the plant's readings, cycled across the assets."),
+    split: str = typer.Option("test", help="With --dataset: the split to stream (train | val | test)."),
 ) -> None:
-    """Run the simulated plant: samples (or per-modality readings) and, late, labels."""
+    """Run the simulated plant (or a labelled dataset as the plant): samples (or per-modality readings) and, late, labels."""
     from streamfuse.sim.publish import ReadingDisorder, SimPublisher
 
     settings = _settings()
+    faults = _parse_faults(fault)
+    rows = _dataset_rows(settings, dataset, split, faults)
     sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
     settings = settings.model_copy(update={"sim": sim})
     disorder = ReadingDisorder(jitter_ms=jitter_ms, reorder_prob=reorder,
                                reorder_ms=int(500 / sim.rate_hz), drop_prob=drop) if per_modality_topics else None
-    pub = SimPublisher(settings, _parse_faults(fault), speed=None if max_speed else speed,
+    pub = SimPublisher(settings, faults, speed=None if max_speed else speed,
                        malformed_every=malformed_every, per_modality_topics=per_modality_topics,
-                       **({"disorder": disorder} if disorder else {}))
+                       **({"disorder": disorder} if disorder else {}), dataset=rows)
     try:
         stats = pub.run(duration_s=duration)
     except KeyboardInterrupt:
@@ -243,13 +269,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     from rich.table import Table
 
     t = Table(title="latest global KPIs")
-    for col in ("scope", "modality", "n", "accuracy", "agreement", "contribution", "masked"):
+    for col in ("scope", "modality", "n", "accuracy", "est. accuracy", "agreement", "contribution", "masked"):
         t.add_column(col)
     for key, k in st["kpis"].items():
         if k["scope"] != "global":
             continue
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k["agreement"]),
+        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k.get("est_accuracy")),
+                  fmt(k["agreement"]),
                   fmt(k["mean_contribution"]), fmt(k["masked_rate"]))
     console.print(t)
     console.print(f"open alerts: {len(st['open_alerts'])}")

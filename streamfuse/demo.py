@@ -3,7 +3,8 @@
 Starts the embedded broker (unless ``STREAMFUSE_KAFKA_BOOTSTRAP`` is set), checks Redis,
 creates the topics, trains the demo bundle on simulator data at first run (cached under
 the model directory), starts a worker and the monitor as child processes, runs the
-simulated plant in real time, shows a live KPI table and writes a JSON summary.
+simulated plant (or streams a labelled dataset's rows as the plant, ``--dataset``, serving
+the ``--models`` bundle) in real time, shows a live KPI table and writes a JSON summary.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamfuse.config import Settings
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, decode
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.topics import Topics
+
+if TYPE_CHECKING:
+    from streamfuse.sim.dataset_plant import DatasetRows
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,10 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     return out
 
 
-def ensure_models(settings: Settings, console=None):
+def ensure_models(settings: Settings, console=None, *, fresh: bool = False):
     """The model registry, with active versions: imports ``settings.bundle_dir`` when the
-    registry has none (training the demo bundle first when the bundle is ``demo``).
+    registry has none, or always with ``fresh`` (training the demo bundle first when the
+    bundle is ``demo``).
 
     Raises:
         ModelError: nothing is active and there is no bundle to import.
@@ -71,7 +76,7 @@ def ensure_models(settings: Settings, console=None):
     from streamfuse.registry import Registry
 
     registry = Registry(settings)
-    if registry.active():
+    if registry.active() and not fresh:
         return registry
     if settings.bundle == "demo":
         ensure_demo_bundle(settings, console)
@@ -243,14 +248,31 @@ def fault_report(observer: Observer, faults: tuple[FaultSpec, ...], window_ms: i
         hits = [a for a in observer.alerts if a["status"] == "firing" and a["modality"] == f.modality
                 and a["t_s"] >= f.start_s]
         first = min((a["t_s"] for a in hits), default=None)
+        per_line, masked = _per_line(observer, f, hits)
         per_fault.append({
             "fault": str(f),
             "first_alert_t_s": first,
+            "first_alert_t_s_per_line": per_line,
+            "masked_t_s_per_line": masked,
             "detection_delay_windows": None if first is None else round((first - f.start_s) * 1000 / window_ms, 1),
             "fused_accuracy": {"before": fused_acc(0, f.start_s), "during": fused_acc(f.start_s, end),
                                "after": fused_acc(end, duration_s) if f.end_s is not None else None},
         })
     return {"chains": chains, "fault_detection": per_fault}
+
+
+def _per_line(observer: Observer, f: FaultSpec, hits: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """Per line: the first alert about the fault's modality and the first mask of it (t_s)."""
+    lines = sorted({a["scope_id"] for a in observer.alerts if a["scope"] == "line"}
+                   | {c["scope_id"] for c in observer.commands if c["scope"] == "line"})
+
+    def covers(x: dict[str, Any], ln: str) -> bool:
+        return x["scope"] == "global" or (x["scope"] == "line" and x["scope_id"] == ln)
+
+    alerts = {ln: min((a["t_s"] for a in hits if covers(a, ln)), default=None) for ln in lines}
+    masks = {ln: min((c["t_s"] for c in observer.commands if c["action"] == "mask_modality" and covers(c, ln)
+                      and c["modality"] == f.modality and c["t_s"] >= f.start_s), default=None) for ln in lines}
+    return alerts, masks
 
 
 def wait_for_deliveries(settings: Settings, observer: Observer, timeout_s: float) -> dict[str, Any]:
@@ -266,8 +288,30 @@ def wait_for_deliveries(settings: Settings, observer: Observer, timeout_s: float
         time.sleep(0.2)  # polling Redis counters; nothing to subscribe to
 
 
+def serve_models(settings: Settings, console, dataset: DatasetRows | None, models: Path | None) -> Settings:
+    """Active models for the demo: the ``models`` bundle (imported and activated) or as
+    :func:`ensure_models`; checks that the ``dataset``'s labels are among their classes.
+
+    Returns:
+        The settings, with ``bundle`` pointing at ``models`` when given.
+
+    Raises:
+        UnknownLabelError: a row's label is not a class of the served models (the row named).
+    """
+    if models is not None:
+        settings = settings.model_copy(update={"bundle": str(Path(models).resolve())})
+    registry = ensure_models(settings, console, fresh=models is not None)
+    if dataset is not None:
+        unit, version = next(iter(registry.active().items()))  # active units agree on classes
+        dataset.check_classes(registry.manifest(unit, version)["classes"], "the served models'")
+    return settings
+
+
 def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...], summary_path: Path | None,
-             console, log_dir: Path, malformed_every: int = 200, record_dir: Path | None = None) -> dict[str, Any]:
+             console, log_dir: Path, malformed_every: int = 200, record_dir: Path | None = None,
+             dataset: DatasetRows | None = None, models: Path | None = None) -> dict[str, Any]:
+    """The demo; with ``dataset`` its rows are the plant (labels checked against the served
+    classes), with ``models`` that bundle is imported, activated and served."""
     from rich.live import Live
 
     from streamfuse.embedded import EmbeddedBroker
@@ -286,12 +330,12 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         # A fresh status for this run; the user's alert subscriptions and silences stay.
         store.clear(keep=("alerts:subscriptions", "alerts:silences"))
         ensure_topics(settings)
-        ensure_models(settings, console)
+        settings = serve_models(settings, console, dataset, models)
         procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir),
                  spawn("alerts", settings, log_dir, "dispatch")]
         start_ms = int(time.time() * 1000)
         sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
-                           run_id=f"demo{start_ms}")
+                           run_id=f"demo{start_ms}", dataset=dataset)
         observer = Observer(settings, start_ms)
         thread = threading.Thread(target=sim.run, kwargs={"duration_s": duration_s}, daemon=True)
         thread.start()

@@ -164,6 +164,10 @@ class KpiSnapshot:
     ref_fused_correct: int = 0
     ref_discordant: int = 0  # exactly one of fused and reference right
     mean_latency_ms: float | None = None
+    # label-free: mean over the window's samples of P(right | agreement category), calibrated
+    # on the validation split (streamfuse.monitor.evidence); known before any label arrives
+    est_accuracy: float | None = None
+    est_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,14 @@ class MonitorMetrics:
         self.pending_labels = Gauge(
             "streamfuse_monitor_pending_labels", "Labels waiting for their prediction.", registry=registry
         )
+        self.accuracy_estimate = Gauge(
+            "streamfuse_monitor_accuracy_estimate",
+            "Label-free accuracy estimate of the newest ended window (agreement, calibrated on the validation "
+            "split), per global/line scope and modality; the labelled value follows in "
+            "streamfuse_monitor_kpi_value{kpi=\"accuracy\"} once the window closes.",
+            ["scope", "scope_id", "modality"],
+            registry=registry,
+        )
 
 
 def serve(registry: CollectorRegistry, port: int) -> None:

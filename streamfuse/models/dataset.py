@@ -94,15 +94,18 @@ class Dataset:
 
 def load_dataset(
     root: str | Path, *, modalities: Sequence[str] | None = None, classes: Sequence[str] | None = None,
-    require: Sequence[str] = ("train", "val"),
+    require: Sequence[str] = ("train", "val"), files: Sequence[str] = SPLITS,
 ) -> Dataset:
     """Read ``root/metadata.csv`` and every file it names.
 
     Args:
         root: the dataset folder.
         modalities: the modality columns to read (default: all present in the CSV).
-        classes: the allowed labels (default: the sorted labels of the train split).
+        classes: the allowed labels (default: the sorted labels of the train split, or of
+            every row when there is no train split).
         require: splits that must not be empty.
+        files: the splits whose files are read and checked; the other splits' rows count
+            for the classes only and come back without readings.
 
     Returns:
         The :class:`Dataset`.
@@ -134,19 +137,23 @@ def load_dataset(
             raise BadFileError(f"{meta} line {line}: split {split!r} is not one of {list(SPLITS)}", meta, line)
         if not label:
             raise UnknownLabelError(f"{meta} line {line}: the label of {sid!r} is empty", meta, line)
-        readings = {m: _read(root, meta, line, sid, m, cell[m]) for m in cols if cell[m]}
+        readings = {m: _read(root, meta, line, sid, m, cell[m]) for m in cols if cell[m] and split in files}
         data[split].append((line, sid, label, readings))
     for name in require:
         if not data[name]:
             raise EmptySplitError(f"{meta}: the {name} split is empty; mark some rows split={name}", meta)
-    classes = tuple(classes) if classes else tuple(sorted({lab for _, _, lab, _ in data["train"]}))
+    given = bool(classes)
+    known = data["train"] or [item for items in data.values() for item in items]
+    classes = tuple(classes) if classes else tuple(sorted({lab for _, _, lab, _ in known}))
     out: dict[str, list[Pair]] = {}
     for name, items in data.items():
         for line, sid, label, readings in items:
             if label not in classes:
+                fix = ("fix the label, or use models trained on this dataset" if given else
+                       "add training rows with it or fix the label")
                 raise UnknownLabelError(f"{meta} line {line}: label {label!r} of {sid!r} ({name}) is not one of the "
-                                        f"classes {list(classes)} (the train split's labels); add training rows "
-                                        "with it or fix the label", meta, line)
+                                        f"classes {list(classes)} ({'given' if given else 'the train split labels'});"
+                                        f" {fix}", meta, line)
             missing = tuple(m for m in cols if m not in readings)
             out.setdefault(name, []).append((Sample(sid, "dataset", line, readings, missing=missing),
                                              Label(sid, "dataset", line, label)))
@@ -185,7 +192,9 @@ def _read(root: Path, meta: Path, line: int, sid: str, modality: str, rel: str) 
         ev = _event(path, sid, modality)
         check_reading(ev)
     except (InvalidEvent, OSError, ValueError, EOFError, wave.Error) as exc:
-        raise BadFileError(f"{path} ({meta} line {line}) is not a valid {modality} file: {exc}", path, line) from None
+        raise BadFileError(f"{path} ({meta} line {line}, {modality} of {sid!r}) is not a valid {modality} file: "
+                           f"{exc}; replace the file, or leave the cell empty if the reading is missing",
+                           path, line) from None
     return ev
 
 

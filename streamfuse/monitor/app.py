@@ -46,7 +46,8 @@ from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
-GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate")
+GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
+          "est_accuracy")
 
 
 def now_ms() -> int:
@@ -122,6 +123,9 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                         metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
         if result.kpis:
             writer.submit("writing the latest KPIs", store.put_kpis, result.kpis)
+        for s in result.estimates:  # label-free, at the window's end: long before its labels
+            if s.est_accuracy is not None:
+                metrics.accuracy_estimate.labels(s.scope, s.scope_id, s.modality).set(s.est_accuracy)
         for a in result.alerts:
             if not await publish("alert", f"{a.alert_id}:{a.status}", out["alerts"], a.fingerprint.encode(),
                                  encode(a)):
@@ -167,7 +171,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                 # Publish first, checkpoint after: killed in between, the monitor re-derives
                 # the same outputs from the older checkpoint, and the Redis claims drop them.
                 await emit(result)
-                if result.kpis:
+                if result.kpis or result.alerts:
                     checkpoint(msg.partition)
             metrics.pending_labels.set(core.kpis.pending_labels)
 

@@ -30,6 +30,7 @@ from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.events import JSON, MSGPACK, Label, Sample, SensorEvent, encode, encode_json, headers
 from streamfuse.sends import TrackedProducer
+from streamfuse.sim.dataset_plant import DatasetPlant, DatasetRows
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.sim.plant import Plant, PlantConfig
 from streamfuse.sync import SyncConfig, slot_id
@@ -167,6 +168,9 @@ class SimPublisher:
         disorder: jitter, reordering, drops... of the per-modality mode (default: none).
         failures: ``streamfuse_producer_send_failures_total`` (``ProducerMetrics(registry).failures``)
             to count failed sends in; they are always in :class:`SimStats` too.
+        dataset: stream these dataset rows (:func:`~streamfuse.sim.dataset_plant.load_rows`)
+            as the plant's readings instead of simulating them (a
+            :class:`~streamfuse.sim.dataset_plant.DatasetPlant`).
 
     Raises:
         ConfigError: a bad speed, or disorder the synchronizer cannot absorb.
@@ -175,6 +179,7 @@ class SimPublisher:
     def __init__(self, settings: Settings, faults: tuple[FaultSpec, ...] = (), start_ms: int | None = None,
                  speed: float | None = 1.0, malformed_every: int = 0, run_id: str = "sim",
                  per_modality_topics: bool = False, disorder: ReadingDisorder | None = None,
+                 dataset: DatasetRows | None = None,
                  failures=None) -> None:
         self.settings = settings
         self.failures = failures
@@ -190,7 +195,8 @@ class SimPublisher:
             self.start_ms = -(-self.start_ms // period) * period  # slot times are multiples of the period
             self.disorder.check(period)
             self._rng = np.random.default_rng([0x5F5, self.disorder.seed])
-        self.plant = Plant(cfg, start_ms=self.start_ms, run_id=run_id)
+        self.plant = Plant(cfg, start_ms=self.start_ms, run_id=run_id) if dataset is None else \
+            DatasetPlant(dataset, config=cfg, start_ms=self.start_ms, run_id=run_id)
         if speed is not None and speed <= 0:
             raise ConfigError(f"speed must be > 0 (or None for as fast as possible), got {speed}")
         self.speed = speed

@@ -20,6 +20,10 @@ from streamfuse.errors import ConfigError
 
 TAU = 2.0 * np.pi
 VIBRATION_RATE_HZ = 1024.0  # sample rate of the vibration window (256 values = 0.25 s)
+# Typical levels of the simulated readings (medians over 400 samples): recorded readings
+# are degraded relative to these, so a fault is as severe on real data as in the simulator.
+AUDIO_RMS = 1500.0  # PCM16 units
+SERIES_SD = 0.43
 
 
 # ---------------------------------------------------------------------------- image
@@ -116,10 +120,10 @@ def blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def occlude(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Something (a tarp, a person) stands in front of the machine."""
-    n = img.shape[0]
-    x = img.copy()
-    lo, hi = int(n * rng.uniform(0.04, 0.08)), int(np.ceil(n * rng.uniform(0.92, 0.96)))
-    x[lo:hi, lo:hi] = np.clip(rng.uniform(30, 90) + rng.normal(0, 8, 3), 0, 255).astype(np.uint8)
+    (h, w), x = img.shape[:2], img.copy()
+    lo, hi = rng.uniform(0.04, 0.08), rng.uniform(0.92, 0.96)  # shares of each side: any aspect ratio
+    rows, cols = slice(int(h * lo), int(np.ceil(h * hi))), slice(int(w * lo), int(np.ceil(w * hi)))
+    x[rows, cols] = np.clip(rng.uniform(30, 90) + rng.normal(0, 8, 3), 0, 255).astype(np.uint8)
     return x
 
 
@@ -185,16 +189,23 @@ def machine_audio(
     return np.clip(np.round(x * 32767), -32768, 32767).astype(np.int16)
 
 
-def noise(pcm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A loud broadband source (compressed air, a grinder) drowns the machine."""
-    x = pcm.astype(np.float64) + rng.normal(0, rng.uniform(0.2, 0.35) * 32767, pcm.shape)
+def noise(pcm: np.ndarray, rng: np.random.Generator, level: float = 1.0) -> np.ndarray:
+    """A loud broadband source (compressed air, a grinder) drowns the machine.
+
+    ``level`` scales the noise with the clip's loudness relative to the simulator's
+    (:data:`AUDIO_RMS`), so a recorded clip is drowned as deeply as a simulated one.
+    """
+    x = pcm.astype(np.float64) + rng.normal(0, rng.uniform(0.2, 0.35) * 32767 * level, pcm.shape)
     return np.clip(np.round(x), -32768, 32767).astype(np.int16)
 
 
-def clip(pcm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Preamp gain far too high: its own hiss, amplified, pins the output to the rails."""
+def clip(pcm: np.ndarray, rng: np.random.Generator, level: float = 1.0) -> np.ndarray:
+    """Preamp gain far too high: its own hiss, amplified, pins the output to the rails.
+
+    ``level``: the clip's loudness relative to the simulator's; the hiss follows it.
+    """
     # the hiss must dominate the sign of the input, or the clipped wave is 1-bit audio
-    x = pcm / 32767.0 + rng.normal(0, rng.uniform(0.2, 0.35), pcm.shape)
+    x = pcm / 32767.0 + rng.normal(0, rng.uniform(0.2, 0.35) * level, pcm.shape)
     level = rng.uniform(0.02, 0.05)
     x = np.clip(x * rng.uniform(15, 30), -level, level)
     return np.round(x * 32767).astype(np.int16)
@@ -245,14 +256,20 @@ def machine_vibration(
     return x.astype(np.float32)
 
 
-def flatline(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The sensor is stuck at one reading, unrelated to the machine (a frozen ADC code)."""
-    return np.full_like(x, rng.uniform(-1.0, 1.0))
+def flatline(x: np.ndarray, rng: np.random.Generator, center: float | np.ndarray = 0.0,
+             scale: float | np.ndarray = 1.0) -> np.ndarray:
+    """The sensor is stuck at one reading, unrelated to the machine (a frozen ADC code).
+
+    ``center`` and ``scale`` (per channel, broadcast against ``x``) place the stuck value
+    within a recorded series' own range: ``center + u * scale``, ``u`` in [-1, 1).
+    """
+    return np.full_like(x, center + rng.uniform(-1.0, 1.0) * scale)
 
 
-def series_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A loose cable or EMI: noise far above the vibration."""
-    return (x + rng.normal(0, rng.uniform(1.5, 3.0), x.shape)).astype(np.float32)
+def series_noise(x: np.ndarray, rng: np.random.Generator, scale: float | np.ndarray = 1.0) -> np.ndarray:
+    """A loose cable or EMI: noise far above the vibration (``scale``: a recorded series'
+    spread relative to the simulator's, :data:`SERIES_SD`)."""
+    return (x + rng.normal(0, rng.uniform(1.5, 3.0) * scale, x.shape)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -265,7 +282,7 @@ DEGRADATIONS = {
 }
 
 
-def degrade(modality: str, kind: str, data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def degrade(modality: str, kind: str, data: np.ndarray, rng: np.random.Generator, **levels) -> np.ndarray:
     """Apply one fault to one reading.
 
     Args:
@@ -273,6 +290,8 @@ def degrade(modality: str, kind: str, data: np.ndarray, rng: np.random.Generator
         kind: a fault kind of that modality other than ``dropout``.
         data: the clean reading, as returned by the generator.
         rng: the source of the fault's randomness.
+        levels: the kind's level arguments for a recorded reading (``level``, ``center``,
+            ``scale``); none for simulated readings.
 
     Returns:
         The degraded reading, same shape and dtype.
@@ -285,7 +304,7 @@ def degrade(modality: str, kind: str, data: np.ndarray, rng: np.random.Generator
     if fn is None:
         valid = "; ".join(f"{m}: {'|'.join(k)}" for m, k in DEGRADATIONS.items())
         raise ConfigError(f"no {modality} degradation {kind!r}; valid: {valid}")
-    return fn(data, rng)
+    return fn(data, rng, **levels)
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 85) -> bytes:
