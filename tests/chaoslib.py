@@ -119,7 +119,7 @@ class ChaosRun:
 
     def __init__(self, settings, log_dir: Path, faults: list[str], duration_s: float, speed: float = 4.0,
                  processes: tuple[str, ...] = ("worker", "monitor", "dispatcher"), run_id: str = "ch",
-                 env: dict[str, dict[str, str]] | None = None) -> None:
+                 env: dict[str, dict[str, str]] | None = None, sim_options: dict | None = None) -> None:
         from streamfuse.alerts.receiver import WebhookReceiver
         from streamfuse.alerts.subscriptions import SubscriptionStore
         from streamfuse.demo import Observer
@@ -136,7 +136,7 @@ class ChaosRun:
         self.procs = {name: self.spawn(name, (env or {}).get(name)) for name in processes}
         self.observer = Observer(settings, CHAOS_START_MS)
         self.sim = SimPublisher(settings, tuple(parse_fault(f) for f in faults), start_ms=CHAOS_START_MS,
-                                speed=speed, run_id=run_id)
+                                speed=speed, run_id=run_id, **(sim_options or {}))
         self.thread = threading.Thread(target=self.sim.run, kwargs={"duration_s": duration_s}, daemon=True)
         self.paused: set[str] = set()  # processes a step stopped on purpose (not checked)
 

@@ -39,8 +39,9 @@ from streamfuse.alerts.outbox import DeliveryStore, async_redis, delivery_stats
 from streamfuse.alerts.subscriptions import AlertKeys, Subscription
 from streamfuse.config import Settings
 from streamfuse.events import DeadLetter, encode, headers
-from streamfuse.metrics import AlertMetrics, RedisMetrics
+from streamfuse.metrics import AlertMetrics, ProducerMetrics, RedisMetrics
 from streamfuse.redislink import RedisLink, redis_errors
+from streamfuse.sends import TrackedProducer
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,9 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None, *,
     link = RedisLink("alerts-dispatch", RedisMetrics(registry).up.labels("alerts-dispatch"))
     intake = Intake(settings, connect(settings), on_alert=lambda status: metrics.alerts.labels(status).inc(),
                     link=link, stop=stop)
-    producer = make_producer(settings, "streamfuse-alerts")
+    # dead letters only; a send the broker does not take is sent again, never dropped silently
+    producer = TrackedProducer(make_producer(settings, "streamfuse-alerts"), "alerts-dispatch",
+                               ProducerMetrics(registry).failures, max_attempts=None)
     failure: list[BaseException] = []
 
     async def main() -> None:

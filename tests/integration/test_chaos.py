@@ -8,6 +8,7 @@ timeouts (2 s KPI windows, 2 s sessions, 0.2-1 s retries) keep them short."""
 from __future__ import annotations
 
 import pytest
+import redis
 
 from chaoslib import ChaosRun, RedisServer, Timed, chaos_settings, freeze, thaw
 from streamfuse.embedded import EmbeddedBroker
@@ -15,8 +16,8 @@ from streamfuse.faultpoint import EXIT_CODE
 from streamfuse.inference.worker import MAX_BATCHES_IN_FLIGHT
 
 pytestmark = pytest.mark.integration
-FAULT = ["audio:mute@4-12/asset-1"]  # a sensor fault: alert + mask, then resolved + unmask
-DURATION_S = 22.0
+FAULT = ["audio:mute@4-11/asset-0"]  # a sensor fault: alert + mask, then resolved + unmask
+DURATION_S = 24.0
 
 
 def fired_and_resolved(run: ChaosRun) -> bool:
@@ -74,16 +75,51 @@ def test_broker_frozen_10s(chaos, settings):
 def test_redis_stopped_10s(chaos, settings, tmp_path):
     from streamfuse.demo import ensure_models
 
-    with RedisServer(tmp_path / "redis") as redis:
-        s = chaos_settings(settings, redis_url=redis.url)
+    with RedisServer(tmp_path / "redis") as server:
+        s = chaos_settings(settings, redis_url=server.url)
         ensure_models(s)  # the registry lives in this Redis
-        # stopped for 10 s or until the fault's alert was published without Redis, if later
-        fault = Timed(started, lambda r: redis.stop(), lambda r: redis.start(), hold_s=10, also=alerted)
-        run = chaos(s).run(steps=fault.steps(), until=fired_and_resolved)
-        print(f"\nchaos Redis stopped 10 s: {run.summary()}")
+        during: dict[str, list] = {}
+
+        def back(r: ChaosRun) -> None:  # note what was published while Redis was down, then restart it
+            during.update(alerts=list(r.observer.alerts), commands=list(r.observer.commands))
+            server.start()
+
+        # stopped for 10 s, or until the fault's alert was published without Redis if later
+        fault = Timed(started, lambda r: server.stop(), back, hold_s=10, also=alerted)
+        run = chaos(s).run(steps=fault.steps(), until=lambda r: fired_and_resolved(r) and caught_up(r))
+        print(f"\nchaos Redis stopped {fault.ended - fault.started:.0f} s: {run.summary()}; published during "
+              f"the outage: {len(during['alerts'])} alerts, {len(during['commands'])} commands")
         run.assert_healthy(max_duplicate_predictions=in_flight(run))
         for name in ("monitor", "dispatcher"):
-            assert "Redis unreachable" in run.log(name) and "reachable again" in run.log(name), name
+            log = run.log(name)
+            assert log.count("Redis unreachable") == 1 and "reachable again" in log, (name, log[-2000:])
+        # A command issued during the outage is published and applied at once; its audit
+        # entry, its claim and the workers' acks reach Redis once it is back.
+        assert during["alerts"] and during["commands"], during
+        cmd = during["commands"][0]
+        assert any(a["command_id"] == cmd["command_id"] and a["status"] == "applied" for a in run.observer.acks)
+        audited = audit_ids(s)
+        assert {c["command_id"] for c in run.observer.commands} <= audited["command"]
+        assert cmd["command_id"] in audited["ack"]
+
+
+def audit_ids(s) -> dict[str, set[str]]:
+    """Ids in the Redis audit trail by type (alert, command, ack)."""
+    from streamfuse.store import StatusStore, connect
+
+    store = StatusStore(connect(s), s.redis_prefix)
+    out: dict[str, set[str]] = {"alert": set(), "command": set(), "ack": set()}
+    for _, fields in store.r.xrange(store.key("audit")):
+        out.setdefault(fields[b"type"].decode(), set()).add(fields[b"id"].decode())
+    return out
+
+
+def caught_up(run: ChaosRun) -> bool:
+    """Redis holds every command the monitor published (its state caught up)."""
+    try:
+        return {c["command_id"] for c in run.observer.commands} <= audit_ids(run.settings)["command"]
+    except redis.RedisError:  # still down
+        return False
 
 
 def test_monitor_killed_mid_fault_between_produce_and_claim(chaos):
