@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from poison import malformed_records
 
 from streamfuse.events import BATCH_END, MSGPACK, Sample, SensorEvent, encode, headers
 from streamfuse.inference.feeder import Feeder
@@ -213,3 +214,31 @@ def test_a_rebalance_drops_unstarted_batches_and_commits_the_started_ones_first(
     feeder.close()
     assert events[:3] == ["revoke", "commit 1", "revoked"]  # committed before the partitions went
     assert [s.sample_id for _, s in third.samples] == ["s0-2"]  # the second batch was dropped, not served
+
+
+def test_every_malformed_record_is_dead_lettered_with_a_reason_and_the_valid_ones_pass():
+    from streamfuse.events import REASONS
+
+    bad = malformed_records([sample_bytes(0, i) for i in range(10)], 2000, seed=11, oversize_to=10_000)
+    msgs, surely_bad = [], set()
+    for i, (value, sure, _) in enumerate(bad):
+        msgs.append(Msg(0, 2 * i, value))
+        msgs.append(Msg(0, 2 * i + 1, sample_bytes(0, i), marked=i == len(bad) - 1))  # a valid one after each
+        if sure:
+            surely_bad.add(2 * i)
+    feeder = Feeder(Consumer([msgs]), "t", max_batch=64, max_delay_ms=1, max_payload_bytes=10_000,
+                    stream_batches=True)
+    feeder.start()
+    dead: dict[int, list[str]] = {}
+    served: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(served | set(dead)) < len(msgs) and time.monotonic() < deadline:
+        b = feeder.get(0.1)
+        for rec, exc in b.dead if b is not None else ():
+            dead.setdefault(rec.offset, []).append(exc.reason)
+        served.update(rec.offset for rec, _ in (b.samples if b is not None else ()))
+    feeder.close()
+    assert len(served | set(dead)) == len(msgs)  # every record accounted for: the feeder never died
+    assert surely_bad <= set(dead), sorted(surely_bad - set(dead))[:10]
+    assert all(r in REASONS for rs in dead.values() for r in rs)
+    assert {2 * i + 1 for i in range(len(bad))} <= served - set(dead)  # every valid sample passes
