@@ -107,6 +107,24 @@ def batches_of(feeder: Feeder, n_records: int) -> list[list[str]]:
     return out
 
 
+def next_batch(feeder: Feeder, timeout_s: float = 5.0):
+    """The feeder's next batch, waiting at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = feeder.get(0.05)
+        if batch is not None:
+            return batch
+    raise AssertionError(f"no batch within {timeout_s} s")
+
+
+def wait_until(predicate, what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
 def interleaved(parts: dict[int, list[Msg]], seed: int) -> list[list[Msg]]:
     """The same records, per-partition order kept, delivered in a random interleaving and
     random chunk sizes (as fetches would)."""
@@ -153,9 +171,7 @@ def test_offsets_handed_back_are_committed_and_bad_records_are_dead():
     consumer = Consumer([msgs])
     feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
     feeder.start()
-    batch = None
-    while batch is None:
-        batch = feeder.get(0.1)
+    batch = next_batch(feeder)
     assert [s.sample_id for _, s in batch.samples] == ["s0-0"]
     assert [e.reason for _, e in batch.dead] == ["undecodable"]
     feeder.commit(batch.offsets)
@@ -199,18 +215,12 @@ def test_a_rebalance_drops_unstarted_batches_and_commits_the_started_ones_first(
     consumer = Rebalancing([msgs[:2], msgs[2:]], gap_s=0.05)
     feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
     feeder.start()
-    first = None
-    while first is None:
-        first = feeder.get(0.1)  # the worker starts the first batch; the second waits in the queue
-    deadline = time.monotonic() + 5
-    while "revoke" not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert events == ["revoke"]  # waiting for the started batch
+    first = next_batch(feeder)  # the worker starts the first batch; the second waits in the queue
+    wait_until(lambda: "revoke" in events and feeder._ready.empty(), "the revoke to drop the second batch")
+    assert events == ["revoke"]  # now waiting for the started batch: nothing committed before it is handed back
     feeder.commit(first.offsets)  # its outputs are out
-    while "revoked" not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    third = feeder.get(1.0)
+    wait_until(lambda: "revoked" in events, "the revoke to finish")
+    third = next_batch(feeder)
     feeder.close()
     assert events[:3] == ["revoke", "commit 1", "revoked"]  # committed before the partitions went
     assert [s.sample_id for _, s in third.samples] == ["s0-2"]  # the second batch was dropped, not served
@@ -219,7 +229,7 @@ def test_a_rebalance_drops_unstarted_batches_and_commits_the_started_ones_first(
 def test_every_malformed_record_is_dead_lettered_with_a_reason_and_the_valid_ones_pass():
     from streamfuse.events import REASONS
 
-    bad = malformed_records([sample_bytes(0, i) for i in range(10)], 2000, seed=11, oversize_to=10_000)
+    bad = malformed_records([sample_bytes(0, i) for i in range(10)], 1000, seed=11, oversize_to=10_000)
     msgs, surely_bad = [], set()
     for i, (value, sure, _) in enumerate(bad):
         msgs.append(Msg(0, 2 * i, value))
