@@ -170,14 +170,6 @@ class AlertMetrics:
         )
 
 
-class RedisMetrics:
-    """Redis reachability of one process (``process`` = worker, monitor, sync, alerts-dispatch, alerts-api)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.up = Gauge("streamfuse_redis_up", "1 when this process reached Redis on its last try, 0 during an outage",
-                        ["process"], registry=registry)
-
-
 class ProducerMetrics:
     """Sends the broker did not take (see :class:`streamfuse.sends.TrackedProducer`)."""
 
