@@ -34,18 +34,23 @@ class RedisServer:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.workdir)],
             stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         wait_until(lambda: _pings(client), 10, f"redis-server on port {self.port} to answer")
         return self
 
     def stop(self) -> None:
-        """Kill it (its data goes with it, as with a Redis that lost its memory)."""
+        """Stop it (SIGTERM); its append-only file keeps the data for the next start, as a
+        production Redis with persistence would."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
     def __enter__(self) -> "RedisServer":
@@ -99,7 +104,7 @@ def chaos_settings(settings, **updates):
     """The scenario settings of the chaos tests: a small plant, 2 s KPI windows, short
     session and retry timings (the broker profile already gives 2 s sessions)."""
     s = settings.model_copy(update={
-        "sim": settings.sim.model_copy(update={"assets": 4, "lines": 2, "rate_hz": 5.0, "label_delay_ms": 1000}),
+        "sim": settings.sim.model_copy(update={"assets": 2, "lines": 2, "rate_hz": 5.0, "label_delay_ms": 1000}),
         "monitor": settings.monitor.model_copy(update={
             "kpi_window_ms": CHAOS_WINDOW_MS, "label_grace_ms": 4_000, "min_labelled": 10, "cooldown_ms": 0}),
         "alerts": settings.alerts.model_copy(update={

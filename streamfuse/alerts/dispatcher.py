@@ -130,13 +130,12 @@ class ReceiverPool:
                 delay = self.link.failed(exc, f"delivering to subscription {sid}")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
-            else:
-                self.link.succeeded()
 
     async def _drain_once(self, sid: str) -> bool:
         """Deliver the next due group of ``sid``, or wait a little for one; False when
         ``sid`` is no longer subscribed."""
         nxt = await self.store.next_group(sid)
+        self.link.succeeded()  # Redis answered (a turn that only waited proves nothing)
         now = now_ms()
         if nxt is None or nxt[1] > now:
             wait_s = 1.0 if nxt is None else min(1.0, (nxt[1] - now) / 1000)
