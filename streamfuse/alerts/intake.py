@@ -95,8 +95,7 @@ class Intake:
             The subscriptions that got new notifications.
 
         Raises:
-            RedisUnavailable: stopped while waiting for Redis: the batch was not recorded; the
-                caller must not commit offsets.
+            RedisUnavailable: stopped while waiting for Redis; the caller must not commit offsets.
         """
         silences = self._redis(self.silences.list, now_ms, what="reading silences")
         offsets: dict[str, int] = {}

@@ -54,6 +54,32 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class ClaimedPublisher:
+    """Publish alerts and commands at least once: produce unless claimed before, wait for
+    the broker's acknowledgement, then claim the id in Redis (write-behind).
+
+    A claim that cannot be checked (Redis down) counts as not claimed: publishing twice
+    is harmless (ids make it idempotent downstream), not publishing is not.
+    """
+
+    def __init__(self, link: RedisLink, store: StatusStore, writer: StatusWriter) -> None:
+        self.link, self.store, self.writer = link, store, writer
+        self.published: set[str] = set()  # claims of this process's life: known without asking Redis
+
+    async def publish(self, kind: str, ident: str, topic, key: bytes, value: bytes) -> bool:
+        """True when it was produced now; False when it had been published before."""
+        claim = f"{kind}:{ident}"
+        if claim in self.published or self.link.attempt(self.store.claimed, kind, ident,
+                                                        what=f"checking the {kind} claim", default=False):
+            return False
+        fut = await topic.send(key=key, value=value, headers=HEADERS)
+        await fut  # the broker's acknowledgement
+        reached("monitor-after-produce")
+        self.published.add(claim)
+        self.writer.submit(f"claiming {kind} {ident}", self.store.claim, kind, ident)
+        return True
+
+
 def create_app(settings: Settings, baselines: dict[str, dict[str, float]], registry: CollectorRegistry | None = None):
     import faust
 
@@ -75,7 +101,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
     store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
     writer = StatusWriter(link, "monitor-redis-writer")
-    published: set[str] = set()  # claims of this process's life: known without asking Redis
+    publish = ClaimedPublisher(link, store, writer).publish
 
     def sink(key: str, value) -> None:
         if value is None:
@@ -98,19 +124,6 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     def checkpoint(partition: int) -> None:
         restored["seq"] += 1
         state[f"core@{partition}"] = {"seq": restored["seq"], "core": core.state_dict()}
-
-    async def publish(kind: str, ident: str, topic, key: bytes, value: bytes) -> bool:
-        """Produce unless claimed before; claim once the broker acknowledged it."""
-        claim = f"{kind}:{ident}"
-        if claim in published or link.attempt(store.claimed, kind, ident, what=f"checking the {kind} claim",
-                                               default=False):
-            return False  # already published (before a restart, or Redis says so)
-        fut = await topic.send(key=key, value=value, headers=HEADERS)
-        await fut  # the broker's acknowledgement
-        reached("monitor-after-produce")
-        published.add(claim)
-        writer.submit(f"claiming {kind} {ident}", store.claim, kind, ident)
-        return True
 
     async def emit(result: Outputs) -> None:
         for s in result.kpis:
