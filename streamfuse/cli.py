@@ -245,9 +245,12 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     from streamfuse.monitor.app import run_monitor
 
     from streamfuse.registry import Registry
+    from streamfuse.store import RedisLink, connect
 
     settings = _settings(verbose)
-    baselines = Registry(settings).baselines()
+    # Started during a Redis outage (a restart), it waits for Redis instead of crash-looping.
+    registry = Registry(settings, client=connect(settings, check=False))
+    baselines = RedisLink("monitor").call(registry.baselines, what="reading the baselines at start-up")
     if not baselines:
         raise ModelError("the model registry has no active versions, so there are no baselines to monitor "
                          "against: start a worker first (it imports the bundle) or `streamfuse models import DIR`")
