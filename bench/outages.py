@@ -2,8 +2,8 @@
 
 Scenario ``redis``: the demo plant (4 assets, 2 lines, 2 Hz, real time) with a fogged
 camera on line-0, worker + monitor + alert dispatcher as processes, a webhook receiver;
-Redis (a private redis-server) is stopped for ``--outage-s`` seconds while the fault
-starts. Reported against the same run without the outage: samples without a prediction,
+Redis (a private redis-server with persistence) is stopped for ``--outage-s`` seconds
+from 45 s, while the fault (from 40 s) is being detected. Reported against the same run without the outage: samples without a prediction,
 processes alive, KPI windows after the outage, and which of the reference run's alerts
 and commands were published (the ratio is outage / reference).
 
@@ -76,8 +76,10 @@ def redis_run(models: Path, work: Path, duration: float, outage_s: float | None)
         steps, fault = [], None
         if outage_s:
             t0 = time.monotonic()
-            fault = Timed(lambda r: time.monotonic() - t0 >= 35, lambda r: redis.stop(), lambda r: redis.start(),
-                          hold_s=outage_s)
+            # from 45 s of plant time (the camera fogs at 40 s; its alert comes ~25 s later), once
+            # the monitor is up (it has published KPIs)
+            fault = Timed(lambda r: time.monotonic() - t0 >= 45 and r.observer.kpi_log, lambda r: redis.stop(),
+                          lambda r: redis.start(), hold_s=outage_s)
             steps = fault.steps()
         try:
             run.run(steps=steps, until=lambda r: len(r.observer.kpi_log) > 0, timeout_s=duration + 240)
