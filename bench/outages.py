@@ -48,6 +48,13 @@ def base_settings(bootstrap: str, redis_url: str, models: Path) -> Settings:
                                                 "cooldown_ms": 30_000})})
 
 
+def caught_up(run: ChaosRun, duration: float) -> bool:
+    """The monitor closed the KPI windows up to the end of the plant time (less its grace)."""
+    end = max((k.window_end_ms for k in run.observer.kpi_log), default=None)
+    grace_s = (run.settings.monitor.label_grace_ms + run.settings.monitor.kpi_window_ms) / 1000
+    return end is not None and run.observer.t_s(end) >= duration - grace_s - 5
+
+
 def alert_keys(run: ChaosRun) -> set[tuple]:
     return {(a["kind"], a["modality"], a["scope"], a["scope_id"], a["status"]) for a in run.observer.alerts}
 
@@ -82,7 +89,7 @@ def redis_run(models: Path, work: Path, duration: float, outage_s: float | None)
                           lambda r: redis.start(), hold_s=outage_s)
             steps = fault.steps()
         try:
-            run.run(steps=steps, until=lambda r: len(r.observer.kpi_log) > 0, timeout_s=duration + 240)
+            run.run(steps=steps, until=lambda r: caught_up(r, duration), timeout_s=duration + 300)
             end_ms = max(k.window_end_ms for k in run.observer.kpi_log)
             out = counts(run)
             out["last_kpi_window_end_s"] = run.observer.t_s(end_ms)
@@ -111,7 +118,8 @@ def broker_run(models: Path, work: Path, duration: float, freeze_s: float | None
             steps = Timed(lambda r: time.monotonic() - t0 >= 20, lambda r: freeze(broker.pid),
                           lambda r: thaw(broker.pid), hold_s=freeze_s).steps()
         try:
-            run.run(steps=steps, timeout_s=duration + freeze_s + 300 if freeze_s else duration + 240)
+            run.run(steps=steps, until=lambda r: caught_up(r, duration),
+                    timeout_s=duration + (freeze_s or 0) + 300)
             out = counts(run)
             out["sensor_fault_alerts"] = sum(1 for a in run.observer.alerts if a["kind"] == "sensor_fault")
             out["masks"] = sum(1 for c in run.observer.commands if c["action"] == "mask_modality")
