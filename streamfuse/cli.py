@@ -100,13 +100,22 @@ def demo(
 
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port to listen on (0 = a free one).")) -> None:
-    """Run the embedded Kafka-protocol broker in the foreground (Ctrl-C stops it)."""
+    """Run the embedded Kafka-protocol broker in the foreground (Ctrl-C or SIGTERM stops it and
+    leaves no process behind; a port in use is an error)."""
+    import signal
+
     from streamfuse.embedded import EmbeddedBroker
 
     _settings()
-    b = EmbeddedBroker(port=port).start()
-    console.print(f"broker ready: export STREAMFUSE_KAFKA_BOOTSTRAP={b.bootstrap} STREAMFUSE_BROKER=tansu")
+
+    def on_term(signum, frame):  # SIGTERM as Ctrl-C: the finally below kills and reaps the broker
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    b = EmbeddedBroker(port=port)
     try:
+        b.start()
+        console.print(f"broker ready: export STREAMFUSE_KAFKA_BOOTSTRAP={b.bootstrap} STREAMFUSE_BROKER=tansu")
         b.wait()
     except KeyboardInterrupt:
         pass  # Ctrl-C is the normal way to stop it
@@ -170,6 +179,9 @@ def simulate(
         stats = pub.stats
     console.print(f"published {stats.samples} samples ({stats.sensor_events} sensor readings), "
                   f"{stats.labels} labels, {stats.malformed} malformed records")
+    if stats.send_retried or stats.send_lost:
+        console.print(f"[red]broker trouble:[/red] {stats.send_retried} failed sends sent again, "
+                      f"{stats.send_lost} records lost after every retry")
 
 
 @app.command()
@@ -233,9 +245,12 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     from streamfuse.monitor.app import run_monitor
 
     from streamfuse.registry import Registry
+    from streamfuse.store import RedisLink, connect
 
     settings = _settings(verbose)
-    baselines = Registry(settings).baselines()
+    # Started during a Redis outage (a restart), it waits for Redis instead of crash-looping.
+    registry = Registry(settings, client=connect(settings, check=False))
+    baselines = RedisLink("monitor").call(registry.baselines, what="reading the baselines at start-up")
     if not baselines:
         raise ModelError("the model registry has no active versions, so there are no baselines to monitor "
                          "against: start a worker first (it imports the bundle) or `streamfuse models import DIR`")
@@ -257,13 +272,14 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     from rich.table import Table
 
     t = Table(title="latest global KPIs")
-    for col in ("scope", "modality", "n", "accuracy", "agreement", "contribution", "masked"):
+    for col in ("scope", "modality", "n", "accuracy", "est. accuracy", "agreement", "contribution", "masked"):
         t.add_column(col)
     for key, k in st["kpis"].items():
         if k["scope"] != "global":
             continue
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k["agreement"]),
+        t.add_row(k["scope"], k["modality"], str(k["n"]), fmt(k["accuracy"]), fmt(k.get("est_accuracy")),
+                  fmt(k["agreement"]),
                   fmt(k["mean_contribution"]), fmt(k["masked_rate"]))
     console.print(t)
     console.print(f"open alerts: {len(st['open_alerts'])}")

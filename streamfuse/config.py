@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamfuse.alerts.config import AlertSettings
@@ -72,6 +72,23 @@ class MonitorSettings(BaseModel):
     rollback_after_activation_ms: int = Field(120_000, ge=0)
     fusion_action: Literal["set_fusion_mode", "rollback_fusion"] = "set_fusion_mode"
     ack_timeout_ms: int = Field(15_000, ge=100)  # wall time a worker has to ack a command
+    # Label-free sequential detection (streamfuse.monitor.sequential): one false-alarm budget
+    # for every modality x scope detector; evidence is consumed in event-time steps.
+    false_alarms_per_day: float = 1.0
+    decision_step_ms: int = Field(1_000, ge=100, le=60_000)
+    attribution_alpha: float = Field(0.01, gt=0.0, lt=1.0)
+
+    @field_validator("false_alarms_per_day")
+    @classmethod
+    def _budget(cls, v: float) -> float:
+        from streamfuse.errors import ConfigError
+        from streamfuse.monitor.sequential import check_budget
+
+        try:
+            return check_budget(v)
+        except ConfigError as exc:
+            raise ConfigError(f"STREAMFUSE_MONITOR__FALSE_ALARMS_PER_DAY: {exc} (false alarms a day for the "
+                              "whole monitor, e.g. 1)") from None
 
 
 class SimSettings(BaseModel):

@@ -248,14 +248,31 @@ def fault_report(observer: Observer, faults: tuple[FaultSpec, ...], window_ms: i
         hits = [a for a in observer.alerts if a["status"] == "firing" and a["modality"] == f.modality
                 and a["t_s"] >= f.start_s]
         first = min((a["t_s"] for a in hits), default=None)
+        per_line, masked = _per_line(observer, f, hits)
         per_fault.append({
             "fault": str(f),
             "first_alert_t_s": first,
+            "first_alert_t_s_per_line": per_line,
+            "masked_t_s_per_line": masked,
             "detection_delay_windows": None if first is None else round((first - f.start_s) * 1000 / window_ms, 1),
             "fused_accuracy": {"before": fused_acc(0, f.start_s), "during": fused_acc(f.start_s, end),
                                "after": fused_acc(end, duration_s) if f.end_s is not None else None},
         })
     return {"chains": chains, "fault_detection": per_fault}
+
+
+def _per_line(observer: Observer, f: FaultSpec, hits: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """Per line: the first alert about the fault's modality and the first mask of it (t_s)."""
+    lines = sorted({a["scope_id"] for a in observer.alerts if a["scope"] == "line"}
+                   | {c["scope_id"] for c in observer.commands if c["scope"] == "line"})
+
+    def covers(x: dict[str, Any], ln: str) -> bool:
+        return x["scope"] == "global" or (x["scope"] == "line" and x["scope_id"] == ln)
+
+    alerts = {ln: min((a["t_s"] for a in hits if covers(a, ln)), default=None) for ln in lines}
+    masks = {ln: min((c["t_s"] for c in observer.commands if c["action"] == "mask_modality" and covers(c, ln)
+                      and c["modality"] == f.modality and c["t_s"] >= f.start_s), default=None) for ln in lines}
+    return alerts, masks
 
 
 def wait_for_deliveries(settings: Settings, observer: Observer, timeout_s: float) -> dict[str, Any]:

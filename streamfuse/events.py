@@ -164,6 +164,10 @@ class KpiSnapshot:
     ref_fused_correct: int = 0
     ref_discordant: int = 0  # exactly one of fused and reference right
     mean_latency_ms: float | None = None
+    # label-free: mean over the window's samples of P(right | agreement category), calibrated
+    # on the validation split (streamfuse.monitor.evidence); known before any label arrives
+    est_accuracy: float | None = None
+    est_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +249,29 @@ class DeadLetter:
     key: bytes | None = None
     content_type: str = ""
     modality: str | None = None
+
+
+DEAD_LETTER_KEEP_BYTES = 64 * 1024  # an oversized original keeps this much in its dead letter
+
+
+def dead_letter_original(data: bytes | None, keep: int = DEAD_LETTER_KEEP_BYTES) -> tuple[bytes, str]:
+    """The bytes a dead letter keeps of a rejected value, and a note for its detail.
+
+    A value larger than ``keep`` is cut to its first ``keep`` bytes, so that a 8 MB poison
+    record never makes an 8 MB dead letter (which could exceed the broker's limit and
+    block the topic); the note gives the original size.
+
+    Examples:
+        >>> dead_letter_original(b"abc")
+        (b'abc', '')
+        >>> copy, note = dead_letter_original(b"x" * 10, keep=4)
+        >>> copy, note
+        (b'xxxx', '; original 10 bytes, first 4 kept')
+    """
+    data = data or b""
+    if len(data) <= keep:
+        return data, ""
+    return data[:keep], f"; original {len(data)} bytes, first {keep} kept"
 
 
 Event = Union[SensorEvent, Sample, Prediction, Label, KpiSnapshot, Alert, Command, Ack, DeadLetter]

@@ -48,6 +48,21 @@ class WorkerMetrics:
             "streamfuse_worker_modality_masked", "1 when the modality is masked.", ["modality"], registry=registry
         )
         self.versions = Info("streamfuse_worker_active_versions", "Active model versions.", registry=registry)
+        self.produce_failures = Counter(
+            "streamfuse_worker_produce_failures_total",
+            "Sends the broker did not acknowledge, per topic kind (each is sent again; the batch is committed "
+            "only once all are acknowledged).",
+            ["topic"],
+            registry=registry,
+        )
+        self.stage = Histogram(
+            "streamfuse_worker_stage_seconds",
+            "Time per batch in each stage of the worker: batch_wait (first record to compute start), compute "
+            "(models, fusion, contributions), assemble (predictions encoded), produce (handed to the producer).",
+            ["stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
 
 
 class MonitorMetrics:
@@ -76,6 +91,32 @@ class MonitorMetrics:
         )
         self.pending_labels = Gauge(
             "streamfuse_monitor_pending_labels", "Labels waiting for their prediction.", registry=registry
+        )
+        self.accuracy_estimate = Gauge(
+            "streamfuse_monitor_accuracy_estimate",
+            "Label-free accuracy estimate of the newest ended window (agreement, calibrated on the validation "
+            "split), per global/line scope and modality; the labelled value follows in "
+            "streamfuse_monitor_kpi_value{kpi=\"accuracy\"} once the window closes.",
+            ["scope", "scope_id", "modality"],
+            registry=registry,
+        )
+
+
+class RedisMetrics:
+    """``streamfuse_redis_up{process}``: one gauge for every process that talks to Redis
+    (worker, monitor, sync, dispatcher, API), set by :class:`streamfuse.redis_guard.RedisGuard`.
+
+    Examples:
+        >>> reg = CollectorRegistry()
+        >>> RedisMetrics(reg).up.labels("worker").set(0)
+        >>> reg.get_sample_value("streamfuse_redis_up", {"process": "worker"})
+        0.0
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "streamfuse_redis_up", "1 while this process reaches Redis, 0 during an outage.", ["process"],
+            registry=registry,
         )
 
 
@@ -126,4 +167,15 @@ class AlertMetrics:
         )
         self.queued = Gauge(
             "streamfuse_alerts_queued", "Notifications waiting for delivery.", ["receiver"], registry=registry
+        )
+
+
+class ProducerMetrics:
+    """Sends the broker did not take (see :class:`streamfuse.sends.TrackedProducer`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.failures = Counter(
+            "streamfuse_producer_send_failures_total",
+            "Failed sends by outcome: retried (sent again) or lost (given up, reported).",
+            ["process", "outcome"], registry=registry,
         )

@@ -237,12 +237,15 @@ class Registry:
                                     "activate units trained on the same classes", unit)
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Validation Top-1 / macro-F1 of the active versions: modality -> scores, plus ``"fused"``."""
+        """Validation Top-1 / macro-F1 (and ``calibration`` where the unit has one) of the active
+        versions: modality -> scores, plus ``"fused"``."""
         out = {}
         for unit, version in self.active().items():
             base = self.manifest(unit, version).get("baseline") or {}
             if "top1" in base and "macro_f1" in base:
                 out["fused" if unit == "fusion" else unit] = {"top1": base["top1"], "macro_f1": base["macro_f1"]}
+                if base.get("calibration"):  # the unit's validation calibration (label-free evidence)
+                    out["fused" if unit == "fusion" else unit]["calibration"] = base["calibration"]
         return out
 
     def load_active(self, device: Any = "cpu") -> Any:

@@ -12,14 +12,26 @@ from typing import Any
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, to_map
+from streamfuse.redislink import RedisLink, StatusWriter, backoff_s, redis_errors
+
+__all__ = ["RedisLink", "StatusStore", "StatusWriter", "backoff_s", "connect", "redis_errors"]
 
 
-def connect(settings: Settings):
-    """A Redis client; raises ConfigError with the fix when Redis does not answer."""
+def connect(settings: Settings, *, check: bool = True, timeout_s: float = 5.0):
+    """A Redis client; raises ConfigError with the fix when Redis does not answer.
+
+    Args:
+        check: ping now; a process that must start during a Redis outage passes False
+            and goes through a :class:`RedisLink`.
+        timeout_s: socket connect and read timeout.
+    """
     import redis
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    client = redis.Redis.from_url(settings.redis_url, password=password, socket_timeout=5)
+    client = redis.Redis.from_url(settings.redis_url, password=password, socket_timeout=timeout_s,
+                                  socket_connect_timeout=timeout_s)
+    if not check:
+        return client
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -71,9 +83,14 @@ class StatusStore:
         pipe.execute()
 
     def claim(self, kind: str, ident: str, ttl_s: int = 7 * 24 * 3600) -> bool:
-        """True the first time ``(kind, ident)`` is claimed: a restarted monitor that
-        re-derives the same alert or command does not publish it twice."""
+        """Record that ``(kind, ident)`` was published (after the broker acknowledged it);
+        True the first time. A restarted monitor that re-derives the same alert or command
+        checks :meth:`claimed` and does not publish it twice."""
         return bool(self.r.set(self.key(f"claimed:{kind}:{ident}"), "1", nx=True, ex=ttl_s))
+
+    def claimed(self, kind: str, ident: str) -> bool:
+        """True when ``(kind, ident)`` was published and claimed before."""
+        return bool(self.r.exists(self.key(f"claimed:{kind}:{ident}")))
 
     def mark_ready(self, component: str, ident: str, ttl_s: int = 3600) -> None:
         self.r.set(self.key(f"ready:{component}:{ident}"), "1", ex=ttl_s)

@@ -20,6 +20,7 @@ the same ``sample_id``.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
@@ -29,8 +30,11 @@ from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import MSGPACK, DeadLetter, Sample, SensorEvent, content_type_of, decode, encode, headers
-from streamfuse.metrics import SyncMetrics
+from streamfuse.events import (
+    MSGPACK, DeadLetter, Sample, SensorEvent, content_type_of, dead_letter_original, decode, encode, headers,
+)
+from streamfuse.metrics import ProducerMetrics, SyncMetrics
+from streamfuse.sends import TrackedProducer
 from streamfuse.sync import OUTCOMES, SyncConfig, Synchronizer
 from streamfuse.topics import Topics
 
@@ -88,6 +92,7 @@ class SyncTask:
         self.held: dict[tuple[str, str, int], int] = {}  # (modality, event_id, ts) -> offset, in open slots
         self.resume: dict[str, int] = {}  # modality -> offset below which records are replays
         self.last_input: float | None = None  # monotonic seconds of the last reading
+        self.last_seen: dict[str, float] = {}  # modality -> monotonic seconds of its last valid reading
         self.outcomes: list[tuple[str, str]] = []  # (outcome, modality) of the last feed, for metrics
         for m in config.modalities:
             self.sync.set_lagging(m, True)  # until the consumer knows the partition's end
@@ -117,7 +122,7 @@ class SyncTask:
                 return [], []  # dead-lettered before the restart
             self.outcomes.append((exc.reason, exc.modality or m))
             return [], [_dead(msg, exc.reason, exc.detail, exc.modality or m)]
-        self.last_input = time.monotonic()
+        self.last_input = self.last_seen[m] = time.monotonic()
         res = self.sync.add(ev, source=m)
         if res.outcome == "joined":
             self.held[(m, ev.event_id, ev.ts_ms)] = msg.offset
@@ -132,10 +137,21 @@ class SyncTask:
         return samples, [_dead(msg, reason, detail, m)]
 
     def tick(self, lagging: dict[str, bool], now: float) -> list[Sample]:
-        """Update which inputs lag, then apply the idle advance; returns samples released."""
+        """Update which inputs hold the watermark, then apply the idle advance; returns
+        samples released.
+
+        An input holds the watermark while records wait unread in it (``lagging``) and
+        also while it is live: it delivered a reading within ``idle_ms`` of wall time. A
+        live input is never outrun by another that the consumer happens to fetch further
+        ahead (after a broker outage, or a backlog: a fetch of small series readings
+        spans far more event time than one of images), so its readings are not late; an
+        input that went silent (a dead camera) stops holding after ``idle_ms``.
+        """
         out = []
+        idle_s = self.config.idle_ms / 1000
         for m, lag in lagging.items():
-            out += self._release(self.sync.set_lagging(m, lag))
+            live = m in self.last_seen and now - self.last_seen[m] < idle_s
+            out += self._release(self.sync.set_lagging(m, lag or live))
         quiet = self.last_input is not None and now - self.last_input >= self.config.idle_ms / 1000
         if quiet and not any(lagging.values()) and self.sync.latest_ms is not None:
             out += self._release(self.sync.advance(self.sync.latest_ms + int((now - self.last_input) * 1000)))
@@ -154,7 +170,8 @@ class SyncTask:
 
 
 def _dead(msg, reason: str, detail: str, modality: str | None) -> DeadLetter:
-    return DeadLetter(reason, detail, msg.topic, msg.value or b"", "sync", int(time.time() * 1000),
+    original, note = dead_letter_original(msg.value)  # an oversized record keeps its size and a prefix
+    return DeadLetter(reason, detail + note, msg.topic, original, "sync", int(time.time() * 1000),
                       msg.partition, msg.offset, msg.key, content_type_of(msg.headers), modality)
 
 
@@ -165,10 +182,14 @@ class SyncProcess:
         self.settings, self.config, self.group = settings, config, group
         self.topics = Topics(settings.topic_prefix)
         self.metrics = SyncMetrics(registry)
+        self.registry = registry
+        self._stop: threading.Event | None = None
         self.tasks: dict[int, SyncTask] = {}
         self._revoked: dict[int, SyncTask] = {}  # kept through a rebalance in case they come back
         self._pending: set[int] = set()  # new tasks waiting for their commit metadata
         self._positions: dict = {}  # TopicPartition -> read position at the last checkpoint
+        self._ends: dict = {}  # TopicPartition -> end offset, refreshed by _refresh_ends
+        self._ends_at = 0.0
         self.emitted = 0
         self._dirty = False
         self.consumer = self.producer = None
@@ -191,7 +212,11 @@ class SyncProcess:
             def on_partitions_assigned(self, assigned):
                 proc._on_assigned(assigned)
 
-        self.producer = make_producer(self.settings, "streamfuse-sync")
+        # Nothing may be lost: a send that fails is sent again until the broker takes it,
+        # and offsets are committed only once every output was delivered.
+        self.producer = TrackedProducer(make_producer(self.settings, "streamfuse-sync"), "sync",
+                                        ProducerMetrics(self.registry).failures, max_attempts=None)
+        self._stop = stop
         try:
             # The range assignor gives one member partition p of every sensor topic: a whole task.
             self.consumer = make_consumer(self.settings, self.group, "streamfuse-sync",
@@ -214,16 +239,22 @@ class SyncProcess:
         """One poll: feed the records, update the inputs' lag, emit, checkpoint."""
         polled = self.consumer.poll(timeout_ms=200)
         self._restore_pending()
+        by_task: dict[int, list] = {}
         for tp, msgs in polled.items():
-            task = self.tasks.get(tp.partition)
+            by_task.setdefault(tp.partition, []).append(msgs)
+        for p, lists in by_task.items():
+            task = self.tasks.get(p)
             if task is None:  # revoked meanwhile: its new owner reads these
                 continue
-            for msg in msgs:
+            # Interleave the task's inputs by record time (each partition stays in log order),
+            # so that one topic's batch far ahead in event time does not outrun the others'.
+            for msg in heapq.merge(*lists, key=lambda r: r.timestamp):
                 self._dirty = True
                 samples, dead = task.feed(msg)
                 self._count(task)
                 self._emit(samples, dead)
         now = time.monotonic()
+        self._refresh_ends(now)
         for p, task in list(self.tasks.items()):
             self._emit(task.tick(self._lagging(p), now), [])
         if self._dirty:
@@ -238,8 +269,23 @@ class SyncProcess:
             tp = TopicPartition(self.topics.sensor(m), p)
             if tp in assigned:  # an input we do not read cannot hold the watermark
                 hw = self.consumer.highwater(tp)
-                out[m] = hw is None or self.consumer.position(tp) < hw
+                end = max(hw or 0, self._ends.get(tp, 0))
+                out[m] = hw is None or self.consumer.position(tp) < end
         return out
+
+    def _refresh_ends(self, now: float, every_s: float = 0.5) -> None:
+        """Ask the broker for the inputs' end offsets now and then: the high watermark of the
+        last fetch is stale when a partition's next fetch is slow (a large record), and an
+        input that looks caught up on stale news would let the others outrun it."""
+        from kafka.errors import KafkaError
+
+        if now - self._ends_at < every_s:
+            return
+        self._ends_at = now
+        try:
+            self._ends = self.consumer.end_offsets(list(self.consumer.assignment()), timeout_ms=1000)
+        except KafkaError as exc:  # the broker is away: the fetch positions will tell
+            log.debug("sync could not read end offsets: %s", exc)
 
     def _count(self, task: SyncTask) -> None:
         mx = self.metrics
@@ -273,7 +319,9 @@ class SyncProcess:
         from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata
 
-        self.producer.flush()
+        if not self.producer.flush(self._stop):
+            log.warning("sync stopping with undelivered outputs: offsets not committed, they are re-read")
+            return
         offsets = {}
         assigned = self.consumer.assignment()
         for p, task in self.tasks.items():

@@ -9,6 +9,7 @@ dispatcher publishes lifecycle changes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -23,7 +24,9 @@ from streamfuse.alerts.openapi import SPEC
 from streamfuse.alerts.subscriptions import AlertKeys, SilenceStore, SubscriptionStore
 from streamfuse.config import Settings
 from streamfuse.errors import StreamfuseError
+from streamfuse.redislink import redis_errors
 
+REDIS_OUTAGE = redis_errors()
 log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", object)
@@ -59,6 +62,10 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(400, exc)
     except StreamfuseError as exc:
         return _error(503, exc)
+    except REDIS_OUTAGE as exc:  # the API keeps serving; this request can be retried
+        resp = _error(503, f"Redis is unreachable ({type(exc).__name__}); retry shortly")
+        resp.headers["Retry-After"] = "5"
+        return resp
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -179,8 +186,11 @@ async def events(request: web.Request) -> web.StreamResponse:
             await resp.write(f"id: {n}\nevent: alert\ndata: {msg['data'].decode()}\n\n".encode())
     except (ConnectionResetError, ConnectionError):
         log.debug("event stream client went away")
+    except REDIS_OUTAGE as exc:  # the client reconnects (EventSource does) and gets a new snapshot
+        log.warning("event stream ended: Redis unreachable (%s)", exc)
     finally:
-        await pubsub.unsubscribe()
+        with contextlib.suppress(*REDIS_OUTAGE):
+            await pubsub.unsubscribe()
         await pubsub.aclose()
         await aredis.aclose()
     return resp

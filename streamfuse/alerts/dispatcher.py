@@ -7,6 +7,12 @@ subscription; see :mod:`streamfuse.alerts.delivery`) sends them and records each
 in Redis. A restart therefore neither loses nor repeats a notification; the one exception
 is a crash between a receiver's reply and the Redis record (a single round trip), which
 is why each request carries ``X-Streamfuse-Notification-Id``.
+
+A Redis outage pauses both halves, it does not stop them: the intake waits to record its
+batch (offsets stay uncommitted), each receiver's loop backs off and looks again, and a
+delivery that succeeded is recorded once Redis is back (retried, never re-sent). One
+:class:`~streamfuse.redislink.RedisLink` logs the outage once and drives
+``streamfuse_redis_up{process="alerts-dispatch"}``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from streamfuse.alerts.outbox import DeliveryStore, async_redis, delivery_stats
 from streamfuse.alerts.subscriptions import AlertKeys, Subscription
 from streamfuse.config import Settings
 from streamfuse.events import DeadLetter, encode, headers
-from streamfuse.metrics import AlertMetrics
+from streamfuse.metrics import AlertMetrics, ProducerMetrics, RedisMetrics
+from streamfuse.redislink import RedisLink, redis_errors
+from streamfuse.sends import TrackedProducer
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,8 +54,11 @@ def now_ms() -> int:
 class ReceiverPool:
     """One delivery task per subscription; tasks follow the subscriptions in Redis."""
 
-    def __init__(self, settings: Settings, producer, metrics: AlertMetrics, rng: random.Random) -> None:
+    def __init__(self, settings: Settings, producer, metrics: AlertMetrics, rng: random.Random,
+                 link: RedisLink | None = None) -> None:
         self.settings = settings
+        self.link = link or RedisLink("alerts-dispatch")
+        self.outage = redis_errors()
         self.a = settings.alerts
         self.keys = AlertKeys(settings.redis_prefix)
         self.producer = producer
@@ -72,8 +83,13 @@ class ReceiverPool:
             async with aiohttp.ClientSession(connector=connector) as session:
                 self.senders = Senders(self.a, session, self.aredis)
                 while not stop.is_set():
-                    raw = await self.aredis.hgetall(self.keys.subscriptions)
-                    self.subs = {k.decode(): Subscription.from_json(v) for k, v in raw.items()}
+                    try:
+                        raw = await self.aredis.hgetall(self.keys.subscriptions)
+                        self.link.succeeded()
+                        self.subs = {k.decode(): Subscription.from_json(v) for k, v in raw.items()}
+                        await self._gauge()
+                    except self.outage as exc:  # keep the subscriptions we know; look again soon
+                        self.link.failed(exc, "reading subscriptions")
                     for sid, t in list(tasks.items()):
                         if t.done():
                             tasks.pop(sid)
@@ -85,7 +101,6 @@ class ReceiverPool:
                     for sid in tasks.keys() - self.subs.keys():
                         tasks.pop(sid).cancel()
                         self.wakers.pop(sid, None)
-                    await self._gauge()
                     await asyncio.sleep(0.5)
                 # Let sends in flight finish (bounded by the request timeout): cancelling one
                 # after the receiver got it would repeat it after the restart.
@@ -108,27 +123,46 @@ class ReceiverPool:
 
     async def _drain(self, sid: str) -> None:
         while not self.stopping.is_set():
-            nxt = await self.store.next_group(sid)
-            now = now_ms()
-            if nxt is None or nxt[1] > now:
-                wait_s = 1.0 if nxt is None else min(1.0, (nxt[1] - now) / 1000)
-                with contextlib.suppress(asyncio.TimeoutError):  # woken early or not: look again
-                    await asyncio.wait_for(self.wakers[sid].wait(), timeout=max(0.01, wait_s))
-                self.wakers[sid].clear()
-                continue
-            sub = self.subs.get(sid)
-            if sub is None:  # unsubscribed meanwhile
-                return
-            ttl_ms = int((self.a.request_timeout_s + 30) * 1000)
-            if not await self.store.lock(sid, nxt[0], self.owner, ttl_ms):  # another dispatcher sends it
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wakers[sid].wait(), timeout=0.5)
-                self.wakers[sid].clear()
-                continue
             try:
-                await self._deliver(sub, nxt[0])
-            finally:
-                await self.store.unlock(sid, nxt[0], self.owner)
+                if not await self._drain_once(sid):
+                    return  # unsubscribed meanwhile
+            except self.outage as exc:  # nothing was sent on this turn: wait, then look again
+                delay = self.link.failed(exc, f"delivering to subscription {sid}")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+
+    async def _drain_once(self, sid: str) -> bool:
+        """Deliver the next due group of ``sid``, or wait a little for one; False when
+        ``sid`` is no longer subscribed."""
+        nxt = await self.store.next_group(sid)
+        self.link.succeeded()  # Redis answered (a turn that only waited proves nothing)
+        now = now_ms()
+        if nxt is None or nxt[1] > now:
+            wait_s = 1.0 if nxt is None else min(1.0, (nxt[1] - now) / 1000)
+            await self._nap(sid, wait_s)  # woken early or not: look again
+            return True
+        sub = self.subs.get(sid)
+        if sub is None:
+            return False
+        ttl_ms = int((self.a.request_timeout_s + 30) * 1000)
+        if not await self.store.lock(sid, nxt[0], self.owner, ttl_ms):  # another dispatcher sends it
+            await self._nap(sid, 0.5)
+            return True
+        try:
+            await self._deliver(sub, nxt[0])
+        finally:
+            await self._recorded(self.store.unlock, sid, nxt[0], self.owner, what="unlocking a delivery")
+        return True
+
+    async def _nap(self, sid: str, wait_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wakers[sid].wait(), timeout=max(0.01, wait_s))
+        self.wakers[sid].clear()
+
+    async def _recorded(self, fn, *args, what: str):
+        """A Redis write that must land after a send (retried through an outage, so that a
+        delivered notification is never sent again)."""
+        return await self.link.acall(fn, *args, what=what)
 
     async def _deliver(self, sub: Subscription, gid: str) -> None:
         entries = await self.store.entries(sub.id, gid)
@@ -153,17 +187,20 @@ class ReceiverPool:
             dead = [k for k in keys if not exc.retryable or now - entries[k]["created_ms"] >= limit]
             if dead:
                 await asyncio.to_thread(self._dead_letter, sub, {k: entries[k] for k in dead}, attempts, now)
-                await self.store.finish(sub.id, gid, dead, now, now, "dead")
+                await self._recorded(self.store.finish, sub.id, gid, dead, now, now, "dead",
+                                     what="recording dead notifications")
                 self.metrics.notifications.labels(sub.receiver, "dead").inc(len(dead))
             if len(dead) < len(keys):
                 delay = backoff_s(attempts["n"], self.a.backoff_initial_s, self.a.backoff_max_s, self.rng.random())
                 self.metrics.notifications.labels(sub.receiver, "failed").inc(len(keys) - len(dead))
                 log.warning("delivery to %s failed (attempt %d, retry in %.1f s): %s", sub.describe(),
                             attempts["n"], delay, exc)
-                await self.store.retry_later(sub.id, gid, attempts, now + int(delay * 1000))
+                await self._recorded(self.store.retry_later, sub.id, gid, attempts, now + int(delay * 1000),
+                                     what="scheduling a retry")
             return
         now = now_ms()
-        await self.store.finish(sub.id, gid, keys, now, now + int(self.a.group_interval_s * 1000), "sent")
+        await self._recorded(self.store.finish, sub.id, gid, keys, now, now + int(self.a.group_interval_s * 1000),
+                             "sent", what="recording a delivery")
         self.metrics.notifications.labels(sub.receiver, "sent").inc(len(keys))
         for e in entries.values():
             self.metrics.delivery.labels(sub.receiver).observe(max(0.0, (now - e["created_ms"]) / 1000))
@@ -200,7 +237,7 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None, *,
 
     Raises:
         ConfigError: Redis does not answer. BrokerError / KafkaError: the broker is unreachable.
-        redis.RedisError: Redis failed mid-run (progress so far is safe; restart to resume).
+        redis.RedisError: a Redis error that is not an outage (outages are waited out).
     """
     from streamfuse.kafka import make_producer
     from streamfuse.metrics import serve
@@ -212,13 +249,17 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None, *,
     metrics = AlertMetrics(registry)
     serve(registry, settings.alerts.metrics_port)
     ensure_topics(settings)
-    intake = Intake(settings, connect(settings), on_alert=lambda status: metrics.alerts.labels(status).inc())
-    producer = make_producer(settings, "streamfuse-alerts")
+    link = RedisLink("alerts-dispatch", RedisMetrics(registry).up.labels("alerts-dispatch"))
+    intake = Intake(settings, connect(settings), on_alert=lambda status: metrics.alerts.labels(status).inc(),
+                    link=link, stop=stop)
+    # dead letters only; a send the broker does not take is sent again, never dropped silently
+    producer = TrackedProducer(make_producer(settings, "streamfuse-alerts"), "alerts-dispatch",
+                               ProducerMetrics(registry).failures, max_attempts=None)
     failure: list[BaseException] = []
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pool = ReceiverPool(settings, producer, metrics, random.Random(seed))
+        pool = ReceiverPool(settings, producer, metrics, random.Random(seed), link)
 
         def wake(sub_ids) -> None:
             if sub_ids:

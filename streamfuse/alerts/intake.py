@@ -3,6 +3,12 @@
 Runs in one thread with a sync Redis client. Each batch of records is written to Redis
 in one transaction (states, outbox entries, offsets taken in) *before* the consumer
 commits its Kafka offsets; malformed records go to the dead-letter topic before that.
+
+Through a Redis outage the thread waits: every Redis call goes through the process's
+:class:`~streamfuse.redislink.RedisLink` (retried with backoff, logged once), so a batch
+taken into the lifecycle is recorded once Redis is back, and no offset is committed
+before that. The reads come first and the transaction is retried whole, so a retry
+never observes an alert twice.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from streamfuse.alerts.subscriptions import AlertKeys, SilenceStore, Subscriptio
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import Alert, DeadLetter, content_type_of, decode, encode, headers
+from streamfuse.redislink import RedisLink
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,8 +54,11 @@ class Intake:
         on_alert: called with each alert event's status (for metrics).
     """
 
-    def __init__(self, settings: Settings, client, on_alert: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, client, on_alert: Callable[[str], None] | None = None,
+                 link: RedisLink | None = None, stop: threading.Event | None = None) -> None:
         a = settings.alerts
+        self.link = link or RedisLink("alerts-dispatch")
+        self.stop = stop  # set: a wait for Redis ends with RedisUnavailable
         self.settings = settings
         self.keys = AlertKeys(settings.redis_prefix)
         self.store = IntakeStore(client, self.keys)
@@ -60,9 +70,12 @@ class Intake:
 
     def reload(self) -> None:
         """Read alert states and offsets from Redis (at start, and when taking over partitions)."""
-        self.tracker = AlertTracker(self.store.load_states(), int(self.settings.alerts.repeat_interval_s * 1000),
-                                    self.rules)
-        self.taken = self.store.offsets()
+        states = self._redis(self.store.load_states, what="loading alert states")
+        self.tracker = AlertTracker(states, int(self.settings.alerts.repeat_interval_s * 1000), self.rules)
+        self.taken = self._redis(self.store.offsets, what="loading intake offsets")
+
+    def _redis(self, fn, *args, what: str):
+        return self.link.call(fn, *args, what=what, stop=self.stop)
 
     def forget_offset(self, topic: str, partition: int) -> None:
         """The group has no committed offset here (a new group, or a recreated topic): do not
@@ -82,9 +95,9 @@ class Intake:
             The subscriptions that got new notifications.
 
         Raises:
-            redis.RedisError: the batch was not recorded; the caller must not commit offsets.
+            RedisUnavailable: stopped while waiting for Redis; the caller must not commit offsets.
         """
-        silences = self.silences.list(now_ms)
+        silences = self._redis(self.silences.list, now_ms, what="reading silences")
         offsets: dict[str, int] = {}
         counters = {"received": 0, "duplicates": 0, "muted": 0, "skipped": 0}
         notices: list[Notice] = []
@@ -122,19 +135,20 @@ class Intake:
 
     def tick(self, now_ms: int) -> set[str]:
         """Queue repeats and formerly muted firings that are now due (see :meth:`AlertTracker.tick`)."""
-        notices = self.tracker.tick(now_ms, self.silences.list(now_ms))
+        notices = self.tracker.tick(now_ms, self._redis(self.silences.list, now_ms, what="reading silences"))
         return self._commit(notices, now_ms, {}, {}, [])
 
     def _commit(self, notices: list[Notice], now_ms: int, offsets: dict[str, int], counters: dict[str, int],
                 live: list[dict[str, Any]]) -> set[str]:
-        entries = self._route(notices, self.subscriptions.list(), now_ms) if notices else []
+        subs = self._redis(self.subscriptions.list, what="reading subscriptions") if notices else []
+        entries = self._route(notices, subs, now_ms) if notices else []
         states = self.tracker.take_dirty()
         if not (states or entries or offsets or live or any(counters.values())):
             return set()
         counters = {**counters, "notifications": len(entries)}
         a = self.settings.alerts
-        self.store.commit(states, entries, offsets, counters, live, now_ms, int(a.group_wait_s * 1000),
-                          int(a.group_interval_s * 1000))
+        self._redis(self.store.commit, states, entries, offsets, counters, live, now_ms, int(a.group_wait_s * 1000),
+                    int(a.group_interval_s * 1000), what="recording taken-in alerts")
         self.taken.update(offsets)
         return {sub for sub, _ in entries}
 

@@ -6,6 +6,13 @@ versions live in the registry: a model command loads the version off the hot pat
 background thread), swaps it in between batches (a new :class:`Bundle` object replaces
 the old one in one assignment), records it in the registry, then acknowledges. A
 version that fails to load is rejected and the current one keeps serving.
+
+During a Redis outage (see :class:`~streamfuse.redis_guard.RedisGuard`) every command is
+still applied and acknowledged: masks and fusion modes need no Redis; a model command
+with a version loads it from disk, swaps it in and acks, and its registry record is kept
+and written when Redis returns (reconciling with the registry waits until then, so the
+stale registry cannot swap it back). Only a rollback without a version needs Redis to pick
+its target (the same one for every worker): it waits for Redis, then is applied and acked.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from streamfuse.errors import StreamfuseError
 from streamfuse.events import Command, Sample
 from streamfuse.models.bundle import LoadedUnit, warm_up
 from streamfuse.models.encoders import SensorModel
+from streamfuse.redis_guard import RedisGuard
 
 log = logging.getLogger(__name__)
 MODEL_ACTIONS = ("rollback_model", "activate_model", "rollback_fusion")
@@ -64,11 +72,14 @@ class CommandHandler:
         registry: the model registry; without one, model commands are rejected.
     """
 
-    def __init__(self, worker: Any, registry: Any | None) -> None:
+    def __init__(self, worker: Any, registry: Any | None, guard: RedisGuard | None = None) -> None:
         self.worker = worker
         self.registry = registry
+        self.guard = guard or RedisGuard(f"worker {worker.worker_id}")
         self.state = WorkerState(fusion_mode=worker.bundle.fusion_mode)
         self.pending: list[PendingSwap] = []
+        self.unrecorded: list[tuple[str, str, Command]] = []  # switches made, registry not yet told
+        self.waiting: list[Command] = []  # rollbacks whose target needs Redis, which is down
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
 
     def close(self) -> None:
@@ -105,13 +116,22 @@ class CommandHandler:
             return "skipped", "model versions at start-up come from the registry"
         if self.registry is None:
             return "rejected", f"{cmd.action} needs the model registry, and this worker has none"
+        return self._model_command(cmd)
+
+    def _model_command(self, cmd: Command) -> tuple[str, str] | None:
+        bundle = self.worker.bundle
         unit = "fusion" if cmd.action == "rollback_fusion" else cmd.modality
         if unit not in (*bundle.modalities, "fusion"):
             return "rejected", f"unknown unit {unit!r}; units: {[*bundle.modalities, 'fusion']}"
-        try:
-            version = cmd.version or self._rollback_target(cmd, unit)
-        except StreamfuseError as exc:
-            return "rejected", str(exc)
+        version = cmd.version
+        if not version:
+            try:
+                reached, version = self.guard.call(lambda: self._rollback_target(cmd, unit))
+            except StreamfuseError as exc:
+                return "rejected", str(exc)
+            if not reached:
+                self.waiting.append(cmd)  # applied and acked once Redis returns
+                return None
         if bundle.versions.get(unit) == version:
             self._record(unit, version, cmd)
             return "applied", f"{unit} already at {version}"
@@ -147,12 +167,31 @@ class CommandHandler:
             warm_up(loaded.module)
         return loaded
 
+    def retry_waiting(self) -> list[tuple[Command, str, str]]:
+        """Commands that waited for Redis, tried again; returns the acks of those decided."""
+        acks: list[tuple[Command, str, str]] = []
+        if not self.waiting or not self.flush_records():  # decide on the registry as this worker left it
+            return acks
+        while self.waiting and self.guard.ready():
+            cmd = self.waiting.pop(0)
+            result = self._model_command(cmd)
+            if result is not None:
+                acks.append((cmd, *result))
+            elif self.waiting and self.waiting[-1] is cmd:  # Redis still down: keep the order
+                self.waiting.insert(0, self.waiting.pop())
+                break
+        return acks
+
     def reconcile(self) -> None:
-        """Follow the registry: load any active version this worker does not serve yet."""
-        if self.registry is None:
+        """Follow the registry: load any active version this worker does not serve yet
+        (after the switches it made during a Redis outage are recorded there)."""
+        if self.registry is None or not self.flush_records():
+            return
+        reached, active = self.guard.call(self.registry.active)
+        if not reached:
             return
         busy = {p.unit for p in self.pending}
-        for unit, version in self.registry.active().items():
+        for unit, version in active.items():
             if unit not in busy and unit in (*self.worker.bundle.modalities, "fusion") \
                     and self.worker.bundle.versions.get(unit) != version:
                 self._load(unit, version, None)
@@ -181,6 +220,22 @@ class CommandHandler:
         return acks
 
     def _record(self, unit: str, version: str, cmd: Command) -> None:
-        # Idempotent: the first worker switches the registry, the others find it done.
-        self.registry.activate(unit, version, reason=f"{cmd.action} {cmd.command_id}: {cmd.reason}",
-                               actor=self.worker.worker_id)
+        self.unrecorded.append((unit, version, cmd))
+        self.flush_records()
+
+    def flush_records(self) -> bool:
+        """Write the switches made to the registry, oldest first; False while some wait for Redis."""
+        while self.unrecorded:
+            unit, version, cmd = self.unrecorded[0]
+            # Idempotent: the first worker switches the registry, the others find it done.
+            reason = f"{cmd.action} {cmd.command_id}: {cmd.reason}"
+            try:
+                reached, _ = self.guard.call(lambda u=unit, v=version, r=reason: self.registry.activate(
+                    u, v, reason=r, actor=self.worker.worker_id))
+            except StreamfuseError as exc:
+                log.warning("registry not switched to %s %s for command %s: %s", unit, version, cmd.command_id, exc)
+                reached = True
+            if not reached:
+                return False
+            self.unrecorded.pop(0)
+        return True

@@ -34,7 +34,13 @@ from typing import NamedTuple
 from confluent_kafka import KafkaException, TopicPartition
 
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import BATCH_END, Sample, content_type_of, decode, split_bad_readings
+from streamfuse.events import (
+    BATCH_END,
+    Sample,
+    content_type_of,
+    decode,
+    split_bad_readings,
+)
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # an idle feeder comes back this often to commit and to check for stop
@@ -60,6 +66,28 @@ class Record(NamedTuple):
 
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to read
+
+
+def decode_record(msg: Record, expect: type, max_bytes: int):
+    """:func:`~streamfuse.events.decode` of a record's value; a failure the decoder did
+    not foresee is an ``undecodable`` :class:`InvalidEvent` too, so that no record, however
+    malformed, can stop a consumer (it goes to the dead-letter topic instead).
+
+    Raises:
+        InvalidEvent: the record is not a valid ``expect``.
+
+    Examples:
+        >>> decode_record(Record("t", 0, 0, None, b"\\x91\\x01", None), Sample, 1000)
+        Traceback (most recent call last):
+        ...
+        streamfuse.errors.InvalidEvent: undecodable: expected a map, got list
+    """
+    try:
+        return decode(msg.value, content_type_of(msg.headers), expect=expect, max_bytes=max_bytes)
+    except InvalidEvent:
+        raise
+    except Exception as exc:
+        raise InvalidEvent("undecodable", f"the decoder failed on it: {type(exc).__name__}: {exc}") from None
 
 
 class Batch(NamedTuple):
@@ -256,12 +284,15 @@ class Feeder:
         tp = (msg.topic, msg.partition)
         batch.offsets[tp] = max(batch.offsets.get(tp, 0), msg.offset + 1)
         try:
-            sample = decode(msg.value, content_type_of(msg.headers), expect=Sample, max_bytes=self.max_payload_bytes)
+            sample = decode_record(msg, Sample, self.max_payload_bytes)
+            # Image bodies are decoded once, in the batch; a body that fails there is set aside then.
+            sample, errors = split_bad_readings(sample, self.max_payload_bytes, decode=False)
         except InvalidEvent as exc:
             batch.dead.append((msg, exc))
             return
-        # Image bodies are decoded once, in the batch; a body that fails there is set aside then.
-        sample, errors = split_bad_readings(sample, self.max_payload_bytes, decode=False)
+        except Exception as exc:  # a poison record must never stop the consumer
+            batch.dead.append((msg, InvalidEvent("bad_field", f"the checks failed on it: {type(exc).__name__}: {exc}")))
+            return
         batch.dead.extend((msg, exc) for exc in errors)
         batch.samples.append((msg, sample))
 

@@ -16,29 +16,25 @@ import os
 import socket
 import threading
 import time
-import zlib
 from collections import deque
 
-import numpy as np
-import torch
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
 from streamfuse.errors import BrokerError, InvalidEvent
-from streamfuse.events import MSGPACK, Ack, Command, DeadLetter, Prediction, content_type_of, decode, encode, headers
+from streamfuse.events import Ack, Command, encode
 from streamfuse.inference.commands import CommandHandler
-from streamfuse.inference.contributions import (
-    MAX_SHAPLEY_MODALITIES, confidence_entropy, leave_one_out_shares, shapley_values, subset_table,
-)
-from streamfuse.inference.feeder import Batch, Feeder, Offsets, Record
+from streamfuse.inference.feeder import Batch, Feeder, Offsets, Record, decode_record
+from streamfuse.inference.outbox import Delivery, Outbox, dead_letter
+from streamfuse.inference.predict import BatchContext, assemble, drop_non_finite, explain, masked_matrix
 from streamfuse.kafka import make_rd_consumer, make_rd_producer
-from streamfuse.metrics import WorkerMetrics, serve
+from streamfuse.metrics import RedisMetrics, WorkerMetrics, serve
 from streamfuse.models.bundle import Bundle, Encoded
+from streamfuse.redis_guard import RedisGuard
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
-HDRS = headers(MSGPACK)
 RECONCILE_S = 2.0  # how often a worker compares what it serves with the registry
 # Batches whose sends are not yet acknowledged before the worker waits for them. With the
 # batch in compute and the one the feeder has ready, at most MAX_BATCHES_IN_FLIGHT + 2
@@ -48,55 +44,6 @@ MAX_BATCHES_IN_FLIGHT = 2
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class Delivery:
-    """Counts one batch's sends until the broker has acknowledged them all."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.error: Exception | None = None
-
-    def sent(self) -> None:
-        self.pending += 1
-
-    def report(self, err, _msg) -> None:  # librdkafka's delivery callback (from Outbox.poll/flush)
-        self.pending -= 1
-        if err is not None and self.error is None:
-            self.error = KafkaException(err)
-
-    def done(self) -> bool:
-        """All acknowledged; raises if one failed (the batch must not be committed)."""
-        if self.error is not None:
-            raise self.error
-        return self.pending == 0
-
-
-class Outbox:
-    """The worker's producer (librdkafka): sends with the msgpack header, reporting each
-    delivery to the batch it belongs to."""
-
-    def __init__(self, producer) -> None:
-        self.producer = producer
-
-    def send(self, topic: str, key: bytes | None, value: bytes, delivery: Delivery | None = None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, headers=HDRS,
-                                      on_delivery=delivery.report if delivery is not None else None)
-                break
-            except BufferError:  # the local queue is full: let deliveries drain
-                self.producer.poll(0.05)
-        if delivery is not None:
-            delivery.sent()
-
-    def poll(self) -> None:
-        self.producer.poll(0)
-
-    def flush(self, timeout_s: float = 60.0) -> None:
-        left = self.producer.flush(timeout_s)
-        if left:
-            raise KafkaException(f"{left} records still undelivered after {timeout_s:.0f} s")
 
 
 class InferenceWorker:
@@ -118,7 +65,8 @@ class InferenceWorker:
         self.topics = Topics(settings.topic_prefix)
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.metrics_registry)
-        self.commands = CommandHandler(self, model_registry)
+        redis_up = RedisMetrics(self.metrics_registry).up.labels("worker") if model_registry is not None else None
+        self.commands = CommandHandler(self, model_registry, RedisGuard(f"worker {self.worker_id}", redis_up))
         self._next_reconcile = 0.0
         self.processed = 0
         self._stop = threading.Event()
@@ -139,7 +87,9 @@ class InferenceWorker:
         serve(self.metrics_registry, wcfg.metrics_port)
         consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id)
         control = make_rd_consumer(self.settings, None, f"{self.worker_id}-control")
-        out = Outbox(make_rd_producer(self.settings, self.worker_id))
+        t = self.topics
+        out = Outbox(make_rd_producer(self.settings, self.worker_id), self.metrics.produce_failures,
+                     {t.predictions: "predictions", t.deadletter: "deadletter", t.acks: "acks"})
         feeder = Feeder(consumer, self.topics.samples, wcfg.max_batch, wcfg.max_delay_ms,
                         self.settings.max_payload_bytes, wcfg.stream_batches)
         in_flight: deque[tuple[Delivery, Offsets]] = deque()  # per batch, in order
@@ -156,18 +106,36 @@ class InferenceWorker:
                     delivery = Delivery()
                     self._process(batch, out, delivery)
                     in_flight.append((delivery, batch.offsets))
-                    if len(in_flight) > MAX_BATCHES_IN_FLIGHT:
-                        out.flush()
                 out.poll()
-                self._commit_delivered(in_flight, feeder)
-            out.flush()
-            self._commit_delivered(in_flight, feeder)
+                self._commit_delivered(in_flight, feeder, out)
+                while len(in_flight) > MAX_BATCHES_IN_FLIGHT and not self._stop.is_set():
+                    out.producer.poll(0.05)  # wait for the oldest batch's acks (a broker outage waits here)
+                    self._commit_delivered(in_flight, feeder, out)
+            self._drain(in_flight, feeder, out)
         finally:
             self.commands.close()
             feeder.close()
             control.close()
-            out.flush()
+            self._flush_quietly(out)
         return self.processed
+
+    def _drain(self, in_flight: deque, feeder: Feeder, out: Outbox, timeout_s: float = 30.0) -> None:
+        """At stop: wait (bounded) for the batches in flight and commit what was delivered;
+        the rest stays uncommitted and is re-read by the partitions' next owner."""
+        deadline = time.monotonic() + timeout_s
+        while in_flight and time.monotonic() < deadline:
+            out.producer.poll(0.05)
+            self._commit_delivered(in_flight, feeder, out)
+        if in_flight:
+            log.warning("stopping with %d batches not acknowledged by the broker; they stay uncommitted "
+                        "and are predicted again by the next owner", len(in_flight))
+
+    @staticmethod
+    def _flush_quietly(out: Outbox) -> None:
+        try:
+            out.flush(10.0)
+        except KafkaException as exc:
+            log.warning("at stop: %s (their batches were not committed)", exc)
 
     def _assign_control(self, control) -> Offsets:
         """Read ``control`` from its start; returns the end offsets at start-up (commands
@@ -183,10 +151,10 @@ class InferenceWorker:
         return ends
 
     @staticmethod
-    def _commit_delivered(in_flight: deque, feeder: Feeder) -> None:
+    def _commit_delivered(in_flight: deque, feeder: Feeder, out: Outbox) -> None:
         """Hand back, oldest first, the offsets of batches whose outputs the broker has
-        acknowledged (at-least-once: a send that failed stops the worker uncommitted)."""
-        while in_flight and in_flight[0][0].done():
+        acknowledged (at-least-once: a send that failed is sent again, its batch waits)."""
+        while in_flight and out.settled(in_flight[0][0]):
             _, offsets = in_flight.popleft()
             feeder.commit(offsets)
 
@@ -194,89 +162,77 @@ class InferenceWorker:
 
     def _dead(self, out: Outbox, msg: Record, exc: InvalidEvent, delivery: Delivery | None = None) -> None:
         self.metrics.rejected.labels(exc.reason).inc()
-        dead = DeadLetter(exc.reason, exc.detail, msg.topic, msg.value or b"", "worker", now_ms(),
-                          msg.partition, msg.offset, msg.key, content_type_of(msg.headers), exc.modality)
+        dead = dead_letter(msg, exc, self.settings.max_payload_bytes, now_ms())
         out.send(self.topics.deadletter, msg.key, encode(dead), delivery)
+
+    def _encode(self, samples: list, out: Outbox, delivery: Delivery) -> tuple[list, Encoded | None]:
+        """The models on the batch. Should they fail on it as a whole (a reading the checks
+        let through breaks a model), each sample is tried alone: those that fail alone are
+        dead-lettered and the rest served, so that one poison sample cannot stop the worker.
+        A failure of every sample alone is not the samples' fault: it is raised."""
+        try:
+            return samples, self.bundle.encode([s.readings for _, s in samples])
+        except Exception as exc:  # isolate the culprit (below) rather than stop on it
+            log.warning("the models failed on a batch of %d (%s: %s); trying its samples one by one",
+                        len(samples), type(exc).__name__, exc)
+            first = exc
+        good, bad = [], []
+        for msg, s in samples:
+            try:
+                self.bundle.encode([s.readings])
+            except Exception as exc:
+                bad.append((msg, InvalidEvent("bad_field", f"the models failed on it: {type(exc).__name__}: {exc}")))
+            else:
+                good.append((msg, s))
+        if not good:
+            raise first
+        for msg, exc in bad:
+            self._dead(out, msg, exc, delivery)
+        return good, self.bundle.encode([s.readings for _, s in good])
 
     def _process(self, batch: Batch, out: Outbox, delivery: Delivery) -> None:
         """Models, fusion and contributions for one batch; its sends report to ``delivery``."""
         for msg, exc in batch.dead:
             self._dead(out, msg, exc, delivery)
-        samples = batch.samples
-        if not samples:
+        if not batch.samples:
             return
         started = time.monotonic()
         self.metrics.queue_wait.observe(started - batch.first_at)
+        self.metrics.stage.labels("batch_wait").observe(started - batch.first_at)
+        samples, enc = self._encode(batch.samples, out, delivery)
         b, mode = self.bundle, self.state.fusion_mode
-        enc = b.encode([s.readings for _, s in samples])
-        for m, seconds in enc.seconds.items():
-            self.metrics.compute.labels(m).observe(seconds)
-        for row, exc in enc.errors:
+        for row, exc in [*enc.errors, *drop_non_finite(enc, b.modalities)]:
             self._dead(out, samples[row][0], exc, delivery)
-        n, mods = len(samples), b.modalities
-        masked = torch.tensor([[self.state.masked_for(m, smp) for m in mods] for _, smp in samples],
-                              dtype=torch.bool).reshape(n, len(mods))
-        use = enc.computed & ~masked
-        fused = b.fuse(enc, use, mode).numpy()
-        players, y = use.numpy(), fused.argmax(axis=1)
+        masked = masked_matrix(self.state, [s for _, s in samples], b.modalities)
+        explained = explain(b, enc, masked, mode)
+        computed = time.monotonic()
+        ctx = BatchContext(tuple(b.classes), tuple(b.modalities), mode, dict(b.versions), self.worker_id, now_ms(),
+                           (computed - batch.first_at) * 1000)
+        records, unusable = assemble([s for _, s in samples], enc, masked, explained, ctx)
+        assembled = time.monotonic()
+        for i in unusable:
+            self._dead(out, samples[i][0], self._unusable(samples[i][1], enc.computed[i].tolist()), delivery)
+        out.send_many(self.topics.predictions, [(samples[i][0].key, value) for i, value in records], delivery)
+        self._observe(len(samples), len(records), enc, started, computed, assembled)
 
-        def fuse_subsets(subsets: np.ndarray) -> np.ndarray:  # all subsets in one call
-            k = subsets.shape[0] // n
-            tiled = Encoded(enc.modality_probs.repeat(k, 1, 1), {m: f.repeat(k, 1) for m, f in enc.features.items()},
-                            enc.computed.repeat(k, 1), [], {})
-            return b.fuse(tiled, torch.from_numpy(subsets), mode).numpy()
+    def _unusable(self, sample, computed: list[bool]) -> InvalidEvent:
+        mods = self.bundle.modalities
+        return InvalidEvent("no_usable_modality", f"sample {sample.sample_id}: no modality left to fuse (missing: "
+                            f"{sorted(m for m, c in zip(mods, computed) if not c)}, "
+                            f"masked: {list(self.state.masked_labels())})")
 
-        values = subset_table(fuse_subsets, players, y)
-        shares = leave_one_out_shares(values, players).tolist()
-        shapley = shapley_values(values, players).tolist() if len(mods) <= MAX_SHAPLEY_MODALITIES else None
-        probs, computed = enc.modality_probs.numpy(), enc.computed.numpy()
-        conf, ent = (a.tolist() for a in confidence_entropy(probs))
-        agree = (probs.argmax(axis=2) == y[:, None]).tolist()
-        stds, fused_l, probs_l = enc.signal_std.tolist(), fused.tolist(), probs.tolist()
-        usable, masked_l = players.any(axis=1).tolist(), masked.tolist()
-        versions, produced_ms = dict(b.versions), now_ms()
-        latency = (time.monotonic() - batch.first_at) * 1000
-        produced = 0
-        for i, (msg, s) in enumerate(samples):
-            if not usable[i]:
-                self._dead(out, msg, InvalidEvent(
-                    "no_usable_modality", f"sample {s.sample_id}: no modality left to fuse (missing: "
-                    f"{sorted(set(mods) - {m for j, m in enumerate(mods) if computed[i, j]})}, "
-                    f"masked: {list(self.state.masked_labels())})"), delivery)
-                continue
-            present = [(j, m) for j, m in enumerate(mods) if computed[i, j]]
-            fused_in = [(j, m) for j, m in present if players[i, j]]
-            pred = Prediction(
-                sample_id=s.sample_id,
-                asset_id=s.asset_id,
-                line_id=s.line_id,
-                ts_ms=s.ts_ms,
-                classes=b.classes,
-                fused_probs=tuple(fused_l[i]),
-                fused_label=b.classes[y[i]],
-                fusion_mode=mode,
-                modality_probs={m: tuple(probs_l[i][j]) for j, m in present},
-                missing=tuple(m for j, m in enumerate(mods) if not computed[i, j]),
-                masked=tuple(m for j, m in present if masked_l[i][j]),
-                contributions={m: shares[i][j] for j, m in fused_in},
-                shapley={m: shapley[i][j] for j, m in fused_in} if shapley is not None else {},
-                confidence={m: conf[i][j] for j, m in present},
-                entropy={m: ent[i][j] for j, m in present},
-                agreement={m: agree[i][j] for j, m in present},
-                signal_std={m: stds[i][j] for j, m in present},
-                digest={m: zlib.crc32(s.readings[m].payload) for _, m in present},
-                skew_ms={m: s.readings[m].ts_ms - s.ts_ms for _, m in present},
-                versions=versions,
-                worker_id=self.worker_id,
-                produced_ms=produced_ms,
-                latency_ms=latency,
-            )
-            out.send(self.topics.predictions, msg.key, encode(pred), delivery)
-            produced += 1
+    def _observe(self, n: int, produced: int, enc, started: float, computed: float, assembled: float) -> None:
+        """One batch's metrics, once per batch."""
+        m = self.metrics
+        for modality, seconds in enc.seconds.items():
+            m.compute.labels(modality).observe(seconds)
+        m.stage.labels("compute").observe(computed - started)
+        m.stage.labels("assemble").observe(assembled - computed)
+        m.stage.labels("produce").observe(time.monotonic() - assembled)
         self.processed += n
-        self.metrics.samples.inc(produced)
-        self.metrics.batches.inc()
-        self.metrics.batch_size.observe(n)
+        m.samples.inc(produced)
+        m.batches.inc()
+        m.batch_size.observe(n)
 
     # ------------------------------------------------------------------ commands
 
@@ -290,7 +246,7 @@ class InferenceWorker:
                 continue
             msg = Record.of(raw)
             try:
-                cmd = decode(msg.value, content_type_of(msg.headers), expect=Command)
+                cmd = decode_record(msg, Command, self.settings.max_payload_bytes)
             except InvalidEvent as exc:
                 self._dead(out, msg, exc)
                 continue
@@ -301,6 +257,7 @@ class InferenceWorker:
         if self.commands.registry is not None and time.monotonic() >= self._next_reconcile:
             self._next_reconcile = time.monotonic() + RECONCILE_S
             self.commands.reconcile()
+        acks += self.commands.retry_waiting()
         acks += self.commands.finish_swaps()
         for cmd, status, reason in acks:
             self.metrics.commands.labels(cmd.action, status).inc()
@@ -309,4 +266,4 @@ class InferenceWorker:
             out.send(self.topics.acks, self.worker_id.encode(), encode(ack))
             log.info("command %s %s(%s): %s %s", cmd.command_id, cmd.action, cmd.modality, status, reason)
         if acks:
-            out.flush()
+            self._flush_quietly(out)

@@ -26,7 +26,7 @@ from streamfuse.errors import InvalidEvent, ModelError
 from streamfuse.events import SensorEvent
 from streamfuse.models.config import ModalityConfig
 from streamfuse.models.encoders import SensorModel
-from streamfuse.models.fusion import FusionUnit, ume
+from streamfuse.models.fusion import FusionUnit, quality, ume
 from streamfuse.models.manifest import MANIFEST, bundle_version
 from streamfuse.models.outputs import CheckedProbs, Encoded, FusedOutput, LoadedUnit
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked, example_input
@@ -89,8 +89,13 @@ class Bundle:
         self.versions = {m: cfg.version for m, cfg in self.configs.items()}
         self.versions["fusion"] = self.fusion.version
         self.version: str = manifest.get("version") or bundle_version(self.versions, self.classes)
-        self.baselines: dict[str, dict[str, float]] = manifest["baselines"]
-        self.fusion_modes: tuple[str, ...] = self.fusion.available(self.modalities, self.versions)
+        self.baselines: dict[str, dict[str, Any]] = manifest["baselines"]
+        from streamfuse.monitor.evidence import Calibration
+
+        # validation calibration (label-free reliability), carried by each unit's baseline
+        self.calibration = Calibration.from_baselines(self.baselines)
+        self.fusion_modes: tuple[str, ...] = self.fusion.available(self.modalities, self.versions,
+                                                                  calibrated=self.calibration is not None)
         self.fusion_mode: str = self.fusion.mode if self.fusion.mode in self.fusion_modes else "ume"
         self.fusion_note = ""
         if self.fusion_mode != self.fusion.mode:
@@ -239,6 +244,8 @@ class Bundle:
             raise ModelError(f"use has shape {list(use.shape)}, the encoded batch {list(enc.computed.shape)}")
         use = use & enc.computed
         with torch.inference_mode():
+            if mode == "quality":
+                return quality(enc.modality_probs, use, self.calibration, self.modalities, self.classes)
             if mode == "ume" or self.fusion.fusion is None:
                 return ume(enc.modality_probs, use)
             feats = [enc.features[m] for m in self.modalities]

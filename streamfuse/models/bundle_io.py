@@ -25,7 +25,7 @@ from torch import nn
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle import Bundle
-from streamfuse.models.config import ModalityConfig
+from streamfuse.models.config import CALIBRATED_MODES, ModalityConfig
 from streamfuse.models.encoders import SensorModel, create_model
 from streamfuse.models.fusion import FusionConfig, FusionSet, FusionUnit
 from streamfuse.models.manifest import (
@@ -205,6 +205,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if len(section.get("modes", ["ume"])) > 1:
         file = path / FUSION_FILE
         fusion = build_fusion(section, read_weights(file, section["weights"], where), file)
-    elif section["version"] != "ume":
-        fusion = FusionUnit(None, "ume", section["version"], {})
+    elif section["version"] != "ume" or section["mode"] in CALIBRATED_MODES:
+        mode = section["mode"] if section["mode"] in CALIBRATED_MODES else "ume"
+        fusion = FusionUnit(None, mode, section["version"], {})
     return Bundle(path, manifest, models, dev, fusion)

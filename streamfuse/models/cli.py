@@ -77,7 +77,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
     modalities: list[str] = typer.Option([], "--modalities", "-m",
                                          help="Modalities to train (repeat or comma-separate); default: all."),
-    fusion: str = typer.Option("auto", help="auto | ume | weighted | head (auto keeps UME unless beaten on val)."),
+    fusion: str = typer.Option("auto", help="auto | ume | weighted | head | quality (auto keeps UME unless beaten "
+                               "on val; quality: per-sample weights from the validation calibration)."),
     umt_weight: float = typer.Option(0.0, "--umt-weight", help="λ of the uni-modal-teacher loss; > 0 fine-tunes."),
     epochs: int = typer.Option(8, help="Maximum epochs per model (early stopping on val macro-F1)."),
     seed: int = typer.Option(0, help="Seed; the same seed and data give the same versions."),

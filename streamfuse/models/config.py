@@ -24,6 +24,9 @@ DEFAULT_ARCHS: dict[str, str] = {
     "series": "sf_series_cnn",
 }
 FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head")  # learned modes must beat UME on validation first
+# Modes without weights that need the bundle's validation calibration (streamfuse.models.fusion.quality).
+CALIBRATED_MODES: tuple[str, ...] = ("quality",)
+FUSION_MODES += CALIBRATED_MODES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

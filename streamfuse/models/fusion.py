@@ -12,6 +12,11 @@ modalities that take part, and returns fused probabilities ``[B, C]``:
 - ``head`` (:class:`HeadFusion`): a small MLP over the concatenated, layer-normalized
   features; an unused modality's features are zeroed and a presence indicator is
   appended, so the head knows what is missing (it is trained with modality dropout).
+- ``quality`` (:func:`quality`): quality-aware, no weights: per sample, each modality is
+  weighted by its label-free probability of being right given how it agrees with the
+  others (calibrated on the validation split, :mod:`streamfuse.monitor.evidence`). A
+  fogged camera that is the odd one out weighs little in that very sample, before any
+  alert or mask command.
 
 A row with no modality in use gets the uniform distribution in every mode.
 """
@@ -29,13 +34,62 @@ from torch import nn
 
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
-from streamfuse.models.config import FUSION_MODES
+from streamfuse.models.config import CALIBRATED_MODES, FUSION_MODES
 
 __all__ = [
     "FUSION_MODES", "LEARNED_MODES", "FusionConfig", "FusionSet", "FusionUnit", "HeadFusion", "WeightedFusion",
-    "fusion_version", "ume",
+    "fusion_version", "quality", "ume",
 ]
-LEARNED_MODES: tuple[str, ...] = tuple(m for m in FUSION_MODES if m != "ume")
+LEARNED_MODES: tuple[str, ...] = tuple(m for m in FUSION_MODES if m != "ume" and m not in CALIBRATED_MODES)
+MIN_WEIGHT = 0.02  # a modality is down-weighted, never silenced by one sample's evidence
+
+
+def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities: Sequence[str],
+            classes: Sequence[str]) -> torch.Tensor:
+    """Quality-aware fusion: the used modalities' probabilities, each weighted by its
+    calibrated probability of being right in this sample's agreement category.
+
+    Args:
+        probs: ``[B, M, C]`` per-modality probabilities.
+        use: ``[B, M]`` bool, the modalities that take part.
+        calibration: a :class:`~streamfuse.monitor.evidence.Calibration`.
+        modalities: the names along ``M``; classes: along ``C``.
+
+    Returns:
+        ``[B, C]`` float32; uniform where nothing is used; UME where every modality agrees.
+
+    Examples:
+        >>> from streamfuse.monitor.evidence import Calibration
+        >>> rows = [({"image": y, "audio": y, "series": y}, y) for y in "abab"] * 10
+        >>> rows += [({"image": "a", "audio": "b", "series": "b"}, "b")] * 4
+        >>> cal = Calibration.fit(rows)
+        >>> p = torch.tensor([[[1.0, 0.0], [0.3, 0.7], [0.4, 0.6]]])   # the camera is the odd one out
+        >>> ume(p, torch.ones(1, 3, dtype=torch.bool)).argmax(1).item()
+        0
+        >>> [round(x, 2) for x in quality(p, torch.ones(1, 3, dtype=torch.bool), cal,
+        ...                                ("image", "audio", "series"), "ab")[0].tolist()]
+        [0.4, 0.6]
+    """
+    from streamfuse.monitor.evidence import categories
+
+    _check_shapes(probs, use)
+    use = use.to(device=probs.device, dtype=torch.bool)
+    labels = probs.float().argmax(dim=-1).tolist()
+    used = use.tolist()
+    weights = torch.zeros(use.shape, dtype=torch.float32)
+    for i, row in enumerate(used):
+        present = {modalities[j]: classes[labels[i][j]] for j, u in enumerate(row) if u}
+        cats = categories(present)
+        for j, u in enumerate(row):
+            if not u:
+                continue
+            k_cat = cats.get(modalities[j])
+            p = calibration.p_correct(modalities[j], *k_cat) if k_cat is not None else None
+            weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
+    w = weights.to(probs.device).unsqueeze(-1)
+    fused = (torch.where(use.unsqueeze(-1), probs.float(), 0.0) * w).sum(dim=1)
+    fused = fused / fused.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return _uniform_where_empty(fused, use)
 
 
 def ume(probs: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -282,14 +336,17 @@ class FusionUnit:
     def ume_only(cls) -> FusionUnit:
         return cls(None, "ume", "ume", {})
 
-    def available(self, modalities: Sequence[str], versions: Mapping[str, str]) -> tuple[str, ...]:
-        """Modes usable with these modalities (in order) and encoder versions."""
+    def available(self, modalities: Sequence[str], versions: Mapping[str, str],
+                  calibrated: bool = False) -> tuple[str, ...]:
+        """Modes usable with these modalities (in order) and encoder versions; ``quality``
+        too when the bundle carries a calibration (``calibrated``)."""
+        extra = CALIBRATED_MODES if calibrated else ()
         if self.fusion is None or tuple(modalities) != self.fusion.cfg.modalities:
-            return ("ume",)
+            return ("ume", *extra)
         same = all(versions.get(m) == self.trained_on.get(m) for m in modalities)
         # weighted acts on probabilities, which keep their meaning across encoder versions;
         # head reads features, which do not.
-        return tuple(m for m in self.fusion.modes if m != "head" or same)
+        return (*(m for m in self.fusion.modes if m != "head" or same), *extra)
 
 
 def fusion_version(mode: str, fusion: FusionSet | None, trained_on: Mapping[str, str]) -> str:
@@ -300,7 +357,7 @@ def fusion_version(mode: str, fusion: FusionSet | None, trained_on: Mapping[str,
         'ume'
     """
     if fusion is None or not len(fusion.learned):
-        return "ume"
+        return mode if mode in CALIBRATED_MODES else "ume"
     h = hashlib.sha256(f"{mode}|{sorted(trained_on.items())}|{fusion.cfg.to_dict()}|".encode())
     for name, t in sorted(fusion.state_dict().items()):
         t = t.detach().cpu().contiguous()

@@ -13,7 +13,11 @@ Format ``streamfuse.bundle/1``::
      "baselines": {"image": {"top1": 0.9, "macro_f1": 0.9, "n": 120}, …, "fused": {…}},
      "test": {same shape as baselines, or {}}, "training": {…}}
 
-``baselines`` are validation metrics (what the monitor compares live KPIs with);
+``baselines`` are validation metrics (what the monitor compares live KPIs with); each
+unit's entry may carry a ``calibration`` (:class:`streamfuse.monitor.evidence.Calibration`
+tables of that unit, from the validation split): the label-free accuracy estimate, the
+sequential detectors' evidence and the ``quality`` fusion mode read it. It lives with
+the baseline so that it travels with each unit through the registry.
 ``test`` are held-out metrics for reports. Weights live next to the manifest as
 ``<modality>.safetensors`` (and ``fusion.safetensors`` when there are learned fusion
 modes); their sha256 is checked on load. A UME-only fusion is just
@@ -30,7 +34,7 @@ from typing import Any
 
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
-from streamfuse.models.config import FUSION_MODES, ModalityConfig
+from streamfuse.models.config import CALIBRATED_MODES, FUSION_MODES, ModalityConfig
 from streamfuse.models.fusion import FusionConfig
 
 FORMAT = "streamfuse.bundle/1"
@@ -139,13 +143,28 @@ def check_manifest(man: Any, where: Path) -> None:
             )
             if not ok:
                 raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
+            if values.get("calibration") is not None:
+                _check_calibration(unit, values["calibration"], fail)
+    if fusion["mode"] in CALIBRATED_MODES and not any(
+            isinstance(v, dict) and v.get("calibration") for v in man["baselines"].values()):
+        raise fail(f"fusion.mode {fusion['mode']!r} needs a calibration in the baselines; retrain the bundle")
+
+
+def _check_calibration(unit: str, cal: Any, fail: Any) -> None:
+    from streamfuse.errors import ConfigError
+    from streamfuse.monitor.evidence import Calibration
+
+    try:
+        Calibration.from_dict({unit: cal})
+    except (ConfigError, AttributeError) as exc:
+        raise fail(f"baselines.{unit}.calibration: {exc}") from None
 
 
 def _check_fusion(fusion: dict[str, Any], mods: list[str], classes: list[str], fail: Any) -> None:
     modes = fusion.get("modes", ["ume"])
     if not isinstance(modes, list) or "ume" not in modes or set(modes) - set(FUSION_MODES):
         raise fail(f"fusion.modes {modes!r} must list 'ume' and other values of {list(FUSION_MODES)}")
-    if fusion["mode"] not in modes:
+    if fusion["mode"] not in modes and fusion["mode"] not in CALIBRATED_MODES:
         raise fail(f"fusion.mode {fusion['mode']!r} is not one of fusion.modes {modes}")
     if len(modes) == 1:
         return

@@ -21,6 +21,7 @@ fails here raises :class:`~streamfuse.errors.InvalidEvent`, and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from streamfuse.errors import InvalidEvent
 from streamfuse.events import SensorEvent
 from streamfuse.models.config import ModalityConfig
 
+log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
 CPU = torch.device("cpu")
 
@@ -177,8 +179,9 @@ def _decode_images(cfg: ModalityConfig, readings: list[SensorEvent], device: tor
             data = [_bytes_tensor(readings[i].payload) for i in jpegs]
             out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             decoded.update(zip(jpegs, out))
-        except RuntimeError:
-            pass
+        except RuntimeError as exc:
+            log.warning("GPU batch decode of %d JPEGs failed (%s); decoding them one by one to find the bad ones",
+                        len(jpegs), exc)
     for i, ev in enumerate(readings):
         if i in decoded:
             continue

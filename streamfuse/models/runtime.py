@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 import weakref
 from typing import Callable
@@ -49,14 +50,21 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 log = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _SERVED: weakref.WeakKeyDictionary[nn.Module, Forward] = weakref.WeakKeyDictionary()
+# The worker's thread and its model-loading thread both build served forms; a weak dict is
+# not safe to write from two threads (its clean-up of dead keys runs inside either write).
+_SERVED_LOCK = threading.Lock()
 
 
 def served_forward(model: nn.Module, example: torch.Tensor) -> Forward:
     """The form ``model`` is served in (:func:`traced_forward`), built once per model
-    object — a bundle that swaps one unit keeps the others' traces — on ``example``."""
-    fwd = _SERVED.get(model)
+    object — a bundle that swaps one unit keeps the others' traces — on ``example``.
+    Thread-safe: the trace is built outside the lock, and the first one stored wins."""
+    with _SERVED_LOCK:
+        fwd = _SERVED.get(model)
     if fwd is None:
-        fwd = _SERVED[model] = traced_forward(model, example)
+        traced = traced_forward(model, example)
+        with _SERVED_LOCK:
+            fwd = _SERVED.setdefault(model, traced)
     return fwd
 
 

@@ -130,6 +130,8 @@ def train_stage2(
     base.units_val = unit_scores(outs["val"], y["val"], order)
     base.units_test = unit_scores(outs["test"], y["test"], order) if "test" in outs else {}
     cands = [base]
+    if "quality" in modes:
+        cands.append(_quality_candidate(outs, y, order, models[order[0]].sf_config.classes))
     learned = [m for m in LEARNED_MODES if m in modes]
     cfg = FusionConfig(tuple(order), models[order[0]].sf_config.classes,
                        tuple(models[m].num_features for m in order), opts.hidden, opts.dropout)
@@ -156,6 +158,28 @@ def train_stage2(
             cand.units_test = unit_scores(test_out, y["test"], order)
         cands.append(cand)
     return cands, outs
+
+
+def _quality_candidate(outs: Mapping[str, Outputs], y: Mapping[str, torch.Tensor], order: Sequence[str],
+                       classes: Sequence[str]) -> Candidate:
+    """Quality-aware fusion over the stage-1 models, with the calibration fitted on validation
+    (no weights to train; scored like every candidate)."""
+    from streamfuse.models.calibration import fit_calibration
+    from streamfuse.models.fusion import quality
+
+    val = outs["val"]
+    cal = fit_calibration(val.probs, val.present, y["val"], ume(val.probs, val.present), order, classes)
+
+    def scored(name: str) -> dict[str, Any]:
+        if name not in outs:
+            return {}
+        o = outs[name]
+        return score_fused(y[name], quality(o.probs, o.present, cal, order, classes), o.present)
+
+    cand = Candidate("quality", None, None, scored("val"), scored("test"), info={"calibration": "validation"})
+    cand.units_val = unit_scores(val, y["val"], order)
+    cand.units_test = unit_scores(outs["test"], y["test"], order) if "test" in outs else {}
+    return cand
 
 
 def choose(cands: Sequence[Candidate], requested: str, min_gain: float = 0.0) -> Candidate:

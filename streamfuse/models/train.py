@@ -24,6 +24,7 @@ import torch
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle_io import save_bundle, weights_digest
+from streamfuse.models.calibration import attach_calibration, fit_calibration
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import fusion_version
@@ -34,7 +35,8 @@ from streamfuse.models.stage1 import EpochReport, Progress, TrainOptions, fit_mo
 from streamfuse.models.stage2 import CHOICES, FusionOptions, choose, train_stage2
 
 __all__ = ["EpochReport", "FusionOptions", "TrainOptions", "train_bundle"]
-MODES_FOR = {"ume": (), "weighted": ("weighted",), "head": ("head",), "auto": ("weighted", "head")}
+MODES_FOR = {"ume": (), "weighted": ("weighted",), "head": ("head",), "quality": ("quality",),
+             "auto": ("weighted", "head", "quality")}
 
 
 def train_bundle(
@@ -130,8 +132,9 @@ def train_bundle(
         seconds["stage1"] = sum(i["seconds"] for i in info.values())
         t0 = time.perf_counter()
         fopts = fusion_options or FusionOptions()
-        cands, _ = train_stage2(stage1, splits, order, MODES_FOR[fusion], umt_weight, fopts, seed, dev, progress)
+        cands, outs = train_stage2(stage1, splits, order, MODES_FOR[fusion], umt_weight, fopts, seed, dev, progress)
         chosen = choose(cands, fusion, fopts.min_gain)
+        calibration = _calibrate(chosen, outs, splits, order, classes, dev)
         seconds["stage2"] = time.perf_counter() - t0
         report = None
         if compare:
@@ -165,6 +168,7 @@ def train_bundle(
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         },
     }
+    attach_calibration(manifest["baselines"], calibration)
     if report is not None:
         manifest["compare"] = report
     written = save_bundle(out, models, manifest, fusion=stored, overwrite=overwrite)
@@ -173,6 +177,19 @@ def train_bundle(
 
         write_comparison(out, report)
     return written
+
+
+def _calibrate(chosen: Any, outs: dict[str, Any], splits: dict[str, Any], order: list[str],
+               classes: tuple[str, ...], dev: torch.device) -> Any:
+    """The label-free calibration of the served units, on the validation split."""
+    from streamfuse.models.fusion import ume
+    from streamfuse.models.splits import run_models
+    from streamfuse.models.stage2 import _fused
+
+    val = run_models(chosen.encoders, splits["val"], order, dev) if chosen.encoders else outs["val"]
+    fused = (_fused(chosen.fusion, chosen.mode, val) if chosen.fusion is not None and chosen.mode in chosen.fusion.modes
+             else ume(val.probs, val.present))
+    return fit_calibration(val.probs, val.present, splits["val"].y, fused, order, classes)
 
 
 def _default_configs(train: Sequence[Pair]) -> dict[str, ModalityConfig]:

@@ -23,7 +23,7 @@ from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle import LoadedUnit
 from streamfuse.models.bundle_io import build_fusion, build_sensor_model, read_weights
-from streamfuse.models.config import ModalityConfig
+from streamfuse.models.config import CALIBRATED_MODES, ModalityConfig
 from streamfuse.models.fusion import FusionUnit
 from streamfuse.models.manifest import FUSION_FILE, file_sha256, read_manifest, weights_file
 from streamfuse.models.runtime import resolve_device
@@ -139,8 +139,9 @@ def load_unit_dir(path: Path, device: str | torch.device = "cpu") -> LoadedUnit:
     state = read_weights(file, man["weights"], where) if man.get("weights") is not None else None
     if unit == "fusion":
         section = man.get("fusion") or {}
-        if state is None:
-            module = FusionUnit(None, "ume", version, {})
+        if state is None:  # UME, or a calibrated mode without weights ("quality")
+            module = FusionUnit(None, section.get("mode") if section.get("mode") in CALIBRATED_MODES else "ume",
+                                version, {})
         else:
             try:
                 module = build_fusion({**section, "version": version}, state, file)

@@ -7,9 +7,21 @@ alert → command → ack audit trail to Redis.
 
 Restart safety: open KPI records live in a changelogged faust table (``records``) and
 the detectors' and policy's state in another (``state``, written whenever a window
-closes), so a killed monitor resumes where it stopped; alerts and commands have
-deterministic ids and are claimed in Redis before they are published, so re-processing
-after a restart publishes none twice.
+closes), so a killed monitor resumes where it stopped.
+
+At-least-once alerts and commands: each has a deterministic id; the monitor produces it,
+waits for the broker's acknowledgement, and only then claims the id in Redis. Killed
+between the two, the restarted monitor re-derives and publishes it again with the same
+id, which the alert dispatcher and the workers drop as a duplicate; a re-derived output
+whose claim is in Redis is not published again.
+
+Redis is not on the data path: every Redis write (status, audit, claims, readiness) goes
+through a write-behind :class:`~streamfuse.store.StatusWriter`, so a Redis outage never
+stops or crashes the agent. During an outage the monitor keeps computing KPIs and
+publishing alerts and commands on time; a claim that cannot be checked counts as not
+claimed (publish: duplicates are harmless, losses are not), and the writes made during
+the outage land, in order, once Redis is back (``streamfuse_redis_up{process="monitor"}``
+shows the outage; it is logged once when it starts and once when it ends).
 """
 
 from __future__ import annotations
@@ -23,21 +35,49 @@ from prometheus_client import CollectorRegistry
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import (
-    MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, decode, encode,
+    MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, dead_letter_original, decode, encode,
 )
 from streamfuse.kafka import faust_config
-from streamfuse.metrics import MonitorMetrics, serve
+from streamfuse.faultpoint import reached
+from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.monitor.core import MonitorCore, Outputs
-from streamfuse.store import StatusStore, connect
+from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
-GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate")
+GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
+          "est_accuracy")
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class ClaimedPublisher:
+    """Publish alerts and commands at least once: produce unless claimed before, wait for
+    the broker's acknowledgement, then claim the id in Redis (write-behind).
+
+    A claim that cannot be checked (Redis down) counts as not claimed: publishing twice
+    is harmless (ids make it idempotent downstream), not publishing is not.
+    """
+
+    def __init__(self, link: RedisLink, store: StatusStore, writer: StatusWriter) -> None:
+        self.link, self.store, self.writer = link, store, writer
+        self.published: set[str] = set()  # claims of this process's life: known without asking Redis
+
+    async def publish(self, kind: str, ident: str, topic, key: bytes, value: bytes) -> bool:
+        """True when it was produced now; False when it had been published before."""
+        claim = f"{kind}:{ident}"
+        if claim in self.published or self.link.attempt(self.store.claimed, kind, ident,
+                                                        what=f"checking the {kind} claim", default=False):
+            return False
+        fut = await topic.send(key=key, value=value, headers=HEADERS)
+        await fut  # the broker's acknowledgement
+        reached("monitor-after-produce")
+        self.published.add(claim)
+        self.writer.submit(f"claiming {kind} {ident}", self.store.claim, kind, ident)
+        return True
 
 
 def create_app(settings: Settings, baselines: dict[str, dict[str, float]], registry: CollectorRegistry | None = None):
@@ -58,7 +98,10 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     out = {name: app.topic(getattr(topics, name), **raw) for name in ("kpis", "alerts", "control", "deadletter")}
     records = app.Table("records", default=None, partitions=settings.partitions)
     state = app.Table("state", default=None, partitions=settings.partitions)
-    store = StatusStore(connect(settings), settings.redis_prefix)
+    link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
+    store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
+    writer = StatusWriter(link, "monitor-redis-writer")
+    publish = ClaimedPublisher(link, store, writer).publish
 
     def sink(key: str, value) -> None:
         if value is None:
@@ -91,21 +134,24 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                     value = getattr(s, kpi)
                     if value is not None:
                         metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
-        store.put_kpis(result.kpis)
+        if result.kpis:
+            writer.submit("writing the latest KPIs", store.put_kpis, result.kpis)
+        for s in result.estimates:  # label-free, at the window's end: long before its labels
+            if s.est_accuracy is not None:
+                metrics.accuracy_estimate.labels(s.scope, s.scope_id, s.modality).set(s.est_accuracy)
         for a in result.alerts:
-            if not store.claim("alert", f"{a.alert_id}:{a.status}"):
-                continue  # already published before a restart
-            await out["alerts"].send(key=a.fingerprint.encode(), value=encode(a), headers=HEADERS)
-            store.put_alert(a)
+            if not await publish("alert", f"{a.alert_id}:{a.status}", out["alerts"], a.fingerprint.encode(),
+                                 encode(a)):
+                continue
+            writer.submit(f"recording alert {a.alert_id}", store.put_alert, a)
             metrics.alerts.labels(a.kind, a.status).inc()
             metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
             log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
         for c in result.commands:
-            if not store.claim("command", c.command_id):
+            if not await publish("command", c.command_id, out["control"], (c.modality or "").encode(), encode(c)):
                 continue
-            await out["control"].send(key=(c.modality or "").encode(), value=encode(c), headers=HEADERS)
             core.issued(c, now_ms())
-            store.put_command(c)
+            writer.submit(f"recording command {c.command_id}", store.put_command, c)
             metrics.commands.labels(c.action).inc()
             log.warning("command %s %s %s %s:%s", c.command_id, c.action, c.modality, c.scope, c.scope_id)
 
@@ -120,14 +166,15 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                             expect=(Prediction, Label, Ack), max_bytes=settings.max_payload_bytes)
             except InvalidEvent as exc:
                 metrics.rejected.labels(exc.reason).inc()
-                dead = DeadLetter(exc.reason, exc.detail, msg.topic, event.value or b"", "monitor",
+                original, note = dead_letter_original(event.value)
+                dead = DeadLetter(exc.reason, exc.detail + note, msg.topic, original, "monitor",
                                   int(msg.timestamp * 1000), msg.partition, msg.offset, event.key)
                 await out["deadletter"].send(key=event.key, value=encode(dead), headers=HEADERS)
                 continue
             if isinstance(ev, Ack):
                 metrics.events.labels("ack").inc()
                 core.on_ack(ev)
-                store.put_ack(ev)
+                writer.submit(f"recording the ack of {ev.command_id}", store.put_ack, ev)
             elif isinstance(ev, Label):
                 metrics.events.labels("label").inc()
                 core.on_label(ev)
@@ -137,7 +184,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
                 # Publish first, checkpoint after: killed in between, the monitor re-derives
                 # the same outputs from the older checkpoint, and the Redis claims drop them.
                 await emit(result)
-                if result.kpis:
+                if result.kpis or result.alerts:
                     checkpoint(msg.partition)
             metrics.pending_labels.set(core.kpis.pending_labels)
 
@@ -148,7 +195,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
 
     @app.task
     async def ready() -> None:
-        store.mark_ready("monitor", settings.monitor.app_id)
+        writer.submit("marking the monitor ready", store.mark_ready, "monitor", settings.monitor.app_id)
 
     return app
 

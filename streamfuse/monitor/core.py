@@ -1,13 +1,23 @@
 """The monitor's logic in one pure object: predictions, labels and acks in; KPI
 snapshots, alerts and commands out. The faust app only decodes, calls this and emits.
 
-Detectors run on closed KPI windows:
+Label-free, per sample (:mod:`streamfuse.monitor.sequential`), when the bundle carries a
+calibration: each modality's agreement with the others feeds a CUSUM per (fleet | line,
+modality) under the one false-alarm budget; a firing one is a ``degradation`` alert
+(label ``evidence=agreement``), decided in event-time steps of ``decision_step_ms``,
+seconds after a fault starts and long before any label. Every window also carries the
+label-free accuracy estimate (``est_accuracy``) beside the labelled one.
 
+On closed KPI windows:
+
+* ``upstream_outage`` (global): every asset quiet at once — the broker or a gateway;
+  it holds back the per-sensor dropout alerts (and so their masks);
 * ``sensor_fault`` per (asset, modality): flat or stuck signals, dropouts, clock skew —
   a broken sensor, not a broken model; it inhibits the degradation alert of that
   modality in every scope that contains the asset;
-* ``degradation`` per (scope in ``detect_scopes``, modality): accuracy below the
-  bundle's stage-1 baseline with statistical confidence;
+* ``degradation`` per (scope in ``detect_scopes``, modality): labelled accuracy below the
+  bundle's stage-1 baseline with statistical confidence (inhibited while the label-free
+  alert of the same scope is open: it confirms what is already known);
 * ``drift`` (global, label-free): Page-Hinkley on each modality's confidence and
   agreement with the fused label;
 * ``dominance`` (global): one modality's contribution share above a threshold while the
@@ -18,20 +28,51 @@ Detectors run on closed KPI windows:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from streamfuse.alerts.lifecycle import fingerprint
 from streamfuse.config import MonitorSettings
 from streamfuse.errors import ConfigError
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, Label, Prediction
 from streamfuse.monitor import detectors as d
+from streamfuse.monitor.evidence import Calibration, sample_evidence
 from streamfuse.monitor.kpis import FUSED, UME, KpiEngine, Sink
 from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
+from streamfuse.monitor.sequential import SequentialDetection, Transition
 
 SCOPE_RANK = {"asset": 0, "line": 1, "global": 2}
 SEVERITY = {"sensor_fault": "warning", "degradation": "critical", "drift": "warning", "dominance": "warning",
-            "fusion_regression": "critical", "command_unacked": "critical", "action_suppressed": "warning"}
+            "fusion_regression": "critical", "command_unacked": "critical", "action_suppressed": "warning",
+            "upstream_outage": "critical"}
+AGREEMENT = {"evidence": "agreement"}  # the extra label of the label-free degradation alert
+SENSOR_CHECKS = ("flatline", "stuck", "dropout")
+
+
+@dataclass(frozen=True, order=True)
+class DetKey:
+    """One window detector: what it checks, where, and for which modality."""
+
+    kind: str
+    check: str  # flatline | stuck | dropout | clock_skew | a drift proxy | ""
+    scope: str
+    scope_id: str
+    modality: str
+
+    def to_list(self) -> list[str]:
+        return [self.kind, self.check, self.scope, self.scope_id, self.modality]
+
+
+@dataclass
+class Episode:
+    """An open alert: when it started, its labels, and what its firing message said."""
+
+    start: int
+    labels: dict[str, str]
+    inhibited: bool
+    line: str | None = None
+    what: str = ""
 
 
 @dataclass
@@ -39,21 +80,28 @@ class Outputs:
     kpis: list[KpiSnapshot] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     commands: list[Command] = field(default_factory=list)
+    estimates: list[KpiSnapshot] = field(default_factory=list)  # provisional (label-free) global/line snapshots
 
     def extend(self, other: "Outputs") -> None:
         self.kpis += other.kpis
         self.alerts += other.alerts
         self.commands += other.commands
+        self.estimates += other.estimates
+
+
+def _argmax_label(classes: tuple[str, ...], probs: tuple[float, ...]) -> str:
+    return classes[max(range(len(probs)), key=probs.__getitem__)]
 
 
 class MonitorCore:
     """Args:
-        baselines: ``{modality: {"top1": ..., "macro_f1": ...}}`` of the active models.
-        settings: windows, detector thresholds, policy.
+        baselines: ``{modality: {"top1": ..., "macro_f1": ..., "calibration": {...}}}`` of
+            the active models (``calibration``, optional, from the bundle's validation split).
+        settings: windows, detector thresholds, budget, policy.
         sink: persistence of the KPI engine's records (see :mod:`streamfuse.monitor.kpis`).
     """
 
-    def __init__(self, baselines: dict[str, dict[str, float]], settings: MonitorSettings,
+    def __init__(self, baselines: dict[str, dict[str, Any]], settings: MonitorSettings,
                  sink: Sink | None = None) -> None:
         self.baselines = {m: b for m, b in baselines.items() if m != FUSED}
         self.settings = s = settings
@@ -64,18 +112,20 @@ class MonitorCore:
                     f"margin {s.degradation_margin}: retrain the model or lower "
                     "STREAMFUSE_MONITOR__DEGRADATION_MARGIN"
                 )
-        self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink)
-        self.policy = RollbackPolicy(PolicyConfig(
-            dry_run=s.dry_run, cooldown_ms=s.cooldown_ms, max_actions_per_hour=s.max_actions_per_hour,
-            rollback_after_activation_ms=s.rollback_after_activation_ms, fusion_action=s.fusion_action))
-        self._detectors: dict[str, Any] = {}
-        self._episodes: dict[str, dict[str, Any]] = {}  # fingerprint -> {start, labels, inhibited}
+        self.calibration = Calibration.from_baselines(baselines)
+        self._evidence: tuple[str, dict[str, tuple[float | None, float | None]]] = ("", {})
+        estimator = self._estimate if self.calibration is not None else None
+        self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator)
+        self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
+        self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
+                                              max(1, len(self.baselines))) if self.calibration else None
+        self._detectors: dict[DetKey, Any] = {}
+        self._saved_detectors: dict[DetKey, dict[str, Any]] = {}  # restored state, applied when one is made
+        self._episodes: dict[str, Episode] = {}  # fingerprint -> open episode
         self._versions: dict[str, str] = {}  # modality -> version seen in predictions
         self._version_changes: dict[str, tuple[str, str, int]] = {}
         self._workers: dict[str, int] = {}  # worker id -> last prediction event time
         self._lines: dict[str, str] = {}  # asset id -> line id
-        self._saved_detectors: dict[str, Any] = {}  # restored state, applied when a detector is made
-        self._episode_what: dict[str, str] = {}  # fingerprint -> what the firing alert said
         self._pending: dict[str, dict[str, Any]] = {}  # command id -> {issued, expected, acked, alerted}
 
     # ------------------------------------------------------------------ inputs
@@ -93,8 +143,17 @@ class MonitorCore:
         if pred.worker_id:
             self._workers[pred.worker_id] = pred.ts_ms
         self._lines[pred.asset_id] = pred.line_id
+        seen = (self.kpis.duplicates, self.kpis.late_predictions)
         out = Outputs(kpis=self.kpis.add_prediction(pred, source))
+        fresh = seen == (self.kpis.duplicates, self.kpis.late_predictions)
         self._detect(out)
+        if self.sequential is not None:
+            if fresh:
+                llr = {m: v[1] for m, v in self._sample_evidence(pred).items() if v[1] is not None}
+                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, llr)
+            for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
+                self._on_sequential(out, t)
+            out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
         return out
 
     def on_ack(self, ack: Ack) -> None:
@@ -111,10 +170,9 @@ class MonitorCore:
                 del self._pending[cid]
             elif now_ms - p["issued_wall"] >= self.settings.ack_timeout_ms and not p["alerted"]:
                 p["alerted"] = True
-                out.alerts.append(self._alert("command_unacked", "firing", p["modality"] or "", "global", "",
-                                              self.kpis.watermark or 0, None, None,
-                                              f"command {cid} not acknowledged by {', '.join(missing)}",
-                                              extra={"command": cid}))
+                self._emit(out, "command_unacked", "firing", p["modality"] or "", "global", "",
+                           self.kpis.watermark or 0, None, None, f"command {cid} not acknowledged by "
+                           f"{', '.join(missing)}", {"command": cid}, decide=False)
         return out
 
     def issued(self, cmd: Command, now_ms: int) -> None:
@@ -124,59 +182,121 @@ class MonitorCore:
                                          "alerted": False, "modality": cmd.modality}
 
     def open_alerts(self) -> list[str]:
-        return sorted(fp for fp, e in self._episodes.items() if not e["inhibited"])
+        return sorted(fp for fp, e in self._episodes.items() if not e.inhibited)
 
-    # ------------------------------------------------------------------ detection
+    # ------------------------------------------------------------------ label-free evidence
 
-    def _detector(self, key: str, factory):
+    def _sample_evidence(self, pred: Prediction) -> dict[str, tuple[float | None, float | None]]:
+        """unit -> (P(right), LLR) of one sample; computed once per prediction."""
+        if self._evidence[0] != pred.sample_id:
+            labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
+            self._evidence = (pred.sample_id, sample_evidence(self.calibration, labels, pred.fused_label))
+        return self._evidence[1]
+
+    def _estimate(self, pred: Prediction) -> dict[str, float]:
+        return {u: p for u, (p, _) in self._sample_evidence(pred).items() if p is not None}
+
+    def _on_sequential(self, out: Outputs, t: Transition) -> None:
+        k = t.key
+        how = "attributed from the fleet-wide evidence" if t.attributed else "label-free CUSUM"
+        what = (f"disagrees with the other sensors: {t.statistic:.1f} >= {t.threshold:.1f} nats of evidence "
+                f"({how}, budget {self.settings.false_alarms_per_day:g} false alarms/day)")
+        self._emit(out, "degradation", "firing" if t.firing else "resolved", k.modality, k.scope, k.scope_id,
+                   t.at_ms, round(t.statistic, 3), round(t.threshold, 3), what, AGREEMENT)
+
+    # ------------------------------------------------------------------ window detectors
+
+    def _detector(self, key: DetKey, factory: Callable[[], Any]) -> Any:
         det = self._detectors.get(key)
         if det is None:
             det = self._detectors[key] = factory()
             saved = self._saved_detectors.pop(key, None)
             if saved is not None:
-                det.load_state_dict(saved[1])
+                det.load_state_dict(saved)
         return det
 
     def _detect(self, out: Outputs) -> None:
+        windows: dict[int, list[KpiSnapshot]] = {}
+        for k in out.kpis:
+            windows.setdefault(k.window_start_ms, []).append(k)
+        for start in sorted(windows):
+            snaps = windows[start]
+            outage = self._detect_outage(out, snaps)
+            self._detect_sensors(out, snaps, outage)  # first: they inhibit degradations of the same window
+            self._detect_degradation(out, snaps)
+            self._detect_label_free(out, snaps)  # last, once this window's degradations are known
+            self._detect_fusion(out, snaps)
+
+    def _detect_outage(self, out: Outputs, snaps: list[KpiSnapshot]) -> bool:
+        """Whether this window is (or is inside) an upstream outage."""
         s = self.settings
-        snaps = out.kpis
-        # Sensor faults first: they inhibit degradation alerts decided in the same window.
+        quiet: dict[str, bool] = {}
+        for k in snaps:
+            if k.scope == "asset" and k.modality not in (FUSED, UME):
+                total = k.n + k.n_missing
+                quiet[k.scope_id] = quiet.get(k.scope_id, False) or bool(
+                    total and k.n_missing / total >= s.sensor_fault_rate)
+        glob = next((k for k in snaps if k.scope == "global" and k.modality == FUSED), None)
+        if glob is None:
+            return False
+        det = self._detector(DetKey("upstream_outage", "", "global", "", ""), lambda: d.UpstreamOutage(
+            fire_windows=1, resolve_windows=s.resolve_windows))
+        det.update(sum(quiet.values()), len(quiet))
+        if det.changed:
+            self._emit(out, "upstream_outage", "firing" if det.firing else "resolved", "", "global", "",
+                       glob.window_end_ms, det.last, None,
+                       f"every asset went quiet at once ({sum(quiet.values())}/{len(quiet)}): the broker or an "
+                       "upstream gateway, not the sensors; no sensor is masked for it")
+        return det.firing or bool(quiet and all(quiet.values()) and len(quiet) >= 2)
+
+    def _detect_sensors(self, out: Outputs, snaps: list[KpiSnapshot], outage: bool) -> None:
+        s = self.settings
         for k in snaps:
             if k.scope != "asset" or k.modality in (FUSED, UME):
                 continue
             total = k.n + k.n_missing
-            checks = [("flatline", k.n_flat, k.n), ("stuck", k.n_stuck, k.n), ("dropout", k.n_missing, total)]
-            for fault, events, n in checks:
-                det = self._detector(f"sensor|{fault}|{k.scope_id}|{k.modality}", lambda: d.RateAlarm(
-                    threshold=s.sensor_fault_rate, fire_windows=s.fire_windows, resolve_windows=s.resolve_windows,
-                    min_n=max(1, s.min_labelled // 2)))
+            for check, events, n in (("flatline", k.n_flat, k.n), ("stuck", k.n_stuck, k.n),
+                                     ("dropout", k.n_missing, total)):
+                det = self._detector(DetKey("sensor_fault", check, "asset", k.scope_id, k.modality),
+                                     lambda: d.RateAlarm(threshold=s.sensor_fault_rate, fire_windows=s.fire_windows,
+                                                         resolve_windows=s.resolve_windows,
+                                                         min_n=max(1, s.min_labelled // 2)))
+                if check == "dropout" and outage and not det.firing:
+                    det.reset()  # quiet because the pipe is down: no evidence against the sensor
+                    continue
                 det.update(events, n)
                 self._transition(out, det, "sensor_fault", k, events / n if n else None, s.sensor_fault_rate,
-                                 f"{fault}: {events}/{n} readings", {"fault": fault})
-            det = self._detector(f"sensor|clock_skew|{k.scope_id}|{k.modality}", lambda: d.SkewAlarm(
-                max_abs_skew_ms=s.max_abs_skew_ms, fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
+                                 f"{check}: {events}/{n} readings", {"fault": check})
+            det = self._detector(DetKey("sensor_fault", "clock_skew", "asset", k.scope_id, k.modality),
+                                 lambda: d.SkewAlarm(max_abs_skew_ms=s.max_abs_skew_ms, fire_windows=s.fire_windows,
+                                                     resolve_windows=s.resolve_windows))
             det.update(k.mean_abs_skew_ms, k.n)
             self._transition(out, det, "sensor_fault", k, k.mean_abs_skew_ms, s.max_abs_skew_ms,
                              f"clock skew {k.mean_abs_skew_ms} ms", {"fault": "clock_skew"})
-        glob = {k.modality: k for k in snaps if k.scope == "global"}
+
+    def _detect_degradation(self, out: Outputs, snaps: list[KpiSnapshot]) -> None:
+        s = self.settings
         # Narrow scopes first: a line's alert explains (and inhibits) the fleet-wide one.
         for k in sorted(snaps, key=lambda k: SCOPE_RANK.get(k.scope, 9)):
             base = self.baselines.get(k.modality)
-            if base is None:
+            if base is None or k.scope not in s.detect_scopes:
                 continue
-            if k.scope in s.detect_scopes:
-                det = self._detector(f"degradation|{k.scope}|{k.scope_id}|{k.modality}", lambda: d.AccuracyDegradation(
-                    baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z, min_n=s.min_labelled,
-                    fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
-                # A window whose labels are all one class cannot tell a classifier from a
-                # constant guess (a fogged camera looks perfect while the machine is
-                # normal): its good accuracy is no evidence; a bad one still is.
-                informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < det.threshold)
-                det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0)
-                acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
-                self._transition(out, det, "degradation", k, k.accuracy, det.threshold,
-                                 f"accuracy {acc} < {det.threshold:.2f} (baseline {base['top1']:.2f})")
-        # Label-free detectors last, once this window's degradations are known.
+            det = self._detector(DetKey("degradation", "", k.scope, k.scope_id, k.modality),
+                                 lambda: d.AccuracyDegradation(
+                                     baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z,
+                                     min_n=s.min_labelled, fire_windows=s.fire_windows,
+                                     resolve_windows=s.resolve_windows))
+            # A window whose labels are all one class cannot tell a classifier from a
+            # constant guess (a fogged camera looks perfect while the machine is
+            # normal): its good accuracy is no evidence; a bad one still is.
+            informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < det.threshold)
+            det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0)
+            acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
+            self._transition(out, det, "degradation", k, k.accuracy, det.threshold,
+                             f"accuracy {acc} < {det.threshold:.2f} (baseline {base['top1']:.2f})")
+
+    def _detect_label_free(self, out: Outputs, snaps: list[KpiSnapshot]) -> None:
+        s = self.settings
         for k in snaps:
             if k.scope != "global" or k.modality not in self.baselines:
                 continue
@@ -185,104 +305,108 @@ class MonitorCore:
             others_ok = not self._unhealthy(exclude=k.modality)
             for proxy in ("mean_confidence", "agreement"):
                 value = getattr(k, proxy) if proxy == "mean_confidence" or others_ok else None
-                det = self._detector(f"drift|{proxy}|{k.modality}", lambda: d.PageHinkley(
+                det = self._detector(DetKey("drift", proxy, "global", "", k.modality), lambda: d.PageHinkley(
                     delta=s.drift_delta, threshold=s.drift_threshold, direction="down",
                     min_n=s.min_labelled, resolve_windows=s.resolve_windows))
                 det.update(value, k.n)  # None is no evidence (and clears `changed`)
                 self._transition(out, det, "drift", k, value, None, f"{proxy} dropped (Page-Hinkley)",
                                  {"proxy": proxy})
             if k.mean_contribution is not None:
-                det = self._detector(f"dominance|{k.modality}", lambda: d.Dominance(
+                det = self._detector(DetKey("dominance", "", "global", "", k.modality), lambda: d.Dominance(
                     threshold=s.dominance_share, fire_windows=s.fire_windows + 1, resolve_windows=s.resolve_windows))
                 # A modality already known to be broken is not "dominating": its alert says more.
                 share = None if self._unhealthy(only=k.modality) else k.mean_contribution
                 det.update(share, others_ok)
                 self._transition(out, det, "dominance", k, k.mean_contribution, s.dominance_share,
                                  f"contribution share {k.mean_contribution:.2f}")
-        fused = glob.get(FUSED)
-        if fused is not None and fused.ref_modality:
-            det = self._detector("fusion_regression", lambda: d.FusionRegression(
-                margin=s.fusion_margin, z=s.confidence_z, min_n=s.min_labelled,
-                fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
-            det.update(fused.ref_fused_correct, fused.ref_correct, fused.ref_n, fused.ref_discordant)
-            self._transition(out, det, "fusion_regression", fused, fused.accuracy, None,
-                             f"accuracy {fused.ref_fused_correct}/{fused.ref_n} below "
-                             f"{fused.ref_modality} {fused.ref_correct}/{fused.ref_n}")
+
+    def _detect_fusion(self, out: Outputs, snaps: list[KpiSnapshot]) -> None:
+        s = self.settings
+        fused = next((k for k in snaps if k.scope == "global" and k.modality == FUSED), None)
+        if fused is None or not fused.ref_modality:
+            return
+        det = self._detector(DetKey("fusion_regression", "", "global", "", ""), lambda: d.FusionRegression(
+            margin=s.fusion_margin, z=s.confidence_z, min_n=s.min_labelled,
+            fire_windows=s.fire_windows, resolve_windows=s.resolve_windows))
+        det.update(fused.ref_fused_correct, fused.ref_correct, fused.ref_n, fused.ref_discordant)
+        self._transition(out, det, "fusion_regression", fused, fused.accuracy, None,
+                         f"accuracy {fused.ref_fused_correct}/{fused.ref_n} below "
+                         f"{fused.ref_modality} {fused.ref_correct}/{fused.ref_n}")
+
+    # ------------------------------------------------------------------ alerts
 
     def _unhealthy(self, only: str | None = None, exclude: str | None = None) -> bool:
         """Whether a degradation or sensor fault is open for ``only`` (or any modality but ``exclude``)."""
         for e in self._episodes.values():
-            lab = e["labels"]
+            lab = e.labels
             if lab["kind"] in ("degradation", "sensor_fault") and (
                     lab["modality"] == only if only is not None else lab["modality"] != exclude):
                 return True
         return False
 
-    def _inhibited(self, kind: str, modality: str, scope: str, scope_id: str) -> bool:
+    def _inhibited(self, labels: dict[str, str]) -> bool:
         """A sensor fault inhibits the degradation of its modality in every scope holding
         its asset; a line's degradation inhibits the fleet-wide one of the same modality
-        (act on the narrowest scope that explains it)."""
+        (act on the narrowest scope that explains it); the label-free degradation of a
+        scope inhibits the labelled one there (the labels only confirm it)."""
+        kind, modality, scope, scope_id = labels["kind"], labels["modality"], labels["scope"], labels["scope_id"]
         if kind != "degradation":
             return False
         for e in self._episodes.values():
-            lab = e["labels"]
-            if lab["modality"] != modality or e["inhibited"]:
+            lab = e.labels
+            if lab["modality"] != modality or e.inhibited:
                 continue
             if scope == "global" and lab["kind"] == "degradation" and lab["scope"] == "line":
                 return True
+            if (lab["kind"] == "degradation" and "evidence" not in labels and "evidence" in lab
+                    and (lab["scope"], lab["scope_id"]) == (scope, scope_id)):
+                return True
             if lab["kind"] == "sensor_fault" and (
                     scope == "global" or (scope == "asset" and lab["scope_id"] == scope_id)
-                    or (scope == "line" and e.get("line") == scope_id)):
+                    or (scope == "line" and e.line == scope_id)):
                 return True
         return False
 
     def _transition(self, out: Outputs, det, kind: str, k: KpiSnapshot, value, threshold, what: str,
                     extra: dict[str, str] | None = None) -> None:
-        if not det.changed:
-            return
-        alert = self._alert(kind, "firing" if det.firing else "resolved", k.modality, k.scope, k.scope_id,
-                            k.window_end_ms, value, threshold, what, extra)
-        if alert is None:
-            return
-        out.alerts.append(alert)
-        out.commands.extend(self.policy.decide(alert, PolicyContext(k.window_end_ms, dict(self._version_changes))))
+        if det.changed:
+            self._emit(out, kind, "firing" if det.firing else "resolved", k.modality, k.scope, k.scope_id,
+                       k.window_end_ms, value, threshold, what, extra)
 
-    def _alert(self, kind: str, status: str, modality: str, scope: str, scope_id: str, at_ms: int,
-               value, threshold, what: str, extra: dict[str, str] | None = None) -> Alert | None:
+    def _emit(self, out: Outputs, kind: str, status: str, modality: str, scope: str, scope_id: str, at_ms: int,
+              value, threshold, what: str, extra: dict[str, str] | None = None, decide: bool = True) -> None:
+        """Open or close an episode; publish its alert (unless inhibited) and the policy's commands."""
         labels = {"kind": kind, "modality": modality, "scope": scope, "scope_id": scope_id, **(extra or {})}
         fp = fingerprint(labels)
         if status == "firing":
-            inhibited = self._inhibited(kind, modality, scope, scope_id)
-            self._episodes[fp] = {"start": at_ms, "labels": labels, "inhibited": inhibited,
-                                  "line": self._line_of(scope_id) if scope == "asset" else None}
+            inhibited = self._inhibited(labels)
+            self._episodes[fp] = Episode(at_ms, labels, inhibited, self._lines.get(scope_id) if scope == "asset"
+                                         else None, what)
             if inhibited:
-                return None
+                return
             start, ends = at_ms, None
         else:
             episode = self._episodes.pop(fp, None)
-            if episode is None or episode["inhibited"]:
-                return None
-            start, ends = episode["start"], at_ms
+            if episode is None or episode.inhibited:
+                return
+            start, ends, what = episode.start, at_ms, f"recovered (was: {episode.what or what})"
         where = "fleet" if scope == "global" else f"{scope} {scope_id}"
-        if status == "resolved":
-            what = f"recovered (was: {self._episode_what.pop(fp, what)})"
-        else:
-            self._episode_what[fp] = what
-        return Alert(fingerprint=fp, alert_id=f"{fp}@{start}", status=status, kind=kind,
-                     severity=SEVERITY[kind], modality=modality, scope=scope, scope_id=scope_id,
-                     starts_ms=start, event_ms=at_ms, ends_ms=ends, summary=f"{where}: {modality} {what}",
-                     labels=labels, value=value, threshold=threshold)
-
-    def _line_of(self, asset_id: str) -> str | None:
-        return self._lines.get(asset_id)
+        alert = Alert(fingerprint=fp, alert_id=f"{fp}@{start}", status=status, kind=kind,
+                      severity=SEVERITY[kind], modality=modality, scope=scope, scope_id=scope_id,
+                      starts_ms=start, event_ms=at_ms, ends_ms=ends, summary=f"{where}: {modality} {what}",
+                      labels=labels, value=value, threshold=threshold)
+        out.alerts.append(alert)
+        if decide:
+            out.commands.extend(self.policy.decide(alert, PolicyContext(at_ms, dict(self._version_changes))))
 
     # ------------------------------------------------------------------ persistence
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "kpis": self.kpis.state_dict(),
-            "detectors": {k: [type(v).__name__, v.state_dict()] for k, v in self._detectors.items()},
-            "episodes": self._episodes,
+            "detectors": [[*k.to_list(), type(v).__name__, v.state_dict()] for k, v in sorted(self._detectors.items())],
+            "episodes": {fp: dataclasses.asdict(e) for fp, e in self._episodes.items()},
+            "sequential": self.sequential.state_dict() if self.sequential is not None else None,
             "versions": self._versions,
             "version_changes": {m: list(v) for m, v in self._version_changes.items()},
             "workers": self._workers,
@@ -294,14 +418,17 @@ class MonitorCore:
     def load_state_dict(self, state: dict[str, Any], entries) -> None:
         """Continue from a :meth:`state_dict` plus the KPI sink's entries."""
         self.kpis.restore(state.get("kpis"), entries)
-        self._episodes = dict(state.get("episodes", {}))
+        self._episodes = {fp: Episode(**e) for fp, e in state.get("episodes", {}).items()}
         self._versions = dict(state.get("versions", {}))
         self._version_changes = {m: tuple(v) for m, v in state.get("version_changes", {}).items()}
         self._workers = dict(state.get("workers", {}))
         self._lines = dict(state.get("lines", {}))
         self._pending = dict(state.get("pending", {}))
         self.policy.load_state_dict(state.get("policy", {}))
+        if self.sequential is not None and state.get("sequential"):
+            self.sequential.load_state_dict(state["sequential"])
         # Detectors are made lazily (their settings come from the baselines); each takes
         # its saved state when it is made.
         self._detectors = {}
-        self._saved_detectors = dict(state.get("detectors", {}))
+        self._saved_detectors = {DetKey(*row[:5]): row[6] for row in state.get("detectors", [])
+                                 if isinstance(row, list)}

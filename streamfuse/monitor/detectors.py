@@ -17,64 +17,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from streamfuse.monitor.base import (  # noqa: F401 (re-exported)
+    Detector, DetectorValueError, _check_counts, _check_finite, _check_int, _check_range, _Hysteresis,
+)
 from streamfuse.monitor.stats import wilson_interval
 
 DIRECTIONS = ("down", "up", "both")
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _check_counts(events: int, n: int, what: str = "events") -> None:
-    if n < 0 or events < 0 or events > n:
-        raise ValueError(f"need 0 <= {what} <= n, got {what}={events}, n={n}")
-
-
-def _check_finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-class _Hysteresis:
-    """Streak counting shared by the detectors (``fire_windows`` / ``resolve_windows``)."""
-
-    fire_windows: int
-    resolve_windows: int
-
-    def _reset_hysteresis(self) -> None:
-        self._firing = False
-        self._changed = False
-        self._bad = 0
-        self._good = 0
-
-    def _step(self, bad: bool, good: bool) -> None:
-        self._bad = self._bad + 1 if bad else 0
-        self._good = self._good + 1 if good else 0
-        if not self._firing and self._bad >= self.fire_windows:
-            self._firing, self._changed = True, True
-        elif self._firing and self._good >= self.resolve_windows:
-            self._firing, self._changed = False, True
-
-    @property
-    def firing(self) -> bool:
-        """Whether the alert is open."""
-        return self._firing
-
-    @property
-    def changed(self) -> bool:
-        """Whether the last ``update`` fired or resolved the alert."""
-        return self._changed
-
-    def _hysteresis_state(self) -> dict[str, Any]:
-        return {"firing": self._firing, "bad": self._bad, "good": self._good}
-
-    def _load_hysteresis(self, state: dict[str, Any]) -> None:
-        self._firing, self._bad, self._good = bool(state["firing"]), int(state["bad"]), int(state["good"])
-
-
-class AccuracyDegradation(_Hysteresis):
+class AccuracyDegradation(Detector):
     """A modality's accuracy below its stage-1 baseline, with statistical confidence.
 
     Each ``update(correct, n)`` is one KPI window. A window is *bad* when the Wilson
@@ -119,26 +72,19 @@ class AccuracyDegradation(_Hysteresis):
         resolve_windows: int = 2,
     ) -> None:
         if not 0.0 < baseline <= 1.0:
-            raise ValueError(f"baseline must be in (0, 1], got {baseline}")
+            raise DetectorValueError(f"baseline must be in (0, 1], got {baseline}")
         if not 0.0 <= margin < baseline:
-            raise ValueError(f"margin must be in [0, baseline={baseline}), got {margin}")
-        if z <= 0 or min_n < 1 or fire_windows < 1 or resolve_windows < 1:
-            raise ValueError("z > 0, min_n >= 1, fire_windows >= 1 and resolve_windows >= 1 are required")
+            raise DetectorValueError(f"margin must be in [0, baseline={baseline}), got {margin}")
+        _check_range("z", z, 0.0, math.inf, low_open=True, high_open=True)
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.baseline = baseline
         self.margin = margin
         self.z = z
-        self.min_n = min_n
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
         self.reset()
 
     @property
     def threshold(self) -> float:
         return self.baseline - self.margin
-
-    def reset(self) -> None:
-        self._reset_hysteresis()
-        self._last: tuple[float, float, float] | None = None  # accuracy, low, high
 
     def update(self, correct: int, n: int) -> None:
         self._changed = False
@@ -154,16 +100,9 @@ class AccuracyDegradation(_Hysteresis):
         """(accuracy, Wilson low, Wilson high) of the last window that counted."""
         return self._last
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
-        self._last = tuple(state["last"]) if state.get("last") else None
 
 
-class PageHinkley(_Hysteresis):
+class PageHinkley(Detector):
     """A shift in the mean of a label-free per-window proxy (confidence, agreement,
     contribution share), by Page-Hinkley against a frozen reference level.
 
@@ -232,26 +171,21 @@ class PageHinkley(_Hysteresis):
         resolve_windows: int = 2,
     ) -> None:
         if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
-            raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+            raise DetectorValueError(f"delta must be a finite number >= 0, got {delta!r}")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
-            raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+            raise DetectorValueError(f"threshold must be a finite number > 0, got {threshold!r}")
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
-        _check_int("min_n", min_n, 1)
+            raise DetectorValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
         _check_int("warmup_windows", warmup_windows, 1)
-        _check_int("fire_windows", fire_windows, 1)
-        _check_int("resolve_windows", resolve_windows, 1)
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.delta = delta
         self.threshold = threshold
-        self.min_n = min_n
         self.warmup_windows = warmup_windows
         self.direction = direction
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
         self.reset()
 
     def reset(self) -> None:
-        self._reset_hysteresis()
+        super().reset()
         self.rebase()
 
     def rebase(self) -> None:
@@ -299,19 +233,17 @@ class PageHinkley(_Hysteresis):
         """The Page-Hinkley statistic in the configured direction (compared with ``threshold``)."""
         return {"down": self._down, "up": self._up, "both": max(self._down, self._up)}[self.direction]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "n_ref": self._n_ref, "sum_ref": self._sum_ref,
-                "reference": self._reference, "down": self._down, "up": self._up}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"n_ref": self._n_ref, "sum_ref": self._sum_ref, "reference": self._reference,
+                "down": self._down, "up": self._up}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
+    def _load_extra(self, state: dict[str, Any]) -> None:
         self._n_ref, self._sum_ref = int(state["n_ref"]), float(state["sum_ref"])
         self._reference = None if state["reference"] is None else float(state["reference"])
         self._down, self._up = float(state["down"]), float(state["up"])
 
 
-class Dominance(_Hysteresis):
+class Dominance(Detector):
     """One modality dominating the fused decision while the others are healthy.
 
     A window is *bad* when the modality's mean contribution share is above
@@ -350,22 +282,13 @@ class Dominance(_Hysteresis):
         min_n: int = 1,
     ) -> None:
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+            raise DetectorValueError(f"threshold must be in (0, 1), got {threshold!r}")
         if not 0.0 <= hysteresis < threshold:
-            raise ValueError(f"hysteresis must be in [0, threshold={threshold}), got {hysteresis!r}")
-        _check_int("fire_windows", fire_windows, 1)
-        _check_int("resolve_windows", resolve_windows, 1)
-        _check_int("min_n", min_n, 1)
+            raise DetectorValueError(f"hysteresis must be in [0, threshold={threshold}), got {hysteresis!r}")
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.threshold = threshold
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
         self.hysteresis = hysteresis
-        self.min_n = min_n
         self.reset()
-
-    def reset(self) -> None:
-        self._reset_hysteresis()
-        self._last: float | None = None
 
     def update(self, share: float | None, others_healthy: bool, n: int = 1) -> None:
         """One window's mean contribution share of the modality; ``None`` is no evidence."""
@@ -381,16 +304,9 @@ class Dominance(_Hysteresis):
         """The share of the last window that counted."""
         return self._last
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "last": self._last}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
-        self._last = state.get("last")
 
 
-class RateAlarm(_Hysteresis):
+class RateAlarm(Detector):
     """A rate of bad readings above a threshold, with statistical confidence: flatlined
     or stuck signals, dropouts (missing readings).
 
@@ -437,28 +353,19 @@ class RateAlarm(_Hysteresis):
         z: float = 1.96,
     ) -> None:
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+            raise DetectorValueError(f"threshold must be in [0, 1), got {threshold!r}")
         if hysteresis is None:
             hysteresis = threshold / 2
         if not 0.0 <= hysteresis <= threshold:
-            raise ValueError(f"hysteresis must be in [0, threshold={threshold}], or None for half of it, "
+            raise DetectorValueError(f"hysteresis must be in [0, threshold={threshold}], or None for half of it, "
                              f"got {hysteresis!r}")
         if not z > 0:
-            raise ValueError(f"z must be > 0, got {z!r}")
-        _check_int("fire_windows", fire_windows, 1)
-        _check_int("resolve_windows", resolve_windows, 1)
-        _check_int("min_n", min_n, 1)
+            raise DetectorValueError(f"z must be > 0, got {z!r}")
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.threshold = threshold
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
-        self.min_n = min_n
         self.hysteresis = hysteresis
         self.z = z
         self.reset()
-
-    def reset(self) -> None:
-        self._reset_hysteresis()
-        self._last: tuple[float, float, float] | None = None  # rate, low, high
 
     def update(self, events: int, n: int) -> None:
         """``events`` bad readings out of ``n`` in one window."""
@@ -476,16 +383,9 @@ class RateAlarm(_Hysteresis):
         """(rate, Wilson low, Wilson high) of the last window that counted."""
         return self._last
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
-        self._last = tuple(state["last"]) if state.get("last") else None
 
 
-class SkewAlarm(_Hysteresis):
+class SkewAlarm(Detector):
     """Clock skew between an asset's modalities: the mean absolute offset of a
     modality's readings from their sample slots above a limit.
 
@@ -526,25 +426,16 @@ class SkewAlarm(_Hysteresis):
     ) -> None:
         if not (isinstance(max_abs_skew_ms, (int, float)) and math.isfinite(max_abs_skew_ms)
                 and max_abs_skew_ms > 0):
-            raise ValueError(f"max_abs_skew_ms must be a finite number > 0, got {max_abs_skew_ms!r}")
+            raise DetectorValueError(f"max_abs_skew_ms must be a finite number > 0, got {max_abs_skew_ms!r}")
         if hysteresis_ms is None:
             hysteresis_ms = max_abs_skew_ms / 4
         if not 0.0 <= hysteresis_ms < max_abs_skew_ms:
-            raise ValueError(f"hysteresis_ms must be in [0, max_abs_skew_ms={max_abs_skew_ms}), "
+            raise DetectorValueError(f"hysteresis_ms must be in [0, max_abs_skew_ms={max_abs_skew_ms}), "
                              f"or None for a quarter of it, got {hysteresis_ms!r}")
-        _check_int("fire_windows", fire_windows, 1)
-        _check_int("resolve_windows", resolve_windows, 1)
-        _check_int("min_n", min_n, 1)
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.max_abs_skew_ms = max_abs_skew_ms
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
-        self.min_n = min_n
         self.hysteresis_ms = float(hysteresis_ms)
         self.reset()
-
-    def reset(self) -> None:
-        self._reset_hysteresis()
-        self._last: float | None = None
 
     def update(self, mean_abs_skew_ms: float | None, n: int) -> None:
         """One window's mean absolute skew over ``n`` matched readings."""
@@ -561,157 +452,43 @@ class SkewAlarm(_Hysteresis):
         """The mean absolute skew of the last window that counted."""
         return self._last
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "last": self._last}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
-        self._last = state.get("last")
+from streamfuse.monitor.paired import FusionRegression, paired_difference_interval  # noqa: E402,F401 (re-exported)
 
 
-def paired_difference_interval(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """Agresti–Min interval for the difference of two paired proportions.
+class UpstreamOutage(Detector):
+    """Every asset quiet at once: the broker or an upstream gateway, not the sensors.
 
-    On ``n`` samples judged by two classifiers, ``b`` is how many only the first got
-    wrong and ``c`` how many only the second got wrong; the difference of the second's
-    accuracy minus the first's is ``(b - c) / n``. Adding ½ to each cell of the 2×2
-    table before the Wald interval (Agresti & Min, 2005) keeps its coverage near the
-    nominal level even for small or zero discordant counts.
-
-    Returns:
-        (point difference, lower bound, upper bound), the bounds clipped to [-1, 1].
-
-    Examples:
-        >>> [round(v, 3) for v in paired_difference_interval(b=30, c=5, n=200)]
-        [0.125, 0.068, 0.179]
-        >>> [round(v, 3) for v in paired_difference_interval(b=0, c=0, n=50)]
-        [0.0, -0.038, 0.038]
-    """
-    if n <= 0:
-        return 0.0, -1.0, 1.0
-    pb, pc = (b + 0.5) / (n + 2), (c + 0.5) / (n + 2)
-    diff = pb - pc
-    half = z * math.sqrt(max(0.0, pb + pc - diff * diff) / (n + 2))
-    return (b - c) / n, max(-1.0, diff - half), min(1.0, diff + half)
-
-
-class FusionRegression(_Hysteresis):
-    """The fused decision less accurate than a reference on the same labelled samples,
-    with statistical confidence. The reference is the better of the best single
-    modality and the Uni-Modal Ensemble (UME) on that window.
-
-    Fused and reference are judged on the *same* samples, so the test is paired: only
-    the discordant samples carry information (``b``: the reference right and the fused
-    label wrong; ``c``: the reverse), and the difference in accuracy is
-    ``d = (b - c) / n``. A window is *bad* when the lower bound of the Agresti–Min
-    interval of ``d`` (:func:`paired_difference_interval`) is above ``margin``: the
-    fused decision is worse by more than the margin with confidence (one-sided level
-    ``1 - Φ(-z)``, 97.5 % at ``z = 1.96``). A window is *good* when the point ``d`` is
-    at or below ``margin - hysteresis`` (by default ``d <= 0``: the fused decision at
-    least as accurate as the reference), so that a fusion a little worse than the margin
-    does not resolve and re-fire on every lucky window.
-
-    Pass ``discordant = b + c`` (samples on which exactly one of the two is right). When
-    it is not known, the largest count that the two accuracies allow is assumed; that
-    is the widest interval, so the test stays valid (never fires more easily) but is
-    less powerful.
-
-    The reference is the best of several candidates chosen on the same window, which
-    flatters it a little (the winner's curse); the margin and ``fire_windows``
-    consecutive windows absorb that. For strict control with ``k`` candidates, use the
-    Bonferroni quantile (``z = 2.39`` for ``k = 3`` at one-sided 2.5 %).
+    A window is *bad* when at least ``min_n`` assets reported and every one of them had
+    a modality go quiet (missing readings above the sensor-fault rate); *good* when at
+    most half of them did. While it fires the monitor says "upstream outage" and holds
+    back the per-sensor dropout alerts and their masks (masking healthy sensors fixes
+    nothing when the pipe in front of them is down).
 
     Args:
-        margin: tolerated accuracy gap, in [0, 1).
-        z: normal quantile of the bound.
-        min_n: labelled samples a window needs to count.
         fire_windows: consecutive bad windows before firing.
         resolve_windows: consecutive good windows before resolving.
-        hysteresis: how far below ``margin`` the point gap must fall to count as good,
-            in [0, margin]; ``None`` is ``margin``.
+        min_n: assets a window needs to count (one quiet asset is a sensor fault).
 
     Examples:
-        >>> import random
-        >>> rng = random.Random(1)
-        >>> reg = FusionRegression(margin=0.02, min_n=20)
+        >>> out = UpstreamOutage(fire_windows=1, resolve_windows=2)
         >>> history = []
-        >>> for w in range(12):
-        ...     drop = 0.3 if 4 <= w < 8 else 0.03       # a bad fusion head in windows 4..7
-        ...     pairs = []                                # (reference right, fused right) per sample
-        ...     for _ in range(80):
-        ...         r = rng.random() < 0.9
-        ...         pairs.append((r, r and rng.random() > drop or not r and rng.random() < 0.3))
-        ...     ref, fused = sum(r for r, _ in pairs), sum(f for _, f in pairs)
-        ...     reg.update(fused, ref, 80, discordant=sum(r != f for r, f in pairs))
-        ...     history.append("F" if reg.firing else ".")
+        >>> for quiet in (0, 1, 4, 4, 3, 0, 0, 0):        # 4 assets; all go quiet in windows 2..3
+        ...     out.update(quiet, 4)
+        ...     history.append("F" if out.firing else ".")
         >>> "".join(history)
-        '.....FFFF...'
+        '..FFFF..'
     """
 
-    def __init__(
-        self,
-        margin: float = 0.02,
-        z: float = 1.96,
-        min_n: int = 30,
-        fire_windows: int = 2,
-        resolve_windows: int = 2,
-        hysteresis: float | None = None,
-    ) -> None:
-        if not 0.0 <= margin < 1.0:
-            raise ValueError(f"margin must be in [0, 1), got {margin!r}")
-        if hysteresis is None:
-            hysteresis = margin
-        if not 0.0 <= hysteresis <= margin:
-            raise ValueError(f"hysteresis must be in [0, margin={margin}], or None for margin, got {hysteresis!r}")
-        if not z > 0:
-            raise ValueError(f"z must be > 0, got {z!r}")
-        _check_int("min_n", min_n, 1)
-        _check_int("fire_windows", fire_windows, 1)
-        _check_int("resolve_windows", resolve_windows, 1)
-        self.margin = margin
-        self.z = z
-        self.min_n = min_n
-        self.fire_windows = fire_windows
-        self.resolve_windows = resolve_windows
-        self.hysteresis = hysteresis
+    def __init__(self, fire_windows: int = 1, resolve_windows: int = 2, min_n: int = 2) -> None:
+        self._init_windows(fire_windows, resolve_windows, min_n)
         self.reset()
 
-    def reset(self) -> None:
-        self._reset_hysteresis()
-        self._last: tuple[float, float, float] | None = None  # difference, low, high
-
-    def update(self, fused_correct: int, reference_correct: int, n: int, discordant: int | None = None) -> None:
-        """One window: ``n`` labelled samples, how many the fused decision and the
-        reference got right, and on how many exactly one of them was right."""
+    def update(self, quiet_assets: int, assets: int) -> None:
+        """How many of the ``assets`` that reported in one window had a modality go quiet."""
         self._changed = False
-        _check_counts(fused_correct, n, "fused_correct")
-        _check_counts(reference_correct, n, "reference_correct")
-        gap = reference_correct - fused_correct  # = b - c
-        # c (fused right, reference wrong) can be at most min(fused right, reference wrong).
-        widest = abs(gap) + 2 * min(fused_correct, n - reference_correct, reference_correct, n - fused_correct)
-        if discordant is None:
-            discordant = widest
-        elif not (abs(gap) <= discordant <= widest and (discordant - gap) % 2 == 0):
-            raise ValueError(f"discordant={discordant} is impossible with fused_correct={fused_correct}, "
-                             f"reference_correct={reference_correct}, n={n}: it must be in "
-                             f"[{abs(gap)}, {widest}] with the parity of {abs(gap)}")
-        if n < self.min_n:
+        _check_counts(quiet_assets, assets, "quiet_assets")
+        if assets < self.min_n:
             return
-        b, c = (discordant + gap) // 2, (discordant - gap) // 2
-        self._last = paired_difference_interval(b, c, n, self.z)
-        diff, low, _ = self._last
-        self._step(bad=low > self.margin, good=diff <= self.margin - self.hysteresis)
-
-    @property
-    def last(self) -> tuple[float, float, float] | None:
-        """(reference minus fused accuracy, lower bound, upper bound) of the last window that counted."""
-        return self._last
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._hysteresis_state(), "last": list(self._last) if self._last else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._load_hysteresis(state)
-        self._last = tuple(state["last"]) if state.get("last") else None
+        self._last = quiet_assets / assets
+        self._step(bad=quiet_assets == assets, good=2 * quiet_assets <= assets)

@@ -23,6 +23,7 @@ from streamfuse.monitor.stats import macro_f1, wilson_interval
 FUSED = "fused"
 UME = "ume"  # the Uni-Modal Ensemble recomputed from per-modality probabilities
 Sink = Callable[[str, Any], None]
+Estimator = Callable[[Prediction], dict[str, float]]  # unit -> label-free P(right), per sample
 RETAIN_WINDOWS = 3  # closed windows whose records stay in the sink (restart safety)
 
 
@@ -45,6 +46,7 @@ class _Record:
     skew_ms: dict[str, int]
     latency_ms: float
     truth: str | None = None
+    est: dict[str, float] = field(default_factory=dict)  # unit -> label-free P(right) of this sample
 
 
 def _stored(rec: _Record) -> dict[str, Any]:
@@ -77,6 +79,8 @@ class KpiEngine:
         flat_std: per modality, a reading whose signal standard deviation is at or below
             this counts as flat (a dead or stuck sensor).
         sink: receives every change of the persistent state (see the module docstring).
+        estimator: per prediction, unit (modality or ``fused``) -> label-free probability
+            that it is right; its window mean is the snapshot's ``est_accuracy``.
 
     Examples:
         >>> from streamfuse.events import Prediction, Label
@@ -93,7 +97,8 @@ class KpiEngine:
     """
 
     def __init__(self, window_ms: int, grace_ms: int, max_pending_labels: int = 100_000,
-                 flat_std: dict[str, float] | None = None, sink: Sink | None = None) -> None:
+                 flat_std: dict[str, float] | None = None, sink: Sink | None = None,
+                 estimator: Estimator | None = None) -> None:
         if window_ms <= 0 or grace_ms < 0 or max_pending_labels <= 0:
             raise ValueError("window_ms > 0, grace_ms >= 0 and max_pending_labels > 0 are required")
         self.window_ms = window_ms
@@ -101,6 +106,7 @@ class KpiEngine:
         self.max_pending_labels = max_pending_labels
         self.flat_std = dict(flat_std or {})
         self.sink = sink
+        self.estimator = estimator
         self.reset()
 
     def reset(self) -> None:
@@ -114,6 +120,7 @@ class KpiEngine:
         # restore a checkpoint slightly older than the sink, and must still find them.
         self._retired: list[tuple[int, list[str]]] = []
         self.watermark: int | None = None
+        self._provisioned: int | None = None  # start of the last window given a provisional snapshot
         self.late_predictions = 0
         self.late_labels = 0
         self.evicted_labels = 0
@@ -228,6 +235,20 @@ class KpiEngine:
         self._retired = keep
         return out
 
+    def provisional(self, watermark: int) -> list[KpiSnapshot]:
+        """Global and line snapshots of every window that *ended* at or before ``watermark``
+        and was not reported yet: the label-free estimate at once, long before the labels
+        (the final snapshot at close replaces it)."""
+        out: list[KpiSnapshot] = []
+        for start in sorted(self._windows):
+            if start + self.window_ms > watermark:
+                break
+            if self._provisioned is not None and start <= self._provisioned:
+                continue
+            self._provisioned = start
+            out += [k for k in self._snapshots(self._windows[start]) if k.scope != "asset"]
+        return out
+
     def _record(self, pred: Prediction, start: int) -> _Record:
         fused, fused_conf = _argmax(pred.classes, pred.fused_probs)
         labels, conf = {}, {}
@@ -249,6 +270,7 @@ class KpiEngine:
             start, pred.asset_id, pred.line_id, fused, fused_conf, ume, labels, conf, dict(pred.entropy),
             dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
             pred.latency_ms, self._pending.pop(pred.sample_id, None),
+            self.estimator(pred) if self.estimator is not None else {},
         )
 
     def _snapshots(self, window: _Window) -> list[KpiSnapshot]:
@@ -288,6 +310,7 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
                 for r in computed] if unit else []
     skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
     ref = _best_reference(recs) if m == FUSED else {}
+    est = [r.est[m] for _, _, r in pairs if m in r.est]
     return KpiSnapshot(
         scope=scope,
         scope_id=scope_id,
@@ -314,6 +337,8 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         n_missing=sum(m in r.missing for r in recs) if unit else 0,
         mean_abs_skew_ms=_mean(skews),
         mean_latency_ms=_mean([r.latency_ms for r in recs]) if m == FUSED else None,
+        est_accuracy=_mean(est),
+        est_n=len(est),
         **ref,
     )
 

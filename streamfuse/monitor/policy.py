@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from streamfuse.config import MonitorSettings
 from streamfuse.errors import ConfigError
 from streamfuse.events import Alert, Command
 
 SCOPES = ("global", "line", "asset")
+_DEFAULTS = MonitorSettings.model_fields  # one source for the policy's defaults: the monitor's settings
 FUSION_ACTIONS = ("set_fusion_mode", "rollback_fusion")
 MASKING_KINDS = ("degradation", "sensor_fault")  # kinds whose firing masks the modality
 HOUR_MS = 3_600_000
@@ -44,13 +46,19 @@ class PolicyConfig:
         ConfigError: a value outside its valid range; the message lists the valid values.
     """
 
-    dry_run: bool = False
+    dry_run: bool = _DEFAULTS["dry_run"].default
     act_on_scopes: tuple[str, ...] = SCOPES
-    cooldown_ms: int = 60_000
-    max_actions_per_hour: int = 20
-    rollback_after_activation_ms: int = 600_000
-    fusion_action: str = "set_fusion_mode"
+    cooldown_ms: int = _DEFAULTS["cooldown_ms"].default
+    max_actions_per_hour: int = _DEFAULTS["max_actions_per_hour"].default
+    rollback_after_activation_ms: int = _DEFAULTS["rollback_after_activation_ms"].default
+    fusion_action: str = _DEFAULTS["fusion_action"].default
     fusion_mode: str = "ume"
+
+    @classmethod
+    def from_settings(cls, s: MonitorSettings) -> PolicyConfig:
+        """The policy the monitor's settings describe (``STREAMFUSE_MONITOR__*``)."""
+        return cls(dry_run=s.dry_run, cooldown_ms=s.cooldown_ms, max_actions_per_hour=s.max_actions_per_hour,
+                   rollback_after_activation_ms=s.rollback_after_activation_ms, fusion_action=s.fusion_action)
 
     def __post_init__(self) -> None:
         scopes = tuple(self.act_on_scopes)

@@ -75,6 +75,7 @@ class Collector(Observer):
         self.dead_at: dict[tuple[int, int], str] = {}
         self.part_max: dict[int, int] = {}
         self.closed: set[int] = set()
+        self.estimates: list[tuple[str, float | None, float | None, int]] = []  # (unit, est, labelled, n)
         self.alert_events: list[Alert] = []
         self.command_events: list[Command] = []
         self.ack_events: list[Ack] = []
@@ -104,6 +105,8 @@ class Collector(Observer):
                 elif isinstance(ev, KpiSnapshot):
                     if ev.scope == "global" and ev.modality == "fused":
                         self.closed.add(ev.window_start_ms)
+                    if ev.scope != "asset":  # label-free estimate vs labelled accuracy, per window
+                        self.estimates.append((ev.modality, ev.est_accuracy, ev.accuracy, ev.n_labelled))
                 elif isinstance(ev, Alert):
                     self.alert_events.append(ev)
                 elif isinstance(ev, Command):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -90,6 +91,13 @@ class Lockstep:
         self.window_ms, self.grace_ms = settings.monitor.kpi_window_ms, settings.monitor.label_grace_ms
         self.prefix = settings.topic_prefix
         self.shadow = MonitorCore(baselines, settings.monitor)
+        # The label-free detectors decide every decision_step_ms of event time: then every
+        # such step is a barrier too, so their commands land at the same sample every time.
+        if self.shadow.sequential is not None:
+            self.step_ms = math.gcd(self.window_ms, self.grace_ms, settings.monitor.decision_step_ms)
+            self.step_grace_ms = 0
+        else:
+            self.step_ms, self.step_grace_ms = self.window_ms, self.grace_ms
         self.expected_alerts: list = []
         self.expected_commands: list = []
         self.shadow_closed: set[int] = set()
@@ -112,7 +120,7 @@ class Lockstep:
         first = self.streams.next_clock()
         if first is None:
             raise ReplayError("nothing to replay: the recording (after --from/--to/--assets) has no input records")
-        bound = threshold_after(first, self.window_ms, self.grace_ms)
+        bound = threshold_after(first, self.step_ms, self.step_grace_ms)
         started = time.monotonic()
         while not self.stop.is_set():
             t0 = time.monotonic()
@@ -136,7 +144,7 @@ class Lockstep:
             nxt = self.streams.next_clock()
             if nxt is None:
                 break
-            bound = threshold_after(max(bound, nxt), self.window_ms, self.grace_ms)
+            bound = threshold_after(max(bound, nxt), self.step_ms, self.step_grace_ms)
         self._flush()
         return {"published": self.published, "commands_awaited": self.waited_commands, "startup_s": self.ready_s,
                 "windows_closed": len(self.shadow_closed), **self._verify()}

@@ -13,6 +13,7 @@ from typing import Any
 from streamfuse.config import MonitorSettings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import Alert, Command, content_type_of, decode
+from streamfuse.monitor.evidence import estimate_errors
 from streamfuse.replay.evaluate import (
     ack_record, alert_record, bin_width, command_record, detection, episodes, false_alerts, masked_time, over_time,
     overall,
@@ -85,6 +86,8 @@ def summarize(col, labels: dict[str, str], annotations: list[dict[str, Any]], mo
         "fault_detection": detection(eps, commands, annotations, lines, end, tol),
         "false_alerts": false_alerts(eps, annotations, span, end, tol),
         "masked": masked_time(commands, acks, rows, end, start),
+        # label-free accuracy estimate against the labelled accuracy, per global/line window
+        "label_free_estimate": estimate_errors(getattr(col, "estimates", [])),
     }
     if recorded is not None and (recorded["alerts"] or recorded["commands"]):
         out["recorded"] = {"alerts": [alert_record(a, start) for a in recorded["alerts"]],

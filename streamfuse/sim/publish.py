@@ -29,6 +29,7 @@ import numpy as np
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.events import JSON, MSGPACK, Label, Sample, SensorEvent, encode, encode_json, headers
+from streamfuse.sends import TrackedProducer
 from streamfuse.sim.dataset_plant import DatasetPlant, DatasetRows
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.sim.plant import Plant, PlantConfig
@@ -51,6 +52,8 @@ class SimStats:
     reordered: int = 0  # published after later readings, still within grace
     duplicates: int = 0  # second copies (same event id)
     late: list[str] = field(default_factory=list)  # event ids of stragglers, published after their slot closed
+    send_retried: int = 0  # sends the broker failed to take that were sent again
+    send_lost: int = 0  # sends given up after every retry (reported, never silent)
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class SimPublisher:
         per_modality_topics: publish each reading to ``sensor.<modality>`` instead of whole
             samples to ``samples``.
         disorder: jitter, reordering, drops... of the per-modality mode (default: none).
+        failures: ``streamfuse_producer_send_failures_total`` (``ProducerMetrics(registry).failures``)
+            to count failed sends in; they are always in :class:`SimStats` too.
         dataset: stream these dataset rows (:func:`~streamfuse.sim.dataset_plant.load_rows`)
             as the plant's readings instead of simulating them (a
             :class:`~streamfuse.sim.dataset_plant.DatasetPlant`).
@@ -174,8 +179,11 @@ class SimPublisher:
     def __init__(self, settings: Settings, faults: tuple[FaultSpec, ...] = (), start_ms: int | None = None,
                  speed: float | None = 1.0, malformed_every: int = 0, run_id: str = "sim",
                  per_modality_topics: bool = False, disorder: ReadingDisorder | None = None,
-                 dataset: DatasetRows | None = None) -> None:
+                 dataset: DatasetRows | None = None,
+                 failures=None) -> None:
         self.settings = settings
+        self.failures = failures
+        self._sends: TrackedProducer | None = None
         self.topics = Topics(settings.topic_prefix)
         s = settings.sim
         self.start_ms = int(time.time() * 1000) if start_ms is None else start_ms
@@ -220,7 +228,7 @@ class SimPublisher:
         from streamfuse.kafka import make_producer
 
         own = producer is None
-        producer = producer or make_producer(self.settings, "streamfuse-sim")
+        producer = self._tracked(producer or make_producer(self.settings, "streamfuse-sim"))
         period = self.plant.period_ms
         end_ms = None if duration_s is None else self.start_ms + int(duration_s * 1000)
         delay = self.settings.sim.label_delay_ms
@@ -263,16 +271,31 @@ class SimPublisher:
                 self._publish_labels(producer, pending, None, hdrs)
             producer.flush()
         finally:
+            self._report(producer)
             if own:
                 producer.close()
         return self.stats
+
+    def _tracked(self, producer) -> TrackedProducer:
+        """Every send checked: a failed one is sent again, or counted in ``stats.send_lost``."""
+        if isinstance(producer, TrackedProducer):
+            return producer
+        if self._sends is None or self._sends.producer is not producer:
+            self._sends = TrackedProducer(producer, "sim", self.failures)
+        return self._sends
+
+    def _report(self, producer: TrackedProducer) -> None:
+        self.stats.send_retried, self.stats.send_lost = producer.retried, producer.lost
+        if producer.lost or producer.pending_failures:
+            log.error("simulator: %d records were not delivered after retries, %d still failing",
+                      producer.lost, producer.pending_failures)
 
     def publish_late(self, producer=None) -> int:
         """Publish the stragglers held back by the per-modality mode; returns how many."""
         from streamfuse.kafka import make_producer
 
         own = producer is None
-        producer = producer or make_producer(self.settings, "streamfuse-sim")
+        producer = self._tracked(producer or make_producer(self.settings, "streamfuse-sim"))
         try:
             n = len(self._stragglers)
             for ev in self._stragglers:
@@ -281,6 +304,7 @@ class SimPublisher:
             producer.flush()
             return n
         finally:
+            self._report(producer)
             if own:
                 producer.close()
 

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from poison import malformed_records
 
 from streamfuse.events import BATCH_END, MSGPACK, Sample, SensorEvent, encode, headers
 from streamfuse.inference.feeder import Feeder
@@ -106,6 +107,24 @@ def batches_of(feeder: Feeder, n_records: int) -> list[list[str]]:
     return out
 
 
+def next_batch(feeder: Feeder, timeout_s: float = 5.0):
+    """The feeder's next batch, waiting at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = feeder.get(0.05)
+        if batch is not None:
+            return batch
+    raise AssertionError(f"no batch within {timeout_s} s")
+
+
+def wait_until(predicate, what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
 def interleaved(parts: dict[int, list[Msg]], seed: int) -> list[list[Msg]]:
     """The same records, per-partition order kept, delivered in a random interleaving and
     random chunk sizes (as fetches would)."""
@@ -152,9 +171,7 @@ def test_offsets_handed_back_are_committed_and_bad_records_are_dead():
     consumer = Consumer([msgs])
     feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
     feeder.start()
-    batch = None
-    while batch is None:
-        batch = feeder.get(0.1)
+    batch = next_batch(feeder)
     assert [s.sample_id for _, s in batch.samples] == ["s0-0"]
     assert [e.reason for _, e in batch.dead] == ["undecodable"]
     feeder.commit(batch.offsets)
@@ -198,18 +215,40 @@ def test_a_rebalance_drops_unstarted_batches_and_commits_the_started_ones_first(
     consumer = Rebalancing([msgs[:2], msgs[2:]], gap_s=0.05)
     feeder = Feeder(consumer, "t", max_batch=8, max_delay_ms=1, max_payload_bytes=10_000, stream_batches=True)
     feeder.start()
-    first = None
-    while first is None:
-        first = feeder.get(0.1)  # the worker starts the first batch; the second waits in the queue
-    deadline = time.monotonic() + 5
-    while "revoke" not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert events == ["revoke"]  # waiting for the started batch
+    first = next_batch(feeder)  # the worker starts the first batch; the second waits in the queue
+    wait_until(lambda: "revoke" in events and feeder._ready.empty(), "the revoke to drop the second batch")
+    assert events == ["revoke"]  # now waiting for the started batch: nothing committed before it is handed back
     feeder.commit(first.offsets)  # its outputs are out
-    while "revoked" not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    third = feeder.get(1.0)
+    wait_until(lambda: "revoked" in events, "the revoke to finish")
+    third = next_batch(feeder)
     feeder.close()
     assert events[:3] == ["revoke", "commit 1", "revoked"]  # committed before the partitions went
     assert [s.sample_id for _, s in third.samples] == ["s0-2"]  # the second batch was dropped, not served
+
+
+def test_every_malformed_record_is_dead_lettered_with_a_reason_and_the_valid_ones_pass():
+    from streamfuse.events import REASONS
+
+    bad = malformed_records([sample_bytes(0, i) for i in range(10)], 1000, seed=11, oversize_to=10_000)
+    msgs, surely_bad = [], set()
+    for i, (value, sure, _) in enumerate(bad):
+        msgs.append(Msg(0, 2 * i, value))
+        msgs.append(Msg(0, 2 * i + 1, sample_bytes(0, i), marked=i == len(bad) - 1))  # a valid one after each
+        if sure:
+            surely_bad.add(2 * i)
+    feeder = Feeder(Consumer([msgs]), "t", max_batch=64, max_delay_ms=1, max_payload_bytes=10_000,
+                    stream_batches=True)
+    feeder.start()
+    dead: dict[int, list[str]] = {}
+    served: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(served | set(dead)) < len(msgs) and time.monotonic() < deadline:
+        b = feeder.get(0.1)
+        for rec, exc in b.dead if b is not None else ():
+            dead.setdefault(rec.offset, []).append(exc.reason)
+        served.update(rec.offset for rec, _ in (b.samples if b is not None else ()))
+    feeder.close()
+    assert len(served | set(dead)) == len(msgs)  # every record accounted for: the feeder never died
+    assert surely_bad <= set(dead), sorted(surely_bad - set(dead))[:10]
+    assert all(r in REASONS for rs in dead.values() for r in rs)
+    assert {2 * i + 1 for i in range(len(bad))} <= served - set(dead)  # every valid sample passes

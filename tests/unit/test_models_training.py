@@ -51,20 +51,23 @@ def test_every_modality_and_the_fusion_beat_chance_on_test(trained):
     assert man["test"]["fused"]["macro_f1"] >= max(man["test"][m]["macro_f1"] for m in man["modalities"])
     # auto: every candidate's validation metrics recorded; the choice follows the rule
     cands = man["fusion"]["candidates"]
-    assert set(cands) == {"ume", "weighted", "head"} and all("macro_f1" in c["val"] for c in cands.values())
+    assert set(cands) == {"ume", "weighted", "head", "quality"} and all("macro_f1" in c["val"] for c in cands.values())
     best = max(cands, key=lambda m: (cands[m]["val"]["macro_f1"], m == "ume"))
     assert man["fusion"]["mode"] == (best if cands[best]["val"]["macro_f1"] > cands["ume"]["val"]["macro_f1"]
                                      else "ume")
-    assert man["baselines"]["fused"] == cands[man["fusion"]["mode"]]["val"]
+    fused_base = {k: v for k, v in man["baselines"]["fused"].items() if k != "calibration"}
+    assert fused_base == cands[man["fusion"]["mode"]]["val"]
+    # the validation calibration travels with every unit's baseline
+    assert all(man["baselines"][u]["calibration"] for u in ("image", "audio", "series", "fused"))
     b = load_bundle(out)
-    assert b.fusion_modes == ("ume", "weighted", "head") and b.versions["fusion"].startswith("fusion-")
+    assert b.fusion_modes == ("ume", "weighted", "head", "quality") and b.versions["fusion"].startswith("fusion-")
 
 
 def test_compare_prints_and_saves_the_table(trained):
     _, out, output = trained
     report = json.loads((out / "compare.json").read_text())
     kinds = [r["kind"] for r in report["rows"]]
-    assert kinds == ["stage1"] * 3 + ["probe"] * 3 + ["joint", "ume", "candidate", "candidate", "chosen"]
+    assert kinds == ["stage1"] * 3 + ["probe"] * 3 + ["joint", "ume", "candidate", "candidate", "candidate", "chosen"]
     assert all(0 <= r["top1"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["n"] == 60 for r in report["rows"])
     md = (out / "compare.md").read_text()
     assert "| joint fused (end to end) |" in md and "| image branch in joint (linear probe) |" in md
@@ -99,10 +102,10 @@ def test_same_seed_same_versions_and_ume_only_bundles(small, tmp_path):
     assert a["version"] == b["version"] and a["fusion"]["version"] == b["fusion"]["version"]
     u = train_bundle(*small, tmp_path / "u", fusion="ume", **kw)
     assert u["fusion"]["mode"] == u["fusion"]["version"] == "ume" and set(u["fusion"]["candidates"]) == {"ume"}
-    assert not (tmp_path / "u" / "fusion.safetensors").exists() and load_bundle(tmp_path / "u").fusion_modes == ("ume",)
+    assert not (tmp_path / "u" / "fusion.safetensors").exists() and load_bundle(tmp_path / "u").fusion_modes == ("ume", "quality")
     assert u["configs"] == a["configs"]  # stage 1 does not depend on the fusion asked for
     w = train_bundle(*small, tmp_path / "w", fusion="weighted", **kw)
-    assert w["fusion"]["mode"] == "weighted" and load_bundle(tmp_path / "w").fusion_modes == ("ume", "weighted")
+    assert w["fusion"]["mode"] == "weighted" and load_bundle(tmp_path / "w").fusion_modes == ("ume", "weighted", "quality")
 
 
 def test_uni_modal_teacher_fine_tunes_the_encoders(small, tmp_path):
@@ -116,7 +119,7 @@ def test_uni_modal_teacher_fine_tunes_the_encoders(small, tmp_path):
         assert umt["fusion"]["trained_on"][m] == umt["configs"][m]["version"]
     assert umt["training"]["stage1"] == frozen["training"]["stage1"]  # the teachers
     b = load_bundle(tmp_path / "t")
-    assert b.fusion_mode == "head" and b.fusion_modes == ("ume", "head")
+    assert b.fusion_mode == "head" and b.fusion_modes == ("ume", "head", "quality")
     assert umt["test"]["fused"]["macro_f1"] > CHANCE + 0.25
     with pytest.raises(ModelError, match="umt-weight"):
         train_bundle(*small, tmp_path / "x", umt_weight=-1.0, **kw)

@@ -334,10 +334,10 @@ def test_modality_missing_everywhere_still_reported() -> None:
         (dict(baseline=1.2), r"baseline must be in \(0, 1\]"),
         (dict(baseline=0.9, margin=-0.1), r"margin must be in \[0, baseline=0.9\)"),
         (dict(baseline=0.5, margin=0.5), r"margin must be in \[0, baseline=0.5\)"),
-        (dict(baseline=0.9, z=0), "z > 0"),
-        (dict(baseline=0.9, min_n=0), "min_n >= 1"),
-        (dict(baseline=0.9, fire_windows=0), "fire_windows >= 1"),
-        (dict(baseline=0.9, resolve_windows=0), "resolve_windows >= 1"),
+        (dict(baseline=0.9, z=0), r"z must be in \(0.0, inf\), got 0"),
+        (dict(baseline=0.9, min_n=0), "min_n must be an integer >= 1, got 0"),
+        (dict(baseline=0.9, fire_windows=0), "fire_windows must be an integer >= 1, got 0"),
+        (dict(baseline=0.9, resolve_windows=0), "resolve_windows must be an integer >= 1, got 0"),
     ],
 )
 def test_detector_validates(kw, match: str) -> None:

@@ -1,0 +1,340 @@
+"""Sequential detection on per-sample, label-free evidence, under one false-alarm budget.
+
+Each prediction gives every computed modality one evidence value: the log-likelihood
+ratio of its agreement category, broken vs healthy (:mod:`streamfuse.monitor.evidence`,
+calibrated on the validation split). Page's CUSUM (:class:`Cusum`) adds them up per
+(scope, modality) and raises the alarm at a threshold ``h``.
+
+**The budget.** For a CUSUM of exact log-likelihood ratios the mean time between false
+alarms on healthy data is at least ``e^h`` samples (Lorden, 1971). With ``D`` detectors,
+detector ``d`` seeing ``r_d`` samples a second and a budget of ``B`` false alarms a day
+for the whole monitor (``STREAMFUSE_MONITOR__FALSE_ALARMS_PER_DAY``), each detector gets
+``B / D`` (Bonferroni) and so ``h_d = ln(D · r_d · 86400 / B)``
+(:func:`budget_threshold`). Nobody tunes a per-window threshold.
+
+**Fleet and line at once.** The fleet detector pools the evidence of every line, so a
+fault on every line crosses its threshold ``L`` times sooner than one line alone. When
+it fires, every line whose own statistic already holds ``ln(L / α)`` nats of evidence
+(α = ``attribution_alpha``) is alerted at the same moment (attribution: conditional on a
+fleet alarm, which the budget already pays for). A line also fires on its own
+threshold, for a fault on one line only.
+
+**Deterministic order.** Evidence is buffered and consumed in event-time steps of
+``step_ms``: when the watermark passes ``T``, every buffered sample with ``ts < T`` is
+processed in ``(ts, sample_id)`` order. So a replay that advances in the same steps
+decides exactly the same, whatever the arrival order across partitions.
+
+Pure logic: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from streamfuse.errors import ConfigError
+from streamfuse.monitor.base import Detector, DetectorValueError, _check_finite, _check_range
+
+DAY_S = 86_400
+MAX_FALSE_ALARMS_PER_DAY = 10_000.0  # beyond this a "budget" is no longer a guard
+
+
+def budget_threshold(false_alarms_per_day: float, detectors: int, samples_per_s: float) -> float:
+    """The CUSUM threshold ``h`` (nats) that keeps ``detectors`` detectors, each seeing
+    ``samples_per_s`` samples a second, within ``false_alarms_per_day`` together.
+
+    Raises:
+        ConfigError: a budget outside ``(0, 10000]`` a day, or no detector.
+
+    Examples:
+        >>> round(budget_threshold(1.0, 9, 8.0), 2)
+        15.64
+        >>> round(budget_threshold(24.0, 9, 8.0), 2)   # one a hour: 3.2 nats less
+        12.47
+        >>> budget_threshold(0, 9, 8.0)
+        Traceback (most recent call last):
+        ...
+        streamfuse.errors.ConfigError: false_alarms_per_day must be in (0, 10000.0], got 0
+    """
+    check_budget(false_alarms_per_day)
+    if detectors < 1:
+        raise ConfigError(f"budget_threshold needs at least one detector, got {detectors}")
+    per_day = max(samples_per_s, 1e-9) * DAY_S
+    return max(1.0, math.log(detectors * per_day / false_alarms_per_day))
+
+
+def check_budget(false_alarms_per_day: Any) -> float:
+    """The budget, or a ConfigError that names the value and the allowed range."""
+    ok = isinstance(false_alarms_per_day, (int, float)) and not isinstance(false_alarms_per_day, bool)
+    if not ok or not math.isfinite(false_alarms_per_day) or not 0 < false_alarms_per_day <= MAX_FALSE_ALARMS_PER_DAY:
+        raise ConfigError(f"false_alarms_per_day must be in (0, {MAX_FALSE_ALARMS_PER_DAY}], got "
+                          f"{false_alarms_per_day!r}")
+    return float(false_alarms_per_day)
+
+
+class Cusum(Detector):
+    """Page's CUSUM on per-sample log-likelihood ratios, with a recovery CUSUM.
+
+    ``S = max(0, S + llr)`` fires at ``S >= threshold``. While firing, the evidence for
+    healthy, ``R = max(0, R - llr)``, resolves the alarm at ``R >= resolve_threshold``;
+    then both restart from zero (Page's restart after an alarm). ``threshold`` may be
+    changed between updates (the monitor derives it from the budget and the sample
+    rate); :meth:`fire` raises the alarm from outside (fleet attribution).
+
+    Args:
+        threshold: ``h`` in nats (> 0).
+        resolve_threshold: nats of healthy evidence that resolve; None = ``threshold``.
+
+    Examples:
+        >>> import random
+        >>> rng = random.Random(4)
+        >>> det = Cusum(threshold=8.0)
+        >>> history = []
+        >>> for i in range(60):
+        ...     broken = 20 <= i < 40
+        ...     odd = rng.random() < (0.6 if broken else 0.05)   # the sensor is the odd one out
+        ...     det.update(2.5 if odd else -0.9)
+        ...     history.append("F" if det.firing else ".")
+        >>> "".join(history)
+        '..............................FFFFFFFFFFFFFFFF..............'
+        >>> det.state_dict()["firing"], round(det.statistic, 1)
+        (False, 0.0)
+    """
+
+    def __init__(self, threshold: float, resolve_threshold: float | None = None) -> None:
+        _check_range("threshold", threshold, 0.0, math.inf, low_open=True, high_open=True)
+        if resolve_threshold is not None:
+            _check_range("resolve_threshold", resolve_threshold, 0.0, math.inf, low_open=True, high_open=True)
+        self.threshold = threshold
+        self.resolve_threshold = resolve_threshold
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._s = 0.0
+        self._r = 0.0
+        self._n = 0
+
+    def update(self, llr: float) -> None:
+        """One sample's log-likelihood ratio (broken vs healthy)."""
+        if isinstance(llr, bool) or not isinstance(llr, (int, float)):
+            raise DetectorValueError(f"llr must be a number, got {llr!r}")
+        _check_finite("llr", llr)
+        self._changed = False
+        self._n += 1
+        self._s = max(0.0, self._s + llr)
+        if not self._firing:
+            if self._s >= self.threshold:
+                self._firing, self._changed, self._r = True, True, 0.0
+            return
+        self._r = max(0.0, self._r - llr)
+        limit = self.threshold if self.resolve_threshold is None else self.resolve_threshold
+        if self._r >= limit:
+            self._firing, self._changed = False, True
+            self._s = self._r = 0.0
+
+    def fire(self) -> None:
+        """Open the alarm now (attributed from a wider scope); a no-op when firing."""
+        self._changed = False
+        if not self._firing:
+            self._firing, self._changed, self._r = True, True, 0.0
+
+    @property
+    def statistic(self) -> float:
+        """``S``, the evidence that the unit is broken, in nats."""
+        return self._s
+
+    @property
+    def n(self) -> int:
+        """Samples seen."""
+        return self._n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"s": self._s, "r": self._r, "n": self._n, "firing": self._firing}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self._s, self._r, self._n = float(state["s"]), float(state["r"]), int(state["n"])
+        self._firing = bool(state["firing"])
+
+
+@dataclass(frozen=True, order=True)
+class SeqKey:
+    """One sequential detector: a modality in a scope (``global`` with id ``""``, or a line)."""
+
+    scope: str
+    scope_id: str
+    modality: str
+
+    def to_list(self) -> list[str]:
+        return [self.scope, self.scope_id, self.modality]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A sequential detector fired or resolved at event time ``at_ms``."""
+
+    key: SeqKey
+    firing: bool
+    at_ms: int
+    statistic: float
+    threshold: float
+    attributed: bool = False
+
+
+@dataclass
+class _Rate:
+    n: int = 0
+    first_ms: int = 0
+    last_ms: int = 0
+
+    def add(self, ts: int) -> None:
+        if self.n == 0:
+            self.first_ms = ts
+        self.n += 1
+        self.last_ms = max(self.last_ms, ts)
+
+    def per_s(self, step_ms: int) -> float:
+        return self.n / max(1.0, (self.last_ms - self.first_ms + step_ms) / 1000)
+
+
+class SequentialDetection:
+    """Per (scope, modality) CUSUMs on per-sample evidence, pooled fleet-wide with
+    per-line attribution (see the module docstring).
+
+    Args:
+        false_alarms_per_day: the budget of the whole monitor.
+        step_ms: event-time step in which evidence is consumed (and decisions made).
+        attribution_alpha: error level of attributing a fleet alarm to a line.
+        modalities_hint: how many modalities count toward ``D`` before they are seen.
+
+    Examples:
+        >>> seq = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000)
+        >>> for i in range(80):                       # 2 lines, 8 samples/s, image broken from 5 s
+        ...     t = i * 125
+        ...     seq.add(t, f"s{i}", f"line-{i % 2}", {"image": 2.5 if t >= 5000 else -0.9, "audio": -0.9})
+        >>> [(x.key.scope, x.key.scope_id, x.at_ms, x.attributed) for x in seq.advance(10_000)]
+        [('line', 'line-0', 6000, True), ('line', 'line-1', 6000, True), ('global', '', 6000, False)]
+    """
+
+    def __init__(self, false_alarms_per_day: float = 1.0, step_ms: int = 1000, attribution_alpha: float = 0.01,
+                 modalities_hint: int = 3) -> None:
+        self.false_alarms_per_day = check_budget(false_alarms_per_day)
+        if isinstance(step_ms, bool) or not isinstance(step_ms, int) or step_ms < 1:
+            raise ConfigError(f"step_ms must be an integer >= 1, got {step_ms!r}")
+        _check_range("attribution_alpha", attribution_alpha, 0.0, 1.0, low_open=True, high_open=True)
+        self.step_ms = step_ms
+        self.attribution_alpha = attribution_alpha
+        self.modalities_hint = modalities_hint
+        self.reset()
+
+    def reset(self) -> None:
+        self._det: dict[SeqKey, Cusum] = {}
+        self._reported: dict[SeqKey, bool] = {}  # firing state as of the last tick
+        self._rates: dict[tuple[str, str], _Rate] = {}
+        self._buffer: dict[str, tuple[int, str, dict[str, float]]] = {}  # sample id -> (ts, line, llr)
+        self._next_tick: int | None = None
+
+    # ------------------------------------------------------------------ input
+
+    def add(self, ts_ms: int, sample_id: str, line_id: str, llr: dict[str, float]) -> None:
+        """Buffer one sample's evidence (modality -> LLR); decided on by :meth:`advance`."""
+        if not llr or sample_id in self._buffer:
+            return
+        self._buffer[sample_id] = (int(ts_ms), line_id, dict(llr))
+        if self._next_tick is None:
+            self._next_tick = (int(ts_ms) // self.step_ms + 1) * self.step_ms
+
+    def advance(self, watermark: int) -> list[Transition]:
+        """Consume the evidence of every step whose end the watermark passed."""
+        out: list[Transition] = []
+        while self._next_tick is not None and self._next_tick <= watermark:
+            tick = self._next_tick
+            due = sorted((ts, sid) for sid, (ts, _, _) in self._buffer.items() if ts < tick)
+            for ts, sid in due:
+                self._consume(ts, *self._buffer.pop(sid)[1:])
+            out += self._decide(tick)
+            self._next_tick = tick + self.step_ms
+        return out
+
+    @property
+    def detectors(self) -> dict[SeqKey, Cusum]:
+        return dict(self._det)
+
+    def firing(self, scope: str, scope_id: str, modality: str) -> bool:
+        det = self._det.get(SeqKey(scope, scope_id, modality))
+        return det is not None and det.firing
+
+    # ------------------------------------------------------------------ decisions
+
+    def _cusum(self, key: SeqKey) -> Cusum:
+        det = self._det.get(key)
+        if det is None:
+            det = self._det[key] = Cusum(threshold=1.0)
+        return det
+
+    def _consume(self, ts: int, line_id: str, llr: dict[str, float]) -> None:
+        self._rates.setdefault(("global", ""), _Rate()).add(ts)
+        self._rates.setdefault(("line", line_id), _Rate()).add(ts)
+        for m, value in sorted(llr.items()):
+            for key in (SeqKey("global", "", m), SeqKey("line", line_id, m)):
+                det = self._cusum(key)
+                det.threshold = self.threshold(key)
+                det.update(value)
+
+    def threshold(self, key: SeqKey) -> float:
+        """``h`` of one detector from the budget, the number of detectors and its rate."""
+        lines = sum(1 for scope, _ in self._rates if scope == "line")
+        modalities = max(self.modalities_hint, len({k.modality for k in self._det}))
+        rate = self._rates.get((key.scope, key.scope_id))
+        per_s = rate.per_s(self.step_ms) if rate is not None else 1.0
+        return budget_threshold(self.false_alarms_per_day, modalities * (1 + lines), per_s)
+
+    def attribution_threshold(self) -> float:
+        lines = max(1, sum(1 for scope, _ in self._rates if scope == "line"))
+        return math.log(lines / self.attribution_alpha)
+
+    def _decide(self, tick: int) -> list[Transition]:
+        out: list[Transition] = []
+        # Decisions are taken (and reported) at the tick: compare with the last tick's state.
+        changed = [k for k, d in sorted(self._det.items()) if d.firing != self._reported.get(k, False)]
+        for k in changed:
+            self._reported[k] = self._det[k].firing
+        lines_first: list[Transition] = []
+        fleet: list[Transition] = []
+        for k in changed:
+            d = self._det[k]
+            t = Transition(k, d.firing, tick, d.statistic, d.threshold)
+            (fleet if k.scope == "global" else lines_first).append(t)
+        # Attribution: a firing fleet detector alerts every line with enough evidence of its own.
+        h_attr = self.attribution_threshold()
+        for k, d in sorted(self._det.items()):
+            if k.scope != "global" or not d.firing:
+                continue
+            for lk, ld in sorted(self._det.items()):
+                if lk.scope == "line" and lk.modality == k.modality and not ld.firing and ld.statistic >= h_attr:
+                    ld.fire()
+                    self._reported[lk] = True
+                    lines_first.append(Transition(lk, True, tick, ld.statistic, h_attr, attributed=True))
+        return lines_first + fleet
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detectors": [[*k.to_list(), d.state_dict()] for k, d in sorted(self._det.items())],
+            "rates": [[s, i, r.n, r.first_ms, r.last_ms] for (s, i), r in sorted(self._rates.items())],
+            "buffer": [[sid, ts, line, llr] for sid, (ts, line, llr) in sorted(self._buffer.items())],
+            "next_tick": self._next_tick,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        for scope, scope_id, m, st in state.get("detectors", []):
+            det = self._cusum(SeqKey(scope, scope_id, m))
+            det.load_state_dict(st)
+            self._reported[SeqKey(scope, scope_id, m)] = det.firing  # checkpoints are taken between ticks
+        self._rates = {(s, i): _Rate(n, f, la) for s, i, n, f, la in state.get("rates", [])}
+        self._buffer = {sid: (int(ts), line, dict(llr)) for sid, ts, line, llr in state.get("buffer", [])}
+        self._next_tick = state.get("next_tick")
