@@ -99,19 +99,28 @@ def subscribe(
     min_severity: str = typer.Option("info", "--min-severity", help="info | warning | critical"),
     receiver: str = typer.Option("webhook", "--receiver", help="webhook | alertmanager | redis"),
     sub_id: Optional[str] = typer.Option(None, "--id", help="Subscription id (default: generated); an existing "
-                                                           "id is replaced."),
+                                                           "id is an error unless --replace."),
+    replace: bool = typer.Option(False, "--replace", help="Replace the subscription with this --id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Subscribe a receiver to the alerts that match."""
+    """Subscribe a receiver to the alerts that match (a --secret needs STREAMFUSE_ALERTS__SECRET_KEY)."""
     with _errors():
         subs, _ = _stores(_settings())
-        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id)
+        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
     if as_json:
         print(json.dumps(sub.public()))
         return
-    console.print(f"subscribed {sub.id}: {sub.receiver} {sub.url} "
+    console.print(f"subscribed {sub.id}: {sub.receiver} {sub.shown_url} "
                   f"[{', '.join(str(m) for m in sub.matchers) or 'all alerts'}] severity >= {sub.min_severity}"
                   + ("" if sub.secret else " (unsigned: give --secret to sign webhooks)"), markup=False)
+
+
+@alerts_app.command()
+def keygen() -> None:
+    """Print a new key for STREAMFUSE_ALERTS__SECRET_KEY (seals webhook secrets in Redis)."""
+    from streamfuse.alerts.sealing import generate_key
+
+    print(generate_key())
 
 
 @alerts_app.command()
@@ -140,7 +149,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     for col in ("id", "receiver", "url", "matchers", "min severity", "signed"):
         t.add_column(col)
     for s in all_subs:
-        t.add_row(*map(Text, (s.id, s.receiver, s.url, ", ".join(str(m) for m in s.matchers) or "*",
+        t.add_row(*map(Text, (s.id, s.receiver, s.shown_url, ", ".join(str(m) for m in s.matchers) or "*",
                               s.min_severity, "yes" if s.secret else "no")))
     console.print(t)
     t = Table(title=f"silences ({len(active)})")
