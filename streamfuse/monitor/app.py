@@ -27,6 +27,7 @@ from streamfuse.events import (
 )
 from streamfuse.kafka import faust_config
 from streamfuse.metrics import MonitorMetrics, serve
+from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
 from streamfuse.store import StatusStore, connect
 from streamfuse.topics import Topics
@@ -59,6 +60,8 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     records = app.Table("records", default=None, partitions=settings.partitions)
     state = app.Table("state", default=None, partitions=settings.partitions)
     store = StatusStore(connect(settings), settings.redis_prefix)
+    # Approval mode: commands wait for an operator (streamfuse.control) instead of going out.
+    proposals = ProposalStore(store.r, settings.redis_prefix) if settings.monitor.approval else None
 
     def sink(key: str, value) -> None:
         if value is None:
@@ -101,6 +104,11 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
             log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
         for c in result.commands:
+            if proposals is not None:
+                if proposals.hold(c, now_ms()):
+                    log.warning("command %s %s %s proposed; `streamfuse control approve %s` sends it",
+                                c.command_id, c.action, c.modality, c.command_id)
+                continue
             if not store.claim("command", c.command_id):
                 continue
             await out["control"].send(key=(c.modality or "").encode(), value=encode(c), headers=HEADERS)
