@@ -232,6 +232,21 @@ def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "st
     return Consumer(rd_consumer_config(settings, group, client_id))
 
 
+def rd_consumer_lag(consumer) -> int:
+    """Records in a librdkafka consumer's assigned partitions that it has not fetched yet,
+    from its cached high watermarks (no broker round trip); partitions whose watermark or
+    position is not known yet count 0."""
+    parts = consumer.assignment()
+    if not parts:
+        return 0
+    total = 0
+    for tp in consumer.position(parts):
+        _, high = consumer.get_watermark_offsets(tp, cached=True)
+        if high >= 0 and tp.offset >= 0:
+            total += max(0, high - tp.offset)
+    return total
+
+
 def make_producer(settings: Settings, client_id: str = "streamfuse"):
     from kafka import KafkaProducer
 

@@ -48,6 +48,11 @@ class WorkerMetrics:
             "streamfuse_worker_modality_masked", "1 when the modality is masked.", ["modality"], registry=registry
         )
         self.versions = Info("streamfuse_worker_active_versions", "Active model versions.", registry=registry)
+        self.lag = Gauge(
+            "streamfuse_worker_consumer_lag_records",
+            "Samples in this worker's assigned partitions that it has not fetched yet (high watermark - position).",
+            registry=registry,
+        )
 
 
 class MonitorMetrics:
@@ -76,6 +81,11 @@ class MonitorMetrics:
         )
         self.pending_labels = Gauge(
             "streamfuse_monitor_pending_labels", "Labels waiting for their prediction.", registry=registry
+        )
+        self.watermark = Gauge(
+            "streamfuse_monitor_watermark_seconds",
+            "Event time the monitor's KPI windows have reached, unix seconds (compare with time()).",
+            registry=registry,
         )
 
 
@@ -127,3 +137,11 @@ class AlertMetrics:
         self.queued = Gauge(
             "streamfuse_alerts_queued", "Notifications waiting for delivery.", ["receiver"], registry=registry
         )
+
+
+class RedisMetrics:
+    """Redis reachability of one process (``process`` = worker, monitor, sync, alerts-dispatch, alerts-api)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge("streamfuse_redis_up", "1 when this process reached Redis on its last try, 0 during an outage",
+                        ["process"], registry=registry)

@@ -142,6 +142,8 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             else:
                 metrics.events.labels("prediction").inc()
                 result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
+                if core.kpis.watermark:
+                    metrics.watermark.set(core.kpis.watermark / 1000)
                 # Publish first, checkpoint after: killed in between, the monitor re-derives
                 # the same outputs from the older checkpoint, and the Redis claims drop them.
                 await emit(result)

@@ -4,12 +4,14 @@ No Docker engine is needed: `docker-compose config` validates the compose file a
 its schema, `promtool` checks the Prometheus config and the dashboard's PromQL, and the
 rest cross-checks names, ports and mounts between docker-compose.yml, the Dockerfile,
 deploy/prometheus.yml and the Grafana provisioning. Each tool test is skipped only when
-its binary is absent (CI installs Debian's `docker-compose` and `prometheus`).
+its binary is absent, and fails instead when STREAMFUSE_REQUIRE_TOOLS=1 (.ci/run sets it
+after installing Debian's `docker-compose` and `prometheus`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS_FILE = ROOT / "deploy" / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "streamfuse.json"
+DASHBOARD_FILES = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 
 PROJECT_IMAGE = "streamfuse:latest"
 PROJECT_SERVICES = {"topics", "worker", "monitor", "simulator"}
@@ -34,12 +37,30 @@ METRICS_PORTS = {
     "worker": ("STREAMFUSE_WORKER__METRICS_PORT", 9100),
     "monitor": ("STREAMFUSE_MONITOR__METRICS_PORT", 9101),
 }
-DASHBOARD_METRICS = (
-    "streamfuse_worker_samples_total",
-    "streamfuse_worker_batch_size",
-    "streamfuse_monitor_kpi_value",
-)
+# dashboard file -> metrics it must chart
+DASHBOARD_METRICS = {
+    "streamfuse.json": ("streamfuse_worker_samples_total", "streamfuse_worker_batch_size",
+                        "streamfuse_monitor_kpi_value"),
+    # alerts, commands, masks, dead letters, latency
+    "streamfuse-operations.json": (
+        "streamfuse_monitor_alerts_firing", "streamfuse_monitor_alerts_total", "streamfuse_alerts_notifications_total",
+        "streamfuse_monitor_commands_total", "streamfuse_worker_commands_total", "streamfuse_worker_modality_masked",
+        "streamfuse_worker_rejected_total", "streamfuse_sync_rejected_total", "streamfuse_monitor_rejected_total",
+        "streamfuse_worker_queue_wait_seconds", "streamfuse_worker_compute_seconds",
+        "streamfuse_alerts_delivery_seconds"),
+}
 TOOL_TIMEOUT_S = 60
+
+
+def require_tool(name: str, package: str) -> None:
+    """Skip when ``name`` is not installed; fail in CI (STREAMFUSE_REQUIRE_TOOLS=1), where a
+    missing tool means the install step broke and the check would silently not run."""
+    if shutil.which(name) is not None:
+        return
+    message = f"{name} not installed (apt-get install {package})"
+    if os.environ.get("STREAMFUSE_REQUIRE_TOOLS") == "1":
+        pytest.fail(message + "; STREAMFUSE_REQUIRE_TOOLS=1 wants it")
+    pytest.skip(message)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -84,17 +105,22 @@ def prometheus() -> dict:
     return _load_yaml(PROMETHEUS_FILE)
 
 
-@pytest.fixture(scope="module")
-def dashboard() -> dict:
-    return json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module", params=DASHBOARD_FILES, ids=lambda p: p.name)
+def dashboard(request) -> dict:
+    return {**json.loads(request.param.read_text(encoding="utf-8")), "_file": request.param.name}
+
+
+def test_every_dashboard_is_checked_and_uids_are_unique() -> None:
+    assert {p.name for p in DASHBOARD_FILES} == set(DASHBOARD_METRICS)
+    uids = [json.loads(p.read_text(encoding="utf-8"))["uid"] for p in DASHBOARD_FILES]
+    assert len(set(uids)) == len(uids), uids
 
 
 # --- docker-compose.yml ----------------------------------------------------------------
 
 
 def test_compose_file_validates_with_docker_compose() -> None:
-    if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose binary not installed (apt-get install docker-compose)")
+    require_tool("docker-compose", "docker-compose")
     result = _run_tool("docker-compose", "-f", str(COMPOSE_FILE), "config", "-q")
     assert result.returncode == 0, result.stderr
 
@@ -242,8 +268,7 @@ def test_prometheus_targets_match_compose_services(prometheus: dict, services: d
 
 
 def test_prometheus_config_passes_promtool() -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    require_tool("promtool", "prometheus")
     result = _run_tool("promtool", "check", "config", str(PROMETHEUS_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -287,7 +312,11 @@ def test_dashboard_has_panels_with_queries_on_the_pipeline_metrics(dashboard: di
             assert isinstance(target["expr"], str) and target["expr"].strip(), panel["title"]
             exprs.append(target["expr"])
 
-    for metric in DASHBOARD_METRICS:
+    cells = [(x, y) for p in panels for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+             for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])]
+    assert len(set(cells)) == len(cells), "panels overlap"
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels), "a panel is wider than the grid"
+    for metric in DASHBOARD_METRICS[dashboard["_file"]]:
         # A histogram is queried through its _bucket / _sum / _count series.
         pattern = rf"\b{metric}(_bucket|_sum|_count)?\b"
         assert any(re.search(pattern, e) for e in exprs), f"no panel queries {metric}"
@@ -327,8 +356,7 @@ def test_dashboard_queries_only_metrics_streamfuse_exposes(dashboard: dict) -> N
 
 
 def test_dashboard_queries_are_valid_promql(dashboard: dict, tmp_path: Path) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    require_tool("promtool", "prometheus")
     # promtool parses PromQL offline only inside rule files, so wrap each query in a
     # recording rule; Grafana's own interval variables become a fixed range first.
     rules = []
