@@ -259,6 +259,32 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
                       f"{c['scope']} {c['scope_id']}: {c['reason']}", markup=False)
 
 
+@app.command()
+def health(
+    url: list[str] = typer.Argument(None, help="HTTP endpoints that must answer 2xx, e.g. "
+                                               "http://127.0.0.1:9100/metrics."),
+    topic: Optional[str] = typer.Option(None, "--topic", help="A topic whose newest record must be recent."),
+    max_age: float = typer.Option(60.0, "--max-age", help="With --topic: the newest record's age limit, s."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds per probe."),
+) -> None:
+    """Health probe for container healthchecks: exit 0 when healthy, 1 with the reason when not."""
+    from streamfuse.health import Unhealthy, newest_record_age_s, probe_http
+
+    if not url and topic is None:
+        raise typer.BadParameter("give a URL, or --topic")
+    try:
+        for u in url or []:
+            console.print(f"{u}: HTTP {probe_http(u, timeout)}", markup=False)
+        if topic is not None:
+            age = newest_record_age_s(_settings(), topic, timeout)
+            if age > max_age:
+                raise Unhealthy(f"the newest record on {topic} is {age:.0f} s old (limit {max_age:g} s)")
+            console.print(f"{topic}: newest record {age:.1f} s old", markup=False)
+    except Unhealthy as exc:
+        console.print(f"unhealthy: {exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     try:
         app()

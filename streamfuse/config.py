@@ -93,6 +93,8 @@ class MonitorSettings(BaseModel):
     resolve_windows: int = Field(2, ge=1)
     dry_run: bool = False  # alert only, issue no commands
     approval: bool = False  # commands become proposals: `streamfuse control approve ID` sends them
+    # faust's local state (table checkpoints); unset: <model_dir>/../faust. Must be writable.
+    data_dir: Path | None = None
     metrics_port: int = Field(0, ge=0, le=65535)
     detect_scopes: tuple[str, ...] = ("global", "line")  # where the label-based degradation runs
     # Sensor health: a reading is flat at or below this signal std (image grey levels,

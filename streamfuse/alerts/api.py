@@ -292,7 +292,8 @@ def check_exposure(settings: Settings, host: str) -> None:
         ConfigError: ``host`` is not a loopback address and the API would be open.
     """
     a = settings.alerts
-    if is_loopback(host) or a.api_token is not None or a.api_tls_client_cafile is not None:
+    token = a.api_token.get_secret_value() if a.api_token is not None else ""
+    if is_loopback(host) or token or a.api_tls_client_cafile is not None:
         return
     raise ConfigError(f"refusing to serve the alerts API on {host!r} without authentication: set "
                       "STREAMFUSE_ALERTS__API_TOKEN (clients send Authorization: Bearer <token>) or mTLS "

@@ -48,7 +48,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     metrics = MonitorMetrics(registry)
     serve(registry, settings.monitor.metrics_port)
     topics = Topics(settings.topic_prefix)
-    datadir = Path(settings.model_dir).parent / "faust" / settings.monitor.app_id
+    datadir = Path(settings.monitor.data_dir or Path(settings.model_dir).parent / "faust") / settings.monitor.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.monitor.app_id, **faust_config(settings), web_enabled=False, store="memory://",
