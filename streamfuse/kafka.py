@@ -86,6 +86,44 @@ def _security(settings: Settings, rdkafka: bool = False) -> dict[str, Any]:
     return {_SECURITY_NAMES[k][rdkafka]: v for k, v in values.items()}
 
 
+def ssl_context(settings: Settings):
+    """The client TLS context of the security settings (the CA to trust, and the client
+    certificate when set), or None for a protocol without TLS. aiokafka (faust) takes TLS
+    only as a context, not as file names."""
+    import ssl
+
+    from streamfuse.errors import ConfigError
+
+    sec = settings.kafka_security
+    if sec.protocol not in ("SSL", "SASL_SSL"):
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None)
+        if sec.ssl_certfile is not None:
+            ctx.load_cert_chain(str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"Kafka TLS files do not load ({exc}); check STREAMFUSE_KAFKA_SECURITY__SSL_CAFILE, "
+                          "__SSL_CERTFILE and __SSL_KEYFILE") from None
+    return ctx
+
+
+def faust_credentials(settings: Settings):
+    """faust's ``broker_credentials`` for the security settings (None for PLAINTEXT): the
+    same protocol, SASL mechanism, user, password and TLS files as every other client."""
+    import faust
+
+    sec = settings.kafka_security
+    if sec.protocol == "PLAINTEXT":
+        return None
+    ctx = ssl_context(settings)
+    if sec.protocol == "SSL":
+        return faust.SSLCredentials(ctx)
+    password = sec.sasl_password.get_secret_value() if sec.sasl_password is not None else None
+    return faust.SASLCredentials(username=sec.sasl_username, password=password, ssl_context=ctx,
+                                 mechanism=sec.sasl_mechanism or "PLAIN")
+
+
 def bootstrap(settings: Settings) -> str:
     from streamfuse.errors import ConfigError
 
@@ -159,6 +197,9 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         # Tansu reports end offsets per batch; faust table recovery needs exact ones.
         cfg["producer_max_batch_size"] = 1
         cfg["producer_linger"] = 0.0
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        cfg["broker_credentials"] = credentials
     return cfg
 
 
