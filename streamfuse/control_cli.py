@@ -9,41 +9,29 @@ bad input.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
+from streamfuse.alerts.cli import cli_errors
 from streamfuse.config import Settings, load_settings
-from streamfuse.errors import StreamfuseError
 
 control_app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Operator commands (mask, unmask, rollback, fusion-mode) with a reason, acked by the workers and "
          "audited; approve or reject the monitor's proposals (STREAMFUSE_MONITOR__APPROVAL=true).")
 console = Console(highlight=False)
-err = Console(stderr=True)
 
 REASON = typer.Option(..., "--reason", help="Why (required; goes to the audit trail).")
 OPERATOR = typer.Option(None, "--operator", help="Who (default: $USER).")
 WORKERS = typer.Option(1, "--workers", min=0, help="Wait for acks from this many workers (0 = do not wait).")
 TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds to wait for the acks.")
 AS_JSON = typer.Option(False, "--json", help="Print JSON.")
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except StreamfuseError as exc:
-        err.print(Text.assemble(("error: ", "red"), str(exc)))
-        raise typer.Exit(2) from None
 
 
 def _operator(given: Optional[str]) -> str:
@@ -85,7 +73,7 @@ def _run(action: str, reason: str, operator: Optional[str], workers: int, timeou
          **fields) -> None:
     from streamfuse.control import new_command_id, operator_command, parse_scope
 
-    with _errors():
+    with cli_errors():
         settings = load_settings()
         if "scope" in fields:
             fields["scope"] = parse_scope(fields["scope"])
@@ -94,22 +82,20 @@ def _run(action: str, reason: str, operator: Optional[str], workers: int, timeou
         _issue(settings, cmd, who, workers, timeout_s, as_json)
 
 
-@control_app.command()
-def mask(modality: str = typer.Argument(..., help="image | audio | series"),
-         scope: str = typer.Option("global", "--scope", help="global | line:ID | asset:ID"),
-         reason: str = REASON, operator: Optional[str] = OPERATOR, workers: int = WORKERS,
-         timeout: float = TIMEOUT, as_json: bool = AS_JSON) -> None:
-    """Mask a modality for a scope: fusion carries on without it there."""
-    _run("mask_modality", reason, operator, workers, timeout, as_json, modality=modality, scope=scope)
+def _mask_command(action: str, doc: str):
+    def command(modality: str = typer.Argument(..., help="image | audio | series"),
+                scope: str = typer.Option("global", "--scope", help="global | line:ID | asset:ID"),
+                reason: str = REASON, operator: Optional[str] = OPERATOR, workers: int = WORKERS,
+                timeout: float = TIMEOUT, as_json: bool = AS_JSON) -> None:
+        _run(action, reason, operator, workers, timeout, as_json, modality=modality, scope=scope)
+
+    command.__doc__ = doc
+    return command
 
 
-@control_app.command()
-def unmask(modality: str = typer.Argument(..., help="image | audio | series"),
-           scope: str = typer.Option("global", "--scope", help="global | line:ID | asset:ID"),
-           reason: str = REASON, operator: Optional[str] = OPERATOR, workers: int = WORKERS,
-           timeout: float = TIMEOUT, as_json: bool = AS_JSON) -> None:
-    """Unmask a modality for a scope."""
-    _run("unmask_modality", reason, operator, workers, timeout, as_json, modality=modality, scope=scope)
+control_app.command("mask")(_mask_command("mask_modality", "Mask a modality for a scope: fusion carries on without "
+                                                           "it there."))
+control_app.command("unmask")(_mask_command("unmask_modality", "Unmask a modality for a scope."))
 
 
 @control_app.command()
@@ -141,7 +127,7 @@ def approve(command_id: str = typer.Argument(..., metavar="ID", help="A proposal
     from streamfuse.control import APPROVED, ProposalStore
     from streamfuse.store import connect
 
-    with _errors():
+    with cli_errors():
         settings = load_settings()
         who = _operator(operator)
         proposal = ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, APPROVED, who,
@@ -156,7 +142,7 @@ def reject(command_id: str = typer.Argument(..., metavar="ID", help="A proposal'
     from streamfuse.control import REJECTED, ProposalStore
     from streamfuse.store import connect
 
-    with _errors():
+    with cli_errors():
         settings = load_settings()
         ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, REJECTED, _operator(operator),
                                                                        reason, _now_ms())
@@ -170,7 +156,7 @@ def proposals(all_: bool = typer.Option(False, "--all", help="Also approved and 
     from streamfuse.control import ProposalStore
     from streamfuse.store import connect
 
-    with _errors():
+    with cli_errors():
         settings = load_settings()
         props = ProposalStore(connect(settings), settings.redis_prefix).list(None if all_ else "pending")
     if as_json:

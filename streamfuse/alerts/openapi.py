@@ -35,7 +35,8 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/healthz": {"get": {"summary": "Liveness and Redis reachability", "security": [],
                              "responses": {"200": {"description": "ok"}, "503": _ERR}}},
-        "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                  "responses": {"200": {"description": "OpenAPI 3"}}}},
         "/subscriptions": {
             "get": {"summary": "List subscriptions (secrets are never returned)",
                     "responses": {"200": _json("Subscription", "all subscriptions", array=True)}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import json
 import socket
 import ssl
@@ -20,7 +21,7 @@ from streamfuse.alerts.api import check_exposure, make_app, tls_context
 from streamfuse.alerts.cli import alerts_app
 from streamfuse.alerts.config import AlertSettings
 from streamfuse.alerts.subscriptions import AlertKeys, SubscriptionStore
-from streamfuse.alerts.testing import isolated_settings
+from test_alerts_api import redis_settings  # noqa: F401 - a fixture
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.store import connect
@@ -30,13 +31,8 @@ TOKEN = "t0k-closed-by-default"
 
 
 @pytest.fixture
-def s():
-    settings = isolated_settings("127.0.0.1:9", allow_private_targets=False)
-    yield settings
-    r = connect(settings)
-    keys = list(r.scan_iter(match=f"{settings.redis_prefix}*"))
-    if keys:
-        r.delete(*keys)
+def s(redis_settings):
+    return redis_settings  # settings for Redis without a broker; keys deleted afterwards
 
 
 def with_alerts(settings: Settings, **over) -> Settings:
@@ -157,7 +153,6 @@ def _cert(name: str, key, issuer=None, issuer_key=None, ca: bool = False):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -166,8 +161,8 @@ def _cert(name: str, key, issuer=None, issuer_key=None, ca: bool = False):
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                        critical=False)
+        loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+        builder = builder.add_extension(x509.SubjectAlternativeName([loopback]), critical=False)
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 

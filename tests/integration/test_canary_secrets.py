@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
-import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,6 +17,7 @@ from streamfuse.alerts.receiver import WebhookReceiver
 from streamfuse.alerts.testing import DispatcherThread, isolated_settings, make_alert, publish, wait_until
 from streamfuse.cli import app as cli_app
 from streamfuse.config import Settings
+from streamfuse.embedded import free_port
 
 pytestmark = pytest.mark.integration
 CANARY = "CANARY-4e1f9b2d"
@@ -29,9 +28,7 @@ def private_redis():
     """A redis-server of this test's own that wants the canary as its password."""
     import redis
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", CANARY,
                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis.Redis(port=port, password=CANARY)
@@ -122,5 +119,4 @@ async def api_responses(settings: Settings) -> list[str]:
             assert resp.status == 200, path
             texts.append(await resp.text())
         texts.append(await (await client.get("/subscriptions")).text())  # the 401 body
-    time.sleep(0)  # nothing to wait for; the client is closed
     return texts

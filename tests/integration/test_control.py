@@ -113,3 +113,21 @@ def test_too_few_acks_is_exit_status_1(settings, monkeypatch):
     assert out.exit_code == 1 and "only 0 of 1 workers acknowledged" in out.output
     bad = invoke("control", "mask", "image", "--scope", "plant:1", "--reason", "x")
     assert bad.exit_code == 2 and "line:ID" in bad.output
+
+
+@pytest.mark.slow  # a worker, a monitor and a faulty plant: about a minute and a half here
+def test_approval_mode_turns_the_monitors_commands_into_proposals(settings, tmp_path: Path):
+    from test_scenarios import run_scenario, scenario_settings
+
+    s = scenario_settings(settings)
+    s = s.model_copy(update={"monitor": s.monitor.model_copy(update={"approval": True})})
+    proposals = ProposalStore(connect(s), s.redis_prefix)
+    run = run_scenario(s, tmp_path, ["image:fog@20-50/asset-0", "image:fog@20-50/asset-2"], duration_s=40,
+                       until=lambda o: bool(proposals.list()))
+    firing = run.alerts(kind="degradation", modality="image", status="firing")
+    assert firing, run.observer.alerts  # the monitor still alerts
+    assert run.observer.commands == []  # but sends no command
+    first = proposals.list()[0].command
+    assert (first.action, first.modality, first.scope_id, first.alert_id) == (
+        "mask_modality", "image", "line-0", firing[0]["alert_id"])
+    assert "proposed; `streamfuse control approve" in run.logs["monitor"]
