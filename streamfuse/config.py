@@ -169,6 +169,22 @@ class Settings(BaseSettings):
         for name, _ in super().__repr_args__():
             yield name, shown.get(name)
 
+    def secret_env(self) -> dict[str, str]:
+        """Every secret that is set, as the ``STREAMFUSE_...`` variable that sets it: a child
+        process gets its secrets from these, since dumps of the settings mask them."""
+        out: dict[str, str] = {}
+
+        def walk(model: BaseModel, path: str) -> None:
+            for name in type(model).model_fields:
+                value = getattr(model, name)
+                if isinstance(value, SecretStr):
+                    out[f"{path}{name.upper()}"] = value.get_secret_value()
+                elif isinstance(value, BaseModel):
+                    walk(value, f"{path}{name.upper()}__")
+
+        walk(self, "STREAMFUSE_")
+        return out
+
     def log_effective(self, logger: logging.Logger = log) -> None:
         logger.info("effective settings: %s", json.dumps(self.redacted()))
 

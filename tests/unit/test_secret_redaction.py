@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_redis_connection_error_names_the_url_without_its_password() -> None:
     with pytest.raises(ConfigError) as info:
         connect(s)
     assert CANARY not in str(info.value) and f"redis://:{MASK}@127.0.0.1:9/0" in str(info.value)
+
+
+def test_a_child_process_gets_the_secrets_the_settings_dumps_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamfuse.demo import child_env
+
+    parent = _settings_with_canaries()
+    env = child_env(parent)
+    assert '"api_token":"**********"' in env["STREAMFUSE_ALERTS"]  # the dump is masked ...
+    for key in [k for k in os.environ if k.startswith("STREAMFUSE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("STREAMFUSE_"):
+            monkeypatch.setenv(key, value)
+    child = Settings()  # ... and the child still gets every secret
+    for get in (lambda s: s.redis_password, lambda s: s.kafka_security.sasl_password, lambda s: s.alerts.api_token):
+        assert get(child).get_secret_value() == CANARY
