@@ -266,26 +266,33 @@ def make_rd_producer(settings: Settings, client_id: str = "streamfuse"):
     return Producer(rd_producer_config(settings, client_id))
 
 
-def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse"):
-    """A librdkafka (confluent-kafka) consumer (see :func:`rd_consumer_config`)."""
+def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse", on_stats=None,
+                     stats_interval_ms: int = 5_000):
+    """A librdkafka (confluent-kafka) consumer (see :func:`rd_consumer_config`). ``on_stats``
+    gets librdkafka's statistics JSON every ``stats_interval_ms``, on the thread that
+    consumes (no call into the consumer from another thread: that stalled the worker)."""
     from confluent_kafka import Consumer
 
-    return Consumer(rd_consumer_config(settings, group, client_id))
+    cfg = rd_consumer_config(settings, group, client_id)
+    if on_stats is not None:
+        cfg.update({"statistics.interval.ms": stats_interval_ms, "stats_cb": on_stats})
+    return Consumer(cfg)
 
 
-def rd_consumer_lag(consumer) -> int:
-    """Records in a librdkafka consumer's assigned partitions that it has not fetched yet,
-    from its cached high watermarks (no broker round trip); partitions whose watermark or
-    position is not known yet count 0."""
-    parts = consumer.assignment()
-    if not parts:
-        return 0
-    total = 0
-    for tp in consumer.position(parts):
-        _, high = consumer.get_watermark_offsets(tp, cached=True)
-        if high >= 0 and tp.offset >= 0:
-            total += max(0, high - tp.offset)
-    return total
+def consumer_lag(stats_json: str) -> int:
+    """Records the consumer has not fetched yet, summed over its assigned partitions, from a
+    librdkafka statistics report (``stats_cb``; ``consumer_lag`` per partition, -1 while unknown).
+
+    Examples:
+        >>> consumer_lag('{"topics": {"t": {"partitions": {"0": {"consumer_lag": 7}, "1": {"consumer_lag": -1},'
+        ...              ' "-1": {"consumer_lag": -1}}}}}')
+        7
+    """
+    import json
+
+    stats = json.loads(stats_json)
+    return sum(max(0, p.get("consumer_lag", -1)) for t in stats.get("topics", {}).values()
+               for pid, p in t.get("partitions", {}).items() if pid != "-1")
 
 
 def make_producer(settings: Settings, client_id: str = "streamfuse"):

@@ -50,7 +50,7 @@ class WorkerMetrics:
         self.versions = Info("streamfuse_worker_active_versions", "Active model versions.", registry=registry)
         self.lag = Gauge(
             "streamfuse_worker_consumer_lag_records",
-            "Samples in this worker's assigned partitions that it has not fetched yet (high watermark - position).",
+            "Samples in this worker's assigned partitions after its committed offsets (librdkafka's consumer_lag).",
             registry=registry,
         )
 

@@ -32,7 +32,7 @@ from streamfuse.inference.contributions import (
     MAX_SHAPLEY_MODALITIES, confidence_entropy, leave_one_out_shares, shapley_values, subset_table,
 )
 from streamfuse.inference.feeder import Batch, Feeder, Offsets, Record
-from streamfuse.kafka import make_rd_consumer, make_rd_producer, rd_consumer_lag
+from streamfuse.kafka import consumer_lag, make_rd_consumer, make_rd_producer
 from streamfuse.metrics import WorkerMetrics, serve
 from streamfuse.models.bundle import Bundle, Encoded
 from streamfuse.topics import Topics
@@ -40,7 +40,6 @@ from streamfuse.topics import Topics
 log = logging.getLogger(__name__)
 HDRS = headers(MSGPACK)
 RECONCILE_S = 2.0  # how often a worker compares what it serves with the registry
-LAG_EVERY_S = 5.0  # how often a worker measures its consumer lag (cached watermarks, no broker call)
 # Batches whose sends are not yet acknowledged before the worker waits for them. With the
 # batch in compute and the one the feeder has ready, at most MAX_BATCHES_IN_FLIGHT + 2
 # batches are uncommitted at any time: what a crash can make the next owner predict twice.
@@ -121,7 +120,6 @@ class InferenceWorker:
         self.metrics = WorkerMetrics(self.metrics_registry)
         self.commands = CommandHandler(self, model_registry)
         self._next_reconcile = 0.0
-        self._next_lag = 0.0
         self.processed = 0
         self._stop = threading.Event()
         self.metrics.versions.info({m: v for m, v in bundle.versions.items()})
@@ -139,7 +137,9 @@ class InferenceWorker:
         """Consume until stopped (or ``max_samples`` predictions); returns the count."""
         wcfg = self.settings.worker
         serve(self.metrics_registry, wcfg.metrics_port)
-        consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id)
+        # librdkafka's statistics carry the consumer lag (the "consumer lag growing" alert rule)
+        consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id,
+                                    on_stats=lambda stats: self.metrics.lag.set(consumer_lag(stats)))
         control = make_rd_consumer(self.settings, None, f"{self.worker_id}-control")
         out = Outbox(make_rd_producer(self.settings, self.worker_id))
         feeder = Feeder(consumer, self.topics.samples, wcfg.max_batch, wcfg.max_delay_ms,
@@ -153,9 +153,6 @@ class InferenceWorker:
                      self.worker_id, self.bundle.version, wcfg.max_batch, wcfg.max_delay_ms)
             while not self._stop.is_set() and (max_samples is None or self.processed < max_samples):
                 self._apply_commands(control, out, catch_up_to)
-                if time.monotonic() >= self._next_lag:  # for the "consumer lag growing" alert rule
-                    self._next_lag = time.monotonic() + LAG_EVERY_S
-                    self.metrics.lag.set(rd_consumer_lag(consumer))
                 batch = feeder.get(timeout_s=0.2)
                 if batch is not None:
                     delivery = Delivery()

@@ -78,7 +78,7 @@ def test_operator_commands_and_approvals_with_a_real_worker(settings, tmp_path: 
         assert [p["command"]["command_id"] for p in status["pending_proposals"]] == [approved.command_id,
                                                                                       rejected.command_id]
         assert approved.command_id in invoke("status").output
-        out = invoke("control", "approve", approved.command_id, "--operator", "bo", "--timeout", "30", "--json")
+        out = invoke("control", "approve", approved.command_id, "--operator", "bo", "--timeout", "60", "--json")
         assert out.exit_code == 0, out.output
         assert [a["status"] for a in json.loads(out.output)["acks"]] == ["applied"]
         assert "image@line:line-0" in json.loads(out.output)["acks"][0]["masked"]
