@@ -42,14 +42,15 @@ COPY workers ./workers
 RUN pip install --no-cache-dir . \
     && pip check
 
-# Unprivileged runtime user. /models is created (and owned) here so that a named
-# volume mounted on it starts out writable by this user: the worker writes the demo
-# model bundle there on first start when no trained bundle is mounted.
+# Unprivileged runtime user. /models and /data are created (and owned) here so that a
+# named volume mounted on them starts out writable by this user: the worker writes the
+# demo model bundle to /models on first start when no trained bundle is mounted, and
+# the monitor keeps faust's local state under /data (STREAMFUSE_MONITOR__DATA_DIR).
 WORKDIR /
 RUN rm -rf /src \
     && useradd --system --create-home --home-dir /home/streamfuse --uid 10001 streamfuse \
-    && mkdir -p /models \
-    && chown streamfuse:streamfuse /models
+    && mkdir -p /models /data \
+    && chown streamfuse:streamfuse /models /data
 ENV STREAMFUSE_MODEL_DIR=/models
 USER streamfuse
 WORKDIR /home/streamfuse

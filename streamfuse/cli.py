@@ -22,6 +22,7 @@ app.add_typer(topics_app, name="topics")
 def _register_subcommands() -> None:
     # Each area owns its commands; they are mounted here so `streamfuse --help` lists them all.
     from streamfuse.alerts.cli import alerts_app
+    from streamfuse.control_cli import control_app
     from streamfuse.models.cli import dataset_app, models_app, train
     from streamfuse.replay.cli import record, replay
 
@@ -31,6 +32,7 @@ def _register_subcommands() -> None:
     app.add_typer(dataset_app, name="dataset")
     app.add_typer(models_app, name="models")
     app.add_typer(alerts_app, name="alerts")
+    app.add_typer(control_app, name="control")
 
 
 _register_subcommands()
@@ -259,13 +261,16 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Show the latest KPIs, open alerts, active model versions, workers' masks (from Redis)."""
+    """Show the latest KPIs, open alerts, active model versions, workers' masks, pending proposals (from Redis)."""
+    from streamfuse.control import ProposalStore
     from streamfuse.registry import Registry
     from streamfuse.store import StatusStore, connect
 
     settings = _settings()
-    st = StatusStore(connect(settings), settings.redis_prefix).status()
+    client = connect(settings)
+    st = StatusStore(client, settings.redis_prefix).status()
     st["active_versions"] = Registry(settings).active()
+    st["pending_proposals"] = [p.to_dict() for p in ProposalStore(client, settings.redis_prefix).list()]
     if as_json:
         print(json.dumps(st, indent=2))
         return
@@ -288,6 +293,38 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     console.print("active versions: " + (", ".join(f"{u}={v}" for u, v in st["active_versions"].items()) or "none"))
     for wid, ack in st["workers"].items():
         console.print(f"worker {wid}: masked={ack['masked']} fusion={ack['fusion_mode']} versions={ack['versions']}")
+    console.print(f"pending proposals: {len(st['pending_proposals'])}"
+                  + (" (streamfuse control approve ID | reject ID)" if st["pending_proposals"] else ""))
+    for p in st["pending_proposals"]:
+        c = p["command"]
+        console.print(f"  {c['command_id']} {c['action']} {c['modality'] or c['fusion_mode'] or ''} "
+                      f"{c['scope']} {c['scope_id']}: {c['reason']}", markup=False)
+
+
+@app.command()
+def health(
+    url: list[str] = typer.Argument(None, help="HTTP endpoints that must answer 2xx, e.g. "
+                                               "http://127.0.0.1:9100/metrics."),
+    topic: Optional[str] = typer.Option(None, "--topic", help="A topic whose newest record must be recent."),
+    max_age: float = typer.Option(60.0, "--max-age", help="With --topic: the newest record's age limit, s."),
+    timeout: float = typer.Option(5.0, "--timeout", help="Seconds per probe."),
+) -> None:
+    """Health probe for container healthchecks: exit 0 when healthy, 1 with the reason when not."""
+    from streamfuse.health import Unhealthy, newest_record_age_s, probe_http
+
+    if not url and topic is None:
+        raise typer.BadParameter("give a URL, or --topic")
+    try:
+        for u in url or []:
+            console.print(f"{u}: HTTP {probe_http(u, timeout)}", markup=False)
+        if topic is not None:
+            age = newest_record_age_s(_settings(), topic, timeout)
+            if age > max_age:
+                raise Unhealthy(f"the newest record on {topic} is {age:.0f} s old (limit {max_age:g} s)")
+            console.print(f"{topic}: newest record {age:.1f} s old", markup=False)
+    except Unhealthy as exc:
+        console.print(f"unhealthy: {exc}", markup=False)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ a ``.env`` file, then the defaults below.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +19,42 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from streamfuse.alerts.config import AlertSettings
 
 log = logging.getLogger(__name__)
+MASK = "**********"  # how pydantic shows a SecretStr; URL passwords are shown the same way
+# userinfo of any URL (``redis://:PW@host``, ``http://user:PW@host``, ``user:PW@host:9092``)
+_USERINFO = re.compile(r"(?P<head>(?:^|[\s,;=(\"'])(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^\s:/@,;\"']*):[^\s/@,;\"']+@")
+# query or fragment parameters whose name says they carry a credential
+_SECRET_PARAM = re.compile(
+    r"(?P<head>[?&#;](?:[A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|pass|pwd|key|sig|signature|auth|credential)"
+    r"[A-Za-z0-9_.-]*)=)[^&#\s\"']*", re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of every URL and every credential-like query parameter masked.
+
+    Settings, status output and API responses pass through this before they are shown, so
+    a password inside a URL (``STREAMFUSE_REDIS_URL=redis://:PW@host``) is never printed.
+
+    Examples:
+        >>> redact_secrets("redis://:hunter2@redis:6379/0")
+        'redis://:**********@redis:6379/0'
+        >>> redact_secrets("https://bob:pw@hooks.example.com/x?token=abc&team=ops")
+        'https://bob:**********@hooks.example.com/x?token=**********&team=ops'
+        >>> redact_secrets("kafka-1:9092,kafka-2:9092")
+        'kafka-1:9092,kafka-2:9092'
+    """
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def redact_value(value: Any) -> Any:
+    """:func:`redact_secrets` applied to every string inside a JSON-like value."""
+    if isinstance(value, str):
+        return redact_secrets(value)
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_value(v) for v in value]
+    return value
 
 
 class KafkaSecurity(BaseModel):
@@ -54,6 +92,9 @@ class MonitorSettings(BaseModel):
     fire_windows: int = Field(2, ge=1)
     resolve_windows: int = Field(2, ge=1)
     dry_run: bool = False  # alert only, issue no commands
+    approval: bool = False  # commands become proposals: `streamfuse control approve ID` sends them
+    # faust's local state (table checkpoints); unset: <model_dir>/../faust. Must be writable.
+    data_dir: Path | None = None
     metrics_port: int = Field(0, ge=0, le=65535)
     detect_scopes: tuple[str, ...] = ("global", "line")  # where the label-based degradation runs
     # Sensor health: a reading is flat at or below this signal std (image grey levels,
@@ -134,9 +175,35 @@ class Settings(BaseSettings):
             return self.broker
         return "tansu" if not self.kafka_bootstrap else "kafka"
 
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-able values with every secret masked: SecretStr fields, and
+        passwords or tokens inside URL-valued settings (Redis, Kafka, webhook, dashboard URLs)."""
+        return redact_value(self.model_dump(mode="json"))  # SecretStr dumps as '**********'
+
+    def __repr_args__(self):
+        # repr() / str() of the settings (tracebacks, debug logs) show the redacted values.
+        shown = self.redacted()
+        for name, _ in super().__repr_args__():
+            yield name, shown.get(name)
+
+    def secret_env(self) -> dict[str, str]:
+        """Every secret that is set, as the ``STREAMFUSE_...`` variable that sets it: a child
+        process gets its secrets from these, since dumps of the settings mask them."""
+        out: dict[str, str] = {}
+
+        def walk(model: BaseModel, path: str) -> None:
+            for name in type(model).model_fields:
+                value = getattr(model, name)
+                if isinstance(value, SecretStr):
+                    out[f"{path}{name.upper()}"] = value.get_secret_value()
+                elif isinstance(value, BaseModel):
+                    walk(value, f"{path}{name.upper()}__")
+
+        walk(self, "STREAMFUSE_")
+        return out
+
     def log_effective(self, logger: logging.Logger = log) -> None:
-        # SecretStr renders as '**********' in model_dump_json.
-        logger.info("effective settings: %s", self.model_dump_json())
+        logger.info("effective settings: %s", json.dumps(self.redacted()))
 
 
 def load_settings(verbose: bool = False) -> Settings:

@@ -106,6 +106,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "STREAMFUSE_SIM": settings.sim.model_dump_json(),
         "PYTHONUNBUFFERED": "1",
     })
+    env.update(settings.secret_env())  # the JSON dumps above mask secrets; these set them
     return env
 
 

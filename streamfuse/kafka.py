@@ -86,6 +86,44 @@ def _security(settings: Settings, rdkafka: bool = False) -> dict[str, Any]:
     return {_SECURITY_NAMES[k][rdkafka]: v for k, v in values.items()}
 
 
+def ssl_context(settings: Settings):
+    """The client TLS context of the security settings (the CA to trust, and the client
+    certificate when set), or None for a protocol without TLS. aiokafka (faust) takes TLS
+    only as a context, not as file names."""
+    import ssl
+
+    from streamfuse.errors import ConfigError
+
+    sec = settings.kafka_security
+    if sec.protocol not in ("SSL", "SASL_SSL"):
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None)
+        if sec.ssl_certfile is not None:
+            ctx.load_cert_chain(str(sec.ssl_certfile), str(sec.ssl_keyfile) if sec.ssl_keyfile else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"Kafka TLS files do not load ({exc}); check STREAMFUSE_KAFKA_SECURITY__SSL_CAFILE, "
+                          "__SSL_CERTFILE and __SSL_KEYFILE") from None
+    return ctx
+
+
+def faust_credentials(settings: Settings):
+    """faust's ``broker_credentials`` for the security settings (None for PLAINTEXT): the
+    same protocol, SASL mechanism, user, password and TLS files as every other client."""
+    import faust
+
+    sec = settings.kafka_security
+    if sec.protocol == "PLAINTEXT":
+        return None
+    ctx = ssl_context(settings)
+    if sec.protocol == "SSL":
+        return faust.SSLCredentials(ctx)
+    password = sec.sasl_password.get_secret_value() if sec.sasl_password is not None else None
+    return faust.SASLCredentials(username=sec.sasl_username, password=password, ssl_context=ctx,
+                                 mechanism=sec.sasl_mechanism or "PLAIN")
+
+
 def bootstrap(settings: Settings) -> str:
     from streamfuse.errors import ConfigError
 
@@ -159,6 +197,9 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         # Tansu reports end offsets per batch; faust table recovery needs exact ones.
         cfg["producer_max_batch_size"] = 1
         cfg["producer_linger"] = 0.0
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        cfg["broker_credentials"] = credentials
     return cfg
 
 
@@ -225,11 +266,33 @@ def make_rd_producer(settings: Settings, client_id: str = "streamfuse"):
     return Producer(rd_producer_config(settings, client_id))
 
 
-def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse"):
-    """A librdkafka (confluent-kafka) consumer (see :func:`rd_consumer_config`)."""
+def make_rd_consumer(settings: Settings, group: str | None, client_id: str = "streamfuse", on_stats=None,
+                     stats_interval_ms: int = 5_000):
+    """A librdkafka (confluent-kafka) consumer (see :func:`rd_consumer_config`). ``on_stats``
+    gets librdkafka's statistics JSON every ``stats_interval_ms``, on the thread that
+    consumes (no call into the consumer from another thread: that stalled the worker)."""
     from confluent_kafka import Consumer
 
-    return Consumer(rd_consumer_config(settings, group, client_id))
+    cfg = rd_consumer_config(settings, group, client_id)
+    if on_stats is not None:
+        cfg.update({"statistics.interval.ms": stats_interval_ms, "stats_cb": on_stats})
+    return Consumer(cfg)
+
+
+def consumer_lag(stats_json: str) -> int:
+    """Records the consumer has not fetched yet, summed over its assigned partitions, from a
+    librdkafka statistics report (``stats_cb``; ``consumer_lag`` per partition, -1 while unknown).
+
+    Examples:
+        >>> consumer_lag('{"topics": {"t": {"partitions": {"0": {"consumer_lag": 7}, "1": {"consumer_lag": -1},'
+        ...              ' "-1": {"consumer_lag": -1}}}}}')
+        7
+    """
+    import json
+
+    stats = json.loads(stats_json)
+    return sum(max(0, p.get("consumer_lag", -1)) for t in stats.get("topics", {}).values()
+               for pid, p in t.get("partitions", {}).items() if pid != "-1")
 
 
 def make_producer(settings: Settings, client_id: str = "streamfuse"):

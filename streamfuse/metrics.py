@@ -63,6 +63,11 @@ class WorkerMetrics:
             buckets=SECONDS_BUCKETS,
             registry=registry,
         )
+        self.lag = Gauge(
+            "streamfuse_worker_consumer_lag_records",
+            "Samples in this worker's assigned partitions after its committed offsets (librdkafka's consumer_lag).",
+            registry=registry,
+        )
 
 
 class MonitorMetrics:
@@ -98,6 +103,11 @@ class MonitorMetrics:
             "split), per global/line scope and modality; the labelled value follows in "
             "streamfuse_monitor_kpi_value{kpi=\"accuracy\"} once the window closes.",
             ["scope", "scope_id", "modality"],
+            registry=registry,
+        )
+        self.watermark = Gauge(
+            "streamfuse_monitor_watermark_seconds",
+            "Event time the monitor's KPI windows have reached, unix seconds (compare with time()).",
             registry=registry,
         )
 

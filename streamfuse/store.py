@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from streamfuse.config import Settings
+from streamfuse.config import Settings, redact_secrets
 from streamfuse.errors import ConfigError
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, to_map
 from streamfuse.redislink import RedisLink, StatusWriter, backoff_s, redis_errors
@@ -36,7 +36,7 @@ def connect(settings: Settings, *, check: bool = True, timeout_s: float = 5.0):
         client.ping()
     except redis.RedisError as exc:
         raise ConfigError(
-            f"Redis at {settings.redis_url} does not answer ({exc}); start it with "
+            f"Redis at {redact_secrets(settings.redis_url)} does not answer ({exc}); start it with "
             "`redis-server --daemonize yes --port 6379 --save \"\"` or set STREAMFUSE_REDIS_URL"
         ) from None
     return client

@@ -1,6 +1,14 @@
 """``streamfuse alerts serve``: the JSON API for subscriptions and silences, the alert state,
 delivery counters, a server-sent-events stream for dashboards, and /openapi.json.
 
+Closed by default: off a loopback address the API does not start without a bearer token
+(``STREAMFUSE_ALERTS__API_TOKEN``) or client-certificate TLS (``__API_TLS_*``); with a
+token, every path but /healthz and /openapi.json needs it (401 without). Without a token
+(loopback only) requests must name a loopback host, so a web page cannot reach the API by
+DNS rebinding. Bodies must be ``application/json`` (415 otherwise): browsers send forms
+and ``text/plain`` cross-origin without asking, JSON they do not. Re-posting an existing
+subscription id is a conflict (409), not a takeover. Webhook URLs are shown redacted.
+
 Store calls use the sync Redis client in worker threads (they are short; URL validation
 resolves host names, which blocks). The live stream listens on the Redis channel the
 dispatcher publishes lifecycle changes on.
@@ -11,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import ssl
 import time
 from typing import Any
 
 from aiohttp import web
 
-from streamfuse.alerts.errors import AlertError, UnknownSilence, UnknownSubscription
+from streamfuse.alerts.errors import AlertError, SubscriptionExists, UnknownSilence, UnknownSubscription
 from streamfuse.alerts.matchers import parse_duration
 from streamfuse.alerts.openapi import SPEC
 from streamfuse.alerts.subscriptions import AlertKeys, SilenceStore, SubscriptionStore
 from streamfuse.config import Settings
-from streamfuse.errors import StreamfuseError
+from streamfuse.errors import ConfigError, StreamfuseError
 from streamfuse.redislink import redis_errors
 
 REDIS_OUTAGE = redis_errors()
@@ -35,6 +45,7 @@ TOKEN = web.AppKey("token", str)
 SUBS = web.AppKey("subs", SubscriptionStore)
 SILENCES = web.AppKey("silences", SilenceStore)
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+JSON_TYPE = "application/json"
 KEEPALIVE_S = 15.0
 
 
@@ -47,17 +58,51 @@ def _error(status: int, exc: Exception | str) -> web.Response:
     return web.json_response({"error": str(exc), "type": kind}, status=status)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost`` (what a browser on another host cannot reach).
+
+    Examples:
+        >>> [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "", "10.0.0.5", "api.local")]
+        [True, True, True, False, False, False, False]
+    """
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """401 / 403 / 415 for a request the API must not serve, else None."""
     token = request.app[TOKEN]
-    if token and request.path not in OPEN_PATHS:
+    if request.path in OPEN_PATHS:
+        return None
+    if token:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _error(401, "missing or wrong bearer token (Authorization: Bearer <STREAMFUSE_ALERTS__API_TOKEN>)")
+    elif not is_loopback(request.url.host or ""):
+        return _error(403, "without STREAMFUSE_ALERTS__API_TOKEN the API answers only requests to a loopback host "
+                           "name (localhost, 127.0.0.1, [::1])")
+    if request.method in ("POST", "PUT", "PATCH") and request.content_type != JSON_TYPE:
+        return _error(415, f"the body must be {JSON_TYPE} (Content-Type: {JSON_TYPE}), not "
+                           f"{request.content_type or 'missing'}")
+    return None
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except (UnknownSubscription, UnknownSilence) as exc:
         return _error(404, exc)
+    except SubscriptionExists as exc:
+        return _error(409, exc)
     except AlertError as exc:
         return _error(400, exc)
     except StreamfuseError as exc:
@@ -223,9 +268,58 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context: None without a certificate; with a client CA, clients must
+    present a certificate that chains to it (mTLS).
+
+    Raises:
+        ConfigError: only one of certificate and key is set, or a file does not load.
+    """
+    a = settings.alerts
+    if a.api_tls_certfile is None and a.api_tls_keyfile is None:
+        if a.api_tls_client_cafile is not None:
+            raise ConfigError("STREAMFUSE_ALERTS__API_TLS_CLIENT_CAFILE needs the server's own "
+                              "STREAMFUSE_ALERTS__API_TLS_CERTFILE and __API_TLS_KEYFILE")
+        return None
+    if a.api_tls_certfile is None or a.api_tls_keyfile is None:
+        raise ConfigError("set both STREAMFUSE_ALERTS__API_TLS_CERTFILE and STREAMFUSE_ALERTS__API_TLS_KEYFILE")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(a.api_tls_certfile, a.api_tls_keyfile)
+        if a.api_tls_client_cafile is not None:
+            ctx.load_verify_locations(a.api_tls_client_cafile)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"the alerts API's TLS files do not load ({exc}); check STREAMFUSE_ALERTS__API_TLS_*") \
+            from None
+    return ctx
+
+
+def check_exposure(settings: Settings, host: str) -> None:
+    """Refuse to listen off loopback without a token or client-certificate TLS.
+
+    Raises:
+        ConfigError: ``host`` is not a loopback address and the API would be open.
+    """
+    a = settings.alerts
+    token = a.api_token.get_secret_value() if a.api_token is not None else ""
+    if is_loopback(host) or token or a.api_tls_client_cafile is not None:
+        return
+    raise ConfigError(f"refusing to serve the alerts API on {host!r} without authentication: set "
+                      "STREAMFUSE_ALERTS__API_TOKEN (clients send Authorization: Bearer <token>) or mTLS "
+                      "(STREAMFUSE_ALERTS__API_TLS_CERTFILE, __API_TLS_KEYFILE, __API_TLS_CLIENT_CAFILE), "
+                      "or listen on 127.0.0.1")
+
+
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Serve the API until interrupted."""
-    host = host or settings.alerts.api_host
+    """Serve the API until interrupted.
+
+    Raises:
+        ConfigError: the address would expose an unauthenticated API, or bad TLS files.
+    """
+    host = settings.alerts.api_host if host is None else host
     port = settings.alerts.api_port if port is None else port
-    log.info("alerts API on http://%s:%d (OpenAPI at /openapi.json)", host, port)
-    web.run_app(make_app(settings), host=host, port=port, print=None, access_log=None)
+    check_exposure(settings, host)
+    ctx = tls_context(settings)
+    log.info("alerts API on %s://%s:%d (OpenAPI at /openapi.json)", "https" if ctx else "http", host, port)
+    web.run_app(make_app(settings), host=host or None, port=port, ssl_context=ctx, print=None, access_log=None)

@@ -32,7 +32,8 @@ def _settings(verbose: bool = False) -> Settings:
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
+def cli_errors() -> Iterator[None]:
+    """A StreamfuseError becomes ``error: ...`` on stderr and exit status 2 (bad input or setup)."""
     try:
         yield
     except StreamfuseError as exc:
@@ -62,7 +63,7 @@ def serve(
     """Serve the JSON API: /subscriptions, /silences, /alerts, /stats, /events (SSE), /openapi.json."""
     from streamfuse.alerts.api import serve as run_api
 
-    with _errors():
+    with cli_errors():
         run_api(_settings(verbose), host, port)
 
 
@@ -74,7 +75,7 @@ def dispatch(
     """Consume <prefix>alerts and notify every subscription (runs until Ctrl-C / SIGTERM)."""
     from streamfuse.alerts.dispatcher import run_dispatcher
 
-    with _errors():
+    with cli_errors():
         settings = _settings(verbose)
         if metrics_port is not None:
             settings = settings.model_copy(
@@ -99,25 +100,34 @@ def subscribe(
     min_severity: str = typer.Option("info", "--min-severity", help="info | warning | critical"),
     receiver: str = typer.Option("webhook", "--receiver", help="webhook | alertmanager | redis"),
     sub_id: Optional[str] = typer.Option(None, "--id", help="Subscription id (default: generated); an existing "
-                                                           "id is replaced."),
+                                                           "id is an error unless --replace."),
+    replace: bool = typer.Option(False, "--replace", help="Replace the subscription with this --id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Subscribe a receiver to the alerts that match."""
-    with _errors():
+    """Subscribe a receiver to the alerts that match (a --secret needs STREAMFUSE_ALERTS__SECRET_KEY)."""
+    with cli_errors():
         subs, _ = _stores(_settings())
-        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id)
+        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
     if as_json:
         print(json.dumps(sub.public()))
         return
-    console.print(f"subscribed {sub.id}: {sub.receiver} {sub.url} "
+    console.print(f"subscribed {sub.id}: {sub.receiver} {sub.shown_url} "
                   f"[{', '.join(str(m) for m in sub.matchers) or 'all alerts'}] severity >= {sub.min_severity}"
                   + ("" if sub.secret else " (unsigned: give --secret to sign webhooks)"), markup=False)
 
 
 @alerts_app.command()
+def keygen() -> None:
+    """Print a new key for STREAMFUSE_ALERTS__SECRET_KEY (seals webhook secrets in Redis)."""
+    from streamfuse.alerts.sealing import generate_key
+
+    print(generate_key())
+
+
+@alerts_app.command()
 def unsubscribe(sub_id: str = typer.Argument(..., metavar="ID", help="The subscription id.")) -> None:
     """Delete a subscription and whatever is still queued for it."""
-    with _errors():
+    with cli_errors():
         subs, _ = _stores(_settings())
         subs.delete(sub_id)
     console.print(f"unsubscribed {sub_id}", markup=False)
@@ -126,7 +136,7 @@ def unsubscribe(sub_id: str = typer.Argument(..., metavar="ID", help="The subscr
 @alerts_app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List subscriptions (secrets are never shown) and active silences."""
-    with _errors():
+    with cli_errors():
         subs, silences = _stores(_settings())
         now = _now_ms()
         all_subs, active = subs.list(), silences.list(now)
@@ -140,7 +150,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     for col in ("id", "receiver", "url", "matchers", "min severity", "signed"):
         t.add_column(col)
     for s in all_subs:
-        t.add_row(*map(Text, (s.id, s.receiver, s.url, ", ".join(str(m) for m in s.matchers) or "*",
+        t.add_row(*map(Text, (s.id, s.receiver, s.shown_url, ", ".join(str(m) for m in s.matchers) or "*",
                               s.min_severity, "yes" if s.secret else "no")))
     console.print(t)
     t = Table(title=f"silences ({len(active)})")
@@ -163,7 +173,7 @@ def silence(
     """Mute matching alerts for a while, e.g. `silence --match modality=audio --for 2h`."""
     from streamfuse.alerts.matchers import parse_duration
 
-    with _errors():
+    with cli_errors():
         _, silences = _stores(_settings())
         if expire is not None:
             silences.expire(expire, _now_ms())

@@ -5,6 +5,8 @@ Only pydantic here: ``streamfuse.config`` imports this module, so it stays light
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field, SecretStr
 
 
@@ -37,4 +39,13 @@ class AlertSettings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: int = Field(9095, ge=0, le=65535)
     api_token: SecretStr | None = None  # when set, the API wants `Authorization: Bearer <token>`
+    # mTLS for the API: its certificate and key, and the CA its clients' certificates must chain to.
+    api_tls_certfile: Path | None = None
+    api_tls_keyfile: Path | None = None
+    api_tls_client_cafile: Path | None = None
+    # Fernet key(s) sealing webhook secrets in Redis, comma-separated (the first seals, all open);
+    # `streamfuse alerts keygen` makes one. Without it a subscription cannot have a secret.
+    secret_key: SecretStr | None = None
+    # Channels of the `redis` receiver must start with this (keeps them off internal channels).
+    redis_channel_prefix: str = Field("streamfuse.notify.", min_length=1)
     metrics_port: int = Field(0, ge=0, le=65535)  # dispatcher /metrics (0 = off)

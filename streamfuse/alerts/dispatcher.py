@@ -36,6 +36,7 @@ from streamfuse.alerts.delivery import GuardedResolver, Senders, backoff_s
 from streamfuse.alerts.errors import DeliveryError
 from streamfuse.alerts.intake import Intake, consume
 from streamfuse.alerts.outbox import DeliveryStore, async_redis, delivery_stats
+from streamfuse.alerts.sealing import SecretBox
 from streamfuse.alerts.subscriptions import AlertKeys, Subscription
 from streamfuse.config import Settings
 from streamfuse.events import DeadLetter, encode, headers
@@ -65,6 +66,7 @@ class ReceiverPool:
         self.metrics = metrics
         self.rng = rng
         self.subs: dict[str, Subscription] = {}
+        self.box = SecretBox.from_settings(self.a)  # opens the subscriptions' sealed secrets
         self.wakers: dict[str, asyncio.Event] = {}
         self.stopping = asyncio.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -86,7 +88,7 @@ class ReceiverPool:
                     try:
                         raw = await self.aredis.hgetall(self.keys.subscriptions)
                         self.link.succeeded()
-                        self.subs = {k.decode(): Subscription.from_json(v) for k, v in raw.items()}
+                        self.subs = {k.decode(): Subscription.from_json(v, self.box) for k, v in raw.items()}
                         await self._gauge()
                     except self.outage as exc:  # keep the subscriptions we know; look again soon
                         self.link.failed(exc, "reading subscriptions")

@@ -36,6 +36,15 @@ class UnknownSubscription(AlertError):
         self.sub_id = sub_id
 
 
+class SubscriptionExists(AlertError):
+    """A subscription with this id exists; creating another with the same id would take it over."""
+
+    def __init__(self, sub_id: str) -> None:
+        super().__init__(f"subscription {sub_id!r} exists; delete it first (`streamfuse alerts unsubscribe "
+                         f"{sub_id}` or DELETE /subscriptions/{sub_id}), or choose another id")
+        self.sub_id = sub_id
+
+
 class UnknownSilence(AlertError):
     """No silence has this id."""
 

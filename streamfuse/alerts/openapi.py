@@ -27,18 +27,24 @@ SPEC: dict[str, Any] = {
     "info": {"title": "streamfuse alerts", "version": "1",
              "description": "Subscriptions, silences and a live stream of streamfuse alerts. When "
                             "STREAMFUSE_ALERTS__API_TOKEN is set, every path but /healthz and /openapi.json "
-                            "wants `Authorization: Bearer <token>`."},
+                            "wants `Authorization: Bearer <token>` (401 without); off a loopback address the "
+                            "API does not start without a token or mTLS. Request bodies must be "
+                            "application/json (415 otherwise). Secrets are never returned and webhook URLs "
+                            "are shown as scheme://host:port/... only."},
+    "security": [{"bearer": []}],
     "paths": {
-        "/healthz": {"get": {"summary": "Liveness and Redis reachability",
+        "/healthz": {"get": {"summary": "Liveness and Redis reachability", "security": [],
                              "responses": {"200": {"description": "ok"}, "503": _ERR}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                  "responses": {"200": {"description": "OpenAPI 3"}}}},
         "/subscriptions": {
             "get": {"summary": "List subscriptions (secrets are never returned)",
                     "responses": {"200": _json("Subscription", "all subscriptions", array=True)}},
-            "post": {"summary": "Create (or replace, with the same id) a subscription",
+            "post": {"summary": "Create a subscription (an existing id is a conflict: delete it first)",
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": {"$ref": "#/components/schemas/NewSubscription"}}}},
-                     "responses": {"201": _json("Subscription", "created"), "400": _ERR}},
+                     "responses": {"201": _json("Subscription", "created"), "400": _ERR, "401": _ERR,
+                                   "409": _ERR, "415": _ERR}},
         },
         "/subscriptions/{id}": {
             "parameters": [_id_param("id")],
@@ -52,7 +58,8 @@ SPEC: dict[str, Any] = {
             "post": {"summary": "Mute matching alerts for a while",
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": {"$ref": "#/components/schemas/NewSilence"}}}},
-                     "responses": {"201": _json("Silence", "created"), "400": _ERR}},
+                     "responses": {"201": _json("Silence", "created"), "400": _ERR, "401": _ERR,
+                                   "415": _ERR}},
         },
         "/silences/{id}": {"parameters": [_id_param("id")],
                            "delete": {"summary": "Expire a silence now",
@@ -69,17 +76,25 @@ SPEC: dict[str, Any] = {
             "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {
                 "schema": {"type": "string"}}}}}}},
     },
-    "components": {"schemas": {
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                  "description": "STREAMFUSE_ALERTS__API_TOKEN"}},
+                   "schemas": {
         "Error": {"type": "object", "properties": {"error": {"type": "string"}, "type": {"type": "string"}}},
         "NewSubscription": {"type": "object", "required": ["url"], "properties": {
             "id": {"type": "string", "description": "optional; generated when absent"},
-            "url": {"type": "string", "description": "http(s) URL; for `redis`, the pub/sub channel"},
+            "url": {"type": "string", "example": "https://hooks.example.com/alerts",
+                    "description": "http(s) URL; for `redis`, a pub/sub channel under "
+                                   "STREAMFUSE_ALERTS__REDIS_CHANNEL_PREFIX"},
             "receiver": {"type": "string", "enum": ["webhook", "alertmanager", "redis"], "default": "webhook"},
             "matchers": MATCHERS,
             "min_severity": {"type": "string", "enum": ["info", "warning", "critical"], "default": "info"},
-            "secret": {"type": "string", "writeOnly": True, "description": "HMAC-SHA256 signing key"}}},
+            "secret": {"type": "string", "writeOnly": True,
+                       "description": "HMAC-SHA256 signing key; stored sealed with STREAMFUSE_ALERTS__SECRET_KEY"}}},
         "Subscription": {"type": "object", "properties": {
-            "id": {"type": "string"}, "receiver": {"type": "string"}, "url": {"type": "string"},
+            "id": {"type": "string"}, "receiver": {"type": "string"},
+            "url": {"type": "string", "example": "https://hooks.example.com/...",
+                    "description": "scheme://host:port/... only (paths and queries may hold tokens)"},
+            "url_sha256": {"type": "string", "description": "first 16 hex digits of the full URL's SHA-256"},
             "matchers": MATCHERS, "min_severity": {"type": "string"},
             "signed": {"type": "boolean", "description": "a secret is set (it is never returned)"},
             "created_ms": {"type": "integer"}}},

@@ -2,8 +2,9 @@
 
 Keys (``P`` = the prefix, ``streamfuse:`` by default):
 
-* ``P alerts:subscriptions`` — hash, subscription id → JSON (the secret included: the
-  dispatcher needs it to sign; it is never logged and never returned by the API);
+* ``P alerts:subscriptions`` — hash, subscription id → JSON; a signing secret only sealed
+  with ``STREAMFUSE_ALERTS__SECRET_KEY`` (:mod:`streamfuse.alerts.sealing`); the
+  dispatcher opens it to sign; it is never logged and never returned by the API;
 * ``P alerts:silences`` — hash, silence id → JSON.
 
 The dispatcher's own keys are listed in :mod:`streamfuse.alerts.outbox`.
@@ -11,6 +12,7 @@ The dispatcher's own keys are listed in :mod:`streamfuse.alerts.outbox`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from streamfuse.alerts.config import AlertSettings
-from streamfuse.alerts.errors import InvalidSubscription, UnknownSilence, UnknownSubscription
+from streamfuse.alerts.errors import InvalidSubscription, SubscriptionExists, UnknownSilence, UnknownSubscription
 from streamfuse.alerts.matchers import Matcher, Silence, matches_all, parse_matchers, severity_rank
+from streamfuse.alerts.sealing import SecretBox
 from streamfuse.alerts.targets import redact, validate_url
 
 RECEIVERS: tuple[str, ...] = ("webhook", "alertmanager", "redis")
@@ -86,24 +89,47 @@ class Subscription:
         rank = severity_rank(severity) if severity in ("info", "warning", "critical") else 0
         return rank >= severity_rank(self.min_severity) and matches_all(self.matchers, labels)
 
+    @property
+    def shown_url(self) -> str:
+        """The URL as shown to anyone: scheme, host and port (paths and queries often hold
+        tokens); a ``redis`` channel name in full."""
+        return self.url if self.receiver == "redis" else redact(self.url)
+
     def public(self) -> dict[str, Any]:
-        """What the API and the CLI show: everything but the secret."""
-        return {"id": self.id, "receiver": self.receiver, "url": self.url, "matchers": [str(m) for m in self.matchers],
-                "min_severity": self.min_severity, "signed": self.secret is not None, "created_ms": self.created_ms}
+        """What the API and the CLI show: no secret, the URL redacted; ``url_sha256`` lets
+        an operator check which URL a subscription has without revealing it."""
+        return {"id": self.id, "receiver": self.receiver, "url": self.shown_url,
+                "url_sha256": hashlib.sha256(self.url.encode()).hexdigest()[:16],
+                "matchers": [str(m) for m in self.matchers], "min_severity": self.min_severity,
+                "signed": self.secret is not None, "created_ms": self.created_ms}
 
     def describe(self) -> str:
         """A log-safe one-liner (the URL reduced to scheme, host and port)."""
-        where = self.url if self.receiver == "redis" else redact(self.url)
-        return f"{self.id} ({self.receiver} {where})"
+        return f"{self.id} ({self.receiver} {self.shown_url})"
 
-    def to_json(self) -> str:
-        return json.dumps({**self.public(), "secret": self.secret})
+    def to_json(self, box: SecretBox) -> str:
+        """The stored form: the secret sealed by ``box``, and with a key configured the URL
+        too (webhook URLs often carry tokens); the shown URL beside it."""
+        d = {"id": self.id, "receiver": self.receiver, "url": self.url, "matchers": [str(m) for m in self.matchers],
+             "min_severity": self.min_severity, "created_ms": self.created_ms}
+        if self.receiver != "redis" and box.enabled:
+            d.update(url=self.shown_url, url_sealed=box.seal(self.url))
+        if self.secret is not None:
+            d["secret_sealed"] = box.seal(self.secret)
+        return json.dumps(d)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Subscription":
+    def from_json(cls, text: str | bytes, box: SecretBox) -> "Subscription":
+        """Read the stored form; the secret is opened with ``box``.
+
+        Raises:
+            InvalidSubscription: a sealed secret that ``box`` cannot open.
+        """
         d = json.loads(text)
-        return cls(d["id"], d["receiver"], d["url"], parse_matchers(d["matchers"]), d["min_severity"],
-                   d.get("secret"), d.get("created_ms", 0))
+        secret = box.open(d["secret_sealed"]) if d.get("secret_sealed") else d.get("secret")  # clear: legacy
+        url = box.open(d["url_sealed"]) if d.get("url_sealed") else d["url"]
+        return cls(d["id"], d["receiver"], url, parse_matchers(d["matchers"]), d["min_severity"],
+                   secret, d.get("created_ms", 0))
 
 
 def check_target(receiver: str, url: str, settings: AlertSettings, resolve=None) -> str:
@@ -118,6 +144,11 @@ def check_target(receiver: str, url: str, settings: AlertSettings, resolve=None)
     if receiver == "redis":
         if not _CHANNEL.fullmatch(url):
             raise InvalidSubscription(f"redis channel {url!r} must be 1-200 of A-Z a-z 0-9 _ . : / -")
+        if not url.startswith(settings.redis_channel_prefix):
+            raise InvalidSubscription(
+                f"redis channel {url!r} must start with {settings.redis_channel_prefix!r} (channels outside it "
+                f"may be internal), e.g. {settings.redis_channel_prefix}ops, or set "
+                "STREAMFUSE_ALERTS__REDIS_CHANNEL_PREFIX")
         return url
     kwargs = {} if resolve is None else {"resolve": resolve}
     return validate_url(url, settings.allow_private_targets, **kwargs)
@@ -130,13 +161,16 @@ class SubscriptionStore:
         self.r = client
         self.keys = AlertKeys(prefix)
         self.settings = settings
+        self.box = SecretBox.from_settings(settings)
 
     def create(self, url: str, now_ms: int, receiver: str = "webhook", matchers: Iterable[str] = (),
                min_severity: str = "info", secret: str | None = None, sub_id: str | None = None,
-               resolve=None) -> Subscription:
-        """Validate and store a subscription; an existing id is replaced.
+               resolve=None, replace: bool = False) -> Subscription:
+        """Validate and store a subscription. An existing id is a conflict unless ``replace``
+        (the CLI's ``--replace``; the HTTP API never replaces).
 
         Raises:
+            SubscriptionExists: the id is taken and ``replace`` is false.
             InvalidSubscription, InvalidMatcher, UnsafeTarget: what was wrong, and how to fix it.
         """
         sub_id = sub_id or secrets.token_hex(6)
@@ -147,17 +181,21 @@ class SubscriptionStore:
             raise InvalidSubscription("an empty secret signs nothing; leave --secret out or give a real one")
         sub = Subscription(sub_id, receiver, check_target(receiver, url, self.settings, resolve),
                            parse_matchers(matchers), min_severity, secret, now_ms)
-        self.r.hset(self.keys.subscriptions, sub_id, sub.to_json())
+        stored = sub.to_json(self.box)
+        if replace:
+            self.r.hset(self.keys.subscriptions, sub_id, stored)
+        elif not self.r.hsetnx(self.keys.subscriptions, sub_id, stored):
+            raise SubscriptionExists(sub_id)
         return sub
 
     def get(self, sub_id: str) -> Subscription:
         raw = self.r.hget(self.keys.subscriptions, sub_id)
         if raw is None:
             raise UnknownSubscription(sub_id)
-        return Subscription.from_json(raw)
+        return Subscription.from_json(raw, self.box)
 
     def list(self) -> list[Subscription]:
-        subs = [Subscription.from_json(v) for v in self.r.hgetall(self.keys.subscriptions).values()]
+        subs = [Subscription.from_json(v, self.box) for v in self.r.hgetall(self.keys.subscriptions).values()]
         return sorted(subs, key=lambda s: (s.created_ms, s.id))
 
     def delete(self, sub_id: str) -> None:

@@ -22,13 +22,14 @@ def isolated_settings(bootstrap: str, **alerts: Any) -> Settings:
         bootstrap: the broker (the embedded one in tests).
         alerts: overrides of :class:`~streamfuse.alerts.config.AlertSettings` fields.
     """
+    from streamfuse.alerts.sealing import generate_key
+
     tag = uuid.uuid4().hex[:8]
     fast = {"group": f"alerts-{tag}", "allow_private_targets": True, "group_wait_s": 0.2,
-            "group_interval_s": 0.2, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "request_timeout_s": 2.0}
+            "group_interval_s": 0.2, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "request_timeout_s": 2.0,
+            "secret_key": generate_key(), "redis_channel_prefix": f"t{tag}.notify."}
     return Settings(kafka_bootstrap=bootstrap, broker="tansu", topic_prefix=f"t{tag}.",
                     redis_prefix=f"streamfuse-test:{tag}:", alerts={**fast, **alerts})
-
-
 
 
 def make_alert(status: str = "firing", *, kind: str = "degradation", modality: str = "image",

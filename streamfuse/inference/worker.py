@@ -28,7 +28,7 @@ from streamfuse.inference.commands import CommandHandler
 from streamfuse.inference.feeder import Batch, Feeder, Offsets, Record, decode_record
 from streamfuse.inference.outbox import Delivery, Outbox, dead_letter
 from streamfuse.inference.predict import BatchContext, assemble, drop_non_finite, explain, masked_matrix
-from streamfuse.kafka import make_rd_consumer, make_rd_producer
+from streamfuse.kafka import consumer_lag, make_rd_consumer, make_rd_producer
 from streamfuse.metrics import RedisMetrics, WorkerMetrics, serve
 from streamfuse.models.bundle import Bundle, Encoded
 from streamfuse.redis_guard import RedisGuard
@@ -85,7 +85,9 @@ class InferenceWorker:
         """Consume until stopped (or ``max_samples`` predictions); returns the count."""
         wcfg = self.settings.worker
         serve(self.metrics_registry, wcfg.metrics_port)
-        consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id)
+        # librdkafka's statistics carry the consumer lag (the "consumer lag growing" alert rule)
+        consumer = make_rd_consumer(self.settings, wcfg.group, self.worker_id,
+                                    on_stats=lambda stats: self.metrics.lag.set(consumer_lag(stats)))
         control = make_rd_consumer(self.settings, None, f"{self.worker_id}-control")
         t = self.topics
         out = Outbox(make_rd_producer(self.settings, self.worker_id), self.metrics.produce_failures,

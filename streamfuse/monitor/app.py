@@ -40,6 +40,7 @@ from streamfuse.events import (
 from streamfuse.kafka import faust_config
 from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
+from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
 from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
@@ -87,7 +88,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     metrics = MonitorMetrics(registry)
     serve(registry, settings.monitor.metrics_port)
     topics = Topics(settings.topic_prefix)
-    datadir = Path(settings.model_dir).parent / "faust" / settings.monitor.app_id
+    datadir = Path(settings.monitor.data_dir or Path(settings.model_dir).parent / "faust") / settings.monitor.app_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.monitor.app_id, **faust_config(settings), web_enabled=False, store="memory://",
@@ -102,6 +103,8 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
     writer = StatusWriter(link, "monitor-redis-writer")
     publish = ClaimedPublisher(link, store, writer).publish
+    # Approval mode: commands wait for an operator (streamfuse.control) instead of going out.
+    proposals = ProposalStore(store.r, settings.redis_prefix) if settings.monitor.approval else None
 
     def sink(key: str, value) -> None:
         if value is None:
@@ -148,6 +151,11 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
             log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
         for c in result.commands:
+            if proposals is not None:
+                if proposals.hold(c, now_ms()):
+                    log.warning("command %s %s %s proposed; `streamfuse control approve %s` sends it",
+                                c.command_id, c.action, c.modality, c.command_id)
+                continue
             if not await publish("command", c.command_id, out["control"], (c.modality or "").encode(), encode(c)):
                 continue
             core.issued(c, now_ms())
@@ -181,6 +189,8 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
             else:
                 metrics.events.labels("prediction").inc()
                 result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
+                if core.kpis.watermark:
+                    metrics.watermark.set(core.kpis.watermark / 1000)
                 # Publish first, checkpoint after: killed in between, the monitor re-derives
                 # the same outputs from the older checkpoint, and the Redis claims drop them.
                 await emit(result)

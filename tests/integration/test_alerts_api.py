@@ -65,7 +65,8 @@ def test_subscription_and_silence_crud_never_returns_secrets(redis_settings):
                             ({"matchers": []}, "url")]:
             resp = await client.post("/subscriptions", json=body)
             assert resp.status == 400 and words in (await resp.json())["error"], body
-        assert (await client.post("/subscriptions", data=b"nope")).status == 400
+        not_json = await client.post("/subscriptions", data=b"nope", headers={"Content-Type": "application/json"})
+        assert not_json.status == 400
         assert (await client.delete("/subscriptions/ops")).status == 204
         assert (await client.delete("/subscriptions/ops")).status == 404
         resp = await client.post("/silences", json={"matchers": ["modality=audio"], "duration": "2h", "comment": "x"})
@@ -126,6 +127,7 @@ def test_server_sent_events_stream_lifecycle_changes(broker):
 
 def test_cli_subscribe_list_silence_unsubscribe(redis_settings, monkeypatch):
     monkeypatch.setenv("STREAMFUSE_REDIS_PREFIX", redis_settings.redis_prefix)
+    monkeypatch.setenv("STREAMFUSE_ALERTS__SECRET_KEY", redis_settings.alerts.secret_key.get_secret_value())
     runner = CliRunner()
     ok = runner.invoke(alerts_app, ["subscribe", "--url", "http://8.8.8.8/hook", "--match", "modality=audio",
                                     "--match", "scope=~global|line", "--min-severity", "warning",

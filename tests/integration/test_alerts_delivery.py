@@ -67,10 +67,10 @@ def test_filters_route_each_alert_to_the_right_receivers_signed(make_settings, r
     images, critical = receivers(secret="k1"), receivers()
     subscribe(s, images.url, matchers=["modality=image"], secret="k1", sub_id="images")
     subscribe(s, critical.url, min_severity="critical", sub_id="critical")
-    subscribe(s, f"{s.redis_prefix}audio", receiver="redis", matchers=["modality=~aud.*", "scope!=global"],
-              sub_id="audio")
+    subscribe(s, f"{s.alerts.redis_channel_prefix}audio", receiver="redis",
+              matchers=["modality=~aud.*", "scope!=global"], sub_id="audio")
     listener = connect(s).pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(f"{s.redis_prefix}audio")
+    listener.subscribe(f"{s.alerts.redis_channel_prefix}audio")
     alerts = {
         "img-asset": make_alert(modality="image", scope_id="a1"),
         "img-global": make_alert(modality="image", scope="global", scope_id="", severity="critical"),

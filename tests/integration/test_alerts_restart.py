@@ -32,6 +32,8 @@ def spawn_dispatcher(settings: Settings, log: Path) -> subprocess.Popen:
         "STREAMFUSE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "STREAMFUSE_BROKER": settings.broker_kind,
         "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix, "STREAMFUSE_REDIS_URL": settings.redis_url,
         "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix, "STREAMFUSE_ALERTS": settings.alerts.model_dump_json(),
+        # model_dump_json masks secrets: the sealing key travels on its own
+        "STREAMFUSE_ALERTS__SECRET_KEY": settings.alerts.secret_key.get_secret_value(),
         "PYTHONUNBUFFERED": "1",
     })
     code = "from streamfuse.alerts.cli import alerts_app; alerts_app()"

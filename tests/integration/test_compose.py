@@ -4,12 +4,14 @@ No Docker engine is needed: `docker-compose config` validates the compose file a
 its schema, `promtool` checks the Prometheus config and the dashboard's PromQL, and the
 rest cross-checks names, ports and mounts between docker-compose.yml, the Dockerfile,
 deploy/prometheus.yml and the Grafana provisioning. Each tool test is skipped only when
-its binary is absent (CI installs Debian's `docker-compose` and `prometheus`).
+its binary is absent, and fails instead when STREAMFUSE_REQUIRE_TOOLS=1 (.ci/run sets it
+after installing Debian's `docker-compose` and `prometheus`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,20 +28,44 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS_FILE = ROOT / "deploy" / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "streamfuse.json"
+DASHBOARD_FILES = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 
 PROJECT_IMAGE = "streamfuse:latest"
-PROJECT_SERVICES = {"topics", "worker", "monitor", "simulator"}
-# service -> (settings variable naming its /metrics port, the port Prometheus scrapes)
+PROJECT_SERVICES = {"topics", "sync", "worker", "monitor", "alerts-dispatcher", "alerts-api", "simulator"}
+ONE_SHOT = {"topics"}
+# service -> (settings variable or CLI option naming its /metrics port, the port Prometheus scrapes)
 METRICS_PORTS = {
     "worker": ("STREAMFUSE_WORKER__METRICS_PORT", 9100),
     "monitor": ("STREAMFUSE_MONITOR__METRICS_PORT", 9101),
+    "sync": ("--metrics-port", 9102),
+    "alerts-dispatcher": ("STREAMFUSE_ALERTS__METRICS_PORT", 9103),
 }
-DASHBOARD_METRICS = (
-    "streamfuse_worker_samples_total",
-    "streamfuse_worker_batch_size",
-    "streamfuse_monitor_kpi_value",
-)
+# What `docker-compose config` needs from the environment (the alerts API's token).
+COMPOSE_ENV = {"STREAMFUSE_API_TOKEN": "compose-test-token"}
+# dashboard file -> metrics it must chart
+DASHBOARD_METRICS = {
+    "streamfuse.json": ("streamfuse_worker_samples_total", "streamfuse_worker_batch_size",
+                        "streamfuse_monitor_kpi_value"),
+    # alerts, commands, masks, dead letters, latency
+    "streamfuse-operations.json": (
+        "streamfuse_monitor_alerts_firing", "streamfuse_monitor_alerts_total", "streamfuse_alerts_notifications_total",
+        "streamfuse_monitor_commands_total", "streamfuse_worker_commands_total", "streamfuse_worker_modality_masked",
+        "streamfuse_worker_rejected_total", "streamfuse_sync_rejected_total", "streamfuse_monitor_rejected_total",
+        "streamfuse_worker_queue_wait_seconds", "streamfuse_worker_compute_seconds",
+        "streamfuse_alerts_delivery_seconds"),
+}
 TOOL_TIMEOUT_S = 60
+
+
+def require_tool(name: str, package: str) -> None:
+    """Skip when ``name`` is not installed; fail in CI (STREAMFUSE_REQUIRE_TOOLS=1), where a
+    missing tool means the install step broke and the check would silently not run."""
+    if shutil.which(name) is not None:
+        return
+    message = f"{name} not installed (apt-get install {package})"
+    if os.environ.get("STREAMFUSE_REQUIRE_TOOLS") == "1":
+        pytest.fail(message + "; STREAMFUSE_REQUIRE_TOOLS=1 wants it")
+    pytest.skip(message)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -54,9 +80,10 @@ def _env(service: dict) -> dict[str, str]:
     return {key: str(value) for key, value in env.items()}
 
 
-def _run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
+def _run_tool(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, cwd=ROOT, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -84,19 +111,63 @@ def prometheus() -> dict:
     return _load_yaml(PROMETHEUS_FILE)
 
 
-@pytest.fixture(scope="module")
-def dashboard() -> dict:
-    return json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module", params=DASHBOARD_FILES, ids=lambda p: p.name)
+def dashboard(request) -> dict:
+    return {**json.loads(request.param.read_text(encoding="utf-8")), "_file": request.param.name}
+
+
+def test_every_dashboard_is_checked_and_uids_are_unique() -> None:
+    assert {p.name for p in DASHBOARD_FILES} == set(DASHBOARD_METRICS)
+    uids = [json.loads(p.read_text(encoding="utf-8"))["uid"] for p in DASHBOARD_FILES]
+    assert len(set(uids)) == len(uids), uids
 
 
 # --- docker-compose.yml ----------------------------------------------------------------
 
 
 def test_compose_file_validates_with_docker_compose() -> None:
-    if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose binary not installed (apt-get install docker-compose)")
-    result = _run_tool("docker-compose", "-f", str(COMPOSE_FILE), "config", "-q")
+    require_tool("docker-compose", "docker-compose")
+    result = _run_tool("docker-compose", "-f", str(COMPOSE_FILE), "config", "-q", env=COMPOSE_ENV)
     assert result.returncode == 0, result.stderr
+    # Closed by default: without a token for the alerts API the stack does not start.
+    unset = {k: v for k, v in os.environ.items() if k != "STREAMFUSE_API_TOKEN"}
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT, env=unset,
+                            capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
+    assert result.returncode != 0 and "set STREAMFUSE_API_TOKEN" in result.stderr, result.stderr
+
+
+def test_every_long_running_service_has_a_healthcheck(services: dict[str, dict]) -> None:
+    for name, svc in services.items():
+        if name in ONE_SHOT:
+            continue
+        test = svc.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        if name in PROJECT_SERVICES:
+            assert test[1:3] == ["streamfuse", "health"], (name, test)
+
+
+def test_state_dirs_are_writable_by_the_image_user(services: dict[str, dict]) -> None:
+    """Every directory a project service writes is created and chowned for the image's
+    non-root user (so a named volume mounted there starts out writable), or is its home."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    user = re.findall(r"^USER\s+(\S+)", text, re.M)[-1]
+    owned = set()
+    for dirs in re.findall(rf"chown {user}:{user} ([^\n\\&]+)", text):
+        owned |= set(dirs.split())
+    home = re.search(r"--home-dir (\S+)", text).group(1)
+    assert owned, "the Dockerfile chowns no directory for the runtime user"
+    for name in PROJECT_SERVICES:
+        env = _env(services[name])
+        for var in ("STREAMFUSE_MODEL_DIR", "STREAMFUSE_MONITOR__DATA_DIR"):
+            path = env.get(var)
+            if path is None or (var == "STREAMFUSE_MODEL_DIR" and name != "worker"):
+                continue  # only the worker writes the model dir (the monitor mounts it read-only)
+            assert any(path == d or path.startswith(d + "/") for d in owned | {home}), (name, var, path)
+            mounts = [v.split(":") for v in services[name].get("volumes", [])]
+            assert any(path == m[1] or path.startswith(m[1] + "/") for m in mounts if len(m) < 3 or m[2] != "ro"), \
+                f"{name}: {path} is not on a writable volume (it would be lost with the container)"
+    monitor = _env(services["monitor"])
+    assert "STREAMFUSE_MONITOR__DATA_DIR" in monitor, "the monitor's faust data dir would be under / (not writable)"
 
 
 def test_project_services_share_one_image_and_build(services: dict[str, dict]) -> None:
@@ -159,7 +230,7 @@ def test_pipeline_waits_for_healthy_kafka_redis_and_created_topics(services: dic
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["topics"]["command"] == ["topics", "create"]
     assert services["topics"].get("restart") == "no", "a one-shot service must not restart"
-    for name in PROJECT_SERVICES - {"topics"}:
+    for name in PROJECT_SERVICES - {"topics", "alerts-api"}:  # the API needs Redis only
         depends_on = services[name]["depends_on"]
         assert depends_on["topics"]["condition"] == "service_completed_successfully", name
 
@@ -235,15 +306,18 @@ def test_prometheus_targets_match_compose_services(prometheus: dict, services: d
     targets = set().union(*_scrape_targets(prometheus).values())
     for name, (variable, port) in METRICS_PORTS.items():
         assert (name, port) in targets, f"{name}:{port} not scraped; targets: {sorted(targets)}"
-        assert _env(services[name]).get(variable) == str(port), f"{name} must set {variable}={port}"
+        if variable.startswith("--"):
+            command = services[name]["command"]
+            assert command[command.index(variable) + 1] == str(port), f"{name} must run with {variable} {port}"
+        else:
+            assert _env(services[name]).get(variable) == str(port), f"{name} must set {variable}={port}"
     for host, port in targets - {("localhost", 9090)}:
         assert host in services, f"scrape target {host}:{port} is not a compose service"
         assert host in METRICS_PORTS and METRICS_PORTS[host][1] == port, (host, port)
 
 
 def test_prometheus_config_passes_promtool() -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    require_tool("promtool", "prometheus")
     result = _run_tool("promtool", "check", "config", str(PROMETHEUS_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -287,7 +361,11 @@ def test_dashboard_has_panels_with_queries_on_the_pipeline_metrics(dashboard: di
             assert isinstance(target["expr"], str) and target["expr"].strip(), panel["title"]
             exprs.append(target["expr"])
 
-    for metric in DASHBOARD_METRICS:
+    cells = [(x, y) for p in panels for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+             for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])]
+    assert len(set(cells)) == len(cells), "panels overlap"
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels), "a panel is wider than the grid"
+    for metric in DASHBOARD_METRICS[dashboard["_file"]]:
         # A histogram is queried through its _bucket / _sum / _count series.
         pattern = rf"\b{metric}(_bucket|_sum|_count)?\b"
         assert any(re.search(pattern, e) for e in exprs), f"no panel queries {metric}"
@@ -327,8 +405,7 @@ def test_dashboard_queries_only_metrics_streamfuse_exposes(dashboard: dict) -> N
 
 
 def test_dashboard_queries_are_valid_promql(dashboard: dict, tmp_path: Path) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+    require_tool("promtool", "prometheus")
     # promtool parses PromQL offline only inside rule files, so wrap each query in a
     # recording rule; Grafana's own interval variables become a fixed range first.
     rules = []

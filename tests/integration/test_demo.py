@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from streamfuse.alerts.receiver import WebhookReceiver
+from streamfuse.alerts.sealing import generate_key
 from streamfuse.store import StatusStore, connect
 from streamfuse.config import Settings
 
@@ -26,7 +27,8 @@ def test_demo_with_a_subscribed_webhook(trained_bundle: Path, tmp_path: Path):
     env = {**os.environ, "STREAMFUSE_REDIS_PREFIX": f"streamfuse-demo-test:{tag}:",
            "STREAMFUSE_MODEL_DIR": str(trained_bundle.parent), "STREAMFUSE_BUNDLE": trained_bundle.name,
            "STREAMFUSE_ALERTS__ALLOW_PRIVATE_TARGETS": "true", "STREAMFUSE_ALERTS__GROUP_WAIT_S": "0.5",
-           "STREAMFUSE_SIM__RATE_HZ": "4", "STREAMFUSE_KAFKA_BOOTSTRAP": ""}
+           "STREAMFUSE_SIM__RATE_HZ": "4", "STREAMFUSE_KAFKA_BOOTSTRAP": "",
+           "STREAMFUSE_ALERTS__SECRET_KEY": generate_key()}
     cli = [sys.executable, "-m", "streamfuse"]
     summary = tmp_path / "summary.json"
     with WebhookReceiver(secret="s3cret") as receiver:

@@ -84,10 +84,14 @@ def test_public_urls_pass_and_are_normalized():
 
 
 def test_redis_channel_and_receiver_checks():
-    s = AlertSettings()
+    s = AlertSettings(redis_channel_prefix="plant.")
     assert check_target("redis", "plant.alerts", s) == "plant.alerts"
     with pytest.raises(InvalidSubscription, match="channel"):
         check_target("redis", "bad channel!", s)
+    # Outside the configured prefix, e.g. the API's internal live channel: refused.
+    for channel in ("streamfuse:alerts:live", "__keyspace:x", "plantx"):
+        with pytest.raises(InvalidSubscription, match="must start with 'plant.'.*REDIS_CHANNEL_PREFIX"):
+            check_target("redis", channel, s)
     with pytest.raises(InvalidSubscription, match="webhook, alertmanager, redis"):
         check_target("pager", "https://x/", s)
 

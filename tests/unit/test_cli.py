@@ -9,7 +9,8 @@ from streamfuse.cli import app
 
 EXPECTED = {"demo", "broker", "topics", "simulate", "sync", "worker", "monitor", "status", "train", "dataset",
             "record", "replay",
-            "models", "alerts"}
+            "models", "alerts",
+            "control", "health"}
 
 
 def walk(cmd, path=()):
