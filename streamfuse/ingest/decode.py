@@ -25,7 +25,7 @@ from streamfuse.errors import InvalidEvent
 from streamfuse.events import SensorEvent, check_reading
 from streamfuse.ingest.mapping import Rule
 
-TIME_SOURCE = {"arrival": "arrival", "payload": "device", "source": "device", "server": "server"}
+TIME_SOURCE = {"arrival": "arrival", "payload": "device", "property": "device", "source": "device", "server": "server"}
 MAX_ID_LEN = 200
 
 
@@ -47,7 +47,8 @@ def event_id(source: str, payload: bytes, ts_ms: int) -> str:
 
 
 def to_event(rule: Rule, captures: dict[str, str], source: str, payload: Any, *, arrival_ms: int,
-             device_ms: int | None = None, server_ms: int | None = None, max_bytes: int | None = None) -> SensorEvent:
+             device_ms: int | None = None, server_ms: int | None = None, max_bytes: int | None = None,
+             properties: dict[str, str] | None = None) -> SensorEvent:
     """Build and validate the sensor event for one message.
 
     Args:
@@ -58,6 +59,7 @@ def to_event(rule: Rule, captures: dict[str, str], source: str, payload: Any, *,
         arrival_ms: when the gateway received it (epoch ms).
         device_ms / server_ms: OPC-UA source / server timestamps, if the server sent them.
         max_bytes: payloads larger than this are ``oversize``.
+        properties: MQTT 5 user properties (for ``time = "property"``).
 
     Returns:
         A validated event; ``time_source`` says where ``ts_ms`` came from.
@@ -90,6 +92,8 @@ def to_event(rule: Rule, captures: dict[str, str], source: str, payload: Any, *,
             ts = ts_payload
     else:
         body = _binary_body(rule, source, payload)
+    if rule.time == "property":
+        ts = _property_time(rule, source, properties or {})
     if ts is None:
         raise InvalidEvent("missing_field", f"{source}: no {rule.time} timestamp on the value", rule.modality)
     if max_bytes is not None and len(body) > max_bytes:
@@ -169,6 +173,18 @@ def _payload_time(rule: Rule, source: str, obj: dict) -> int:
         raise InvalidEvent("bad_field", f"{source}: {rule.time_field}={value!r} is not an epoch time in "
                            f"{rule.time_unit}", rule.modality)
     return int(ms)
+
+
+def _property_time(rule: Rule, source: str, properties: dict[str, str]) -> int:
+    text = properties.get(rule.time_field)
+    if text is None:
+        raise InvalidEvent("missing_field", f"{source}: no MQTT 5 user property {rule.time_field!r}", rule.modality)
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidEvent("bad_field", f"{source}: user property {rule.time_field}={text!r} is not a number",
+                           rule.modality) from None
+    return _payload_time(rule, source, {rule.time_field: value})
 
 
 def _is_numbers(value: Any) -> bool:

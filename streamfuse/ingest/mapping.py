@@ -31,7 +31,8 @@ Formats: ``image`` (JPEG/PNG bytes), ``pcm16`` (PCM16 little-endian; ``sample_ra
 OPC-UA; optional ``shape``), ``json`` (an object whose ``data_field`` holds base64 bytes
 or, for series, a list of numbers; ``sample_rate``, ``channels`` and ``shape`` fields
 override the rule's). Times: ``arrival`` (the gateway's receive time, marked as such on
-the event), ``payload`` (a JSON field, ``time_field``, in ``time_unit`` ms or s),
+the event), ``payload`` (a JSON field, ``time_field``, in ``time_unit`` ms or s), ``property`` (an
+MQTT 5 user property named ``time_field``, for binary payloads),
 ``source`` / ``server`` (OPC-UA timestamps).
 
 Pure logic: no I/O except :func:`load_mapping` reading the file.
@@ -49,7 +50,7 @@ from streamfuse.errors import ConfigError
 from streamfuse.events import MODALITIES
 
 FORMATS = ("image", "pcm16", "float32", "json")
-MQTT_TIMES = ("arrival", "payload")
+MQTT_TIMES = ("arrival", "payload", "property")
 OPCUA_TIMES = ("source", "server", "arrival")
 _CAPTURE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _TEMPLATE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -116,6 +117,24 @@ class TopicPattern:
         return out if len(parts) == len(self.levels) else None
 
 
+def filter_covers(a: str, b: str) -> bool:
+    """Whether every topic that MQTT filter ``b`` matches also matches filter ``a``.
+
+    Examples:
+        >>> filter_covers("plant/#", "plant/+/camera"), filter_covers("plant/+/camera", "plant/#")
+        (True, False)
+        >>> filter_covers("plant/+/camera", "plant/l1/camera"), filter_covers("a/+", "a/b/c")
+        (True, False)
+    """
+    la, lb = a.split("/"), b.split("/")
+    for i, level in enumerate(la):
+        if level == "#":
+            return True
+        if i >= len(lb) or lb[i] == "#" or (level != "+" and level != lb[i]) or (level == "+" and lb[i] == "#"):
+            return False
+    return len(la) == len(lb)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One mapping rule (see the module docstring for the keys)."""
@@ -152,12 +171,12 @@ class Mapping:
 
     @property
     def mqtt_filters(self) -> tuple[str, ...]:
-        """Every filter to subscribe to, without repeats."""
-        out = list(self.mqtt_subscribe)
-        for r in self.mqtt:
-            if r.pattern.filter not in out:
-                out.append(r.pattern.filter)
-        return tuple(out)
+        """The filters to subscribe to, leaving out those another one covers: a broker
+        delivers a message once per matching subscription (Mosquitto does)."""
+        wanted = list(dict.fromkeys([*self.mqtt_subscribe, *(r.pattern.filter for r in self.mqtt)]))
+        return tuple(f for i, f in enumerate(wanted)
+                     if not any(filter_covers(g, f) and (not filter_covers(f, g) or j < i)
+                                for j, g in enumerate(wanted) if j != i))
 
     def match_topic(self, topic: str) -> tuple[Rule, dict[str, str]] | None:
         """The first MQTT rule matching ``topic`` and its captures, or None."""

@@ -180,7 +180,7 @@ class MqttGateway:
                 raise InvalidEvent("unmapped", f"no [[mqtt]] rule of the mapping matches topic {msg.topic!r}")
             rule, captures = match
             ev = to_event(rule, captures, msg.topic, msg.payload, arrival_ms=arrival_ms,
-                          max_bytes=self.settings.max_payload_bytes)
+                          max_bytes=self.settings.max_payload_bytes, properties=_user_properties(msg))
         except InvalidEvent as exc:
             dead = DeadLetter(exc.reason, exc.detail, msg.topic, bytes(msg.payload[:self.settings.max_payload_bytes]),
                               COMPONENT, arrival_ms, modality=exc.modality)
@@ -223,6 +223,12 @@ class MqttGateway:
             log.warning("%d records were not acknowledged by Kafka before shutdown; their MQTT messages "
                         "stay unacknowledged and the broker redelivers them", left)
         self.client.disconnect()
+
+
+def _user_properties(msg) -> dict[str, str] | None:
+    props = getattr(msg, "properties", None)
+    pairs = getattr(props, "UserProperty", None) if props is not None else None
+    return dict(pairs) if pairs else None
 
 
 def _path(p) -> str | None:
