@@ -20,7 +20,7 @@ from ingest_helpers import Outputs, Runner, drop_session, metric, mqtt_client, p
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.demo import spawn, stop_children
+from streamfuse.demo import Observer, spawn, stop_children
 from streamfuse.ingest.mapping import load_mapping
 from streamfuse.ingest.mqtt import MqttGateway
 from streamfuse.sim.plant import Plant, PlantConfig
@@ -149,61 +149,64 @@ def test_malformed_mqtt_messages_are_dead_lettered_and_every_valid_one_arrives(m
 def test_gateway_killed_with_messages_in_flight_loses_none(mqtt_settings, tmp_path: Path):
     """MQTT 3.1.1, persistent session: SIGKILL mid-stream, restart with the same client id."""
     prefix = f"it/{uuid.uuid4().hex[:8]}"
-    mapping = write_mapping(tmp_path / "m.toml", json_mapping(prefix))
-    messages = readings(prefix, 60, 200, as_json=True)  # 360 readings, 2 assets x 3 modalities x 60 slots
-    args = ("mqtt", "--mapping", str(mapping), "--protocol", "3.1.1")
-    logs = tmp_path / "logs"
-    out, pub = Outputs(mqtt_settings), mqtt_client()
-    gateway = spawn("ingest", mqtt_settings, logs, *args)
-    procs = [gateway]
+    path = write_mapping(tmp_path / "m.toml", json_mapping(prefix))
+    messages = readings(prefix, 30, 200, as_json=True)  # 180 readings, 2 assets x 3 modalities x 30 slots
+    settings = mqtt_settings.model_copy(update={"ingest": mqtt_settings.ingest.model_copy(update={
+        "mqtt": mqtt_settings.ingest.mqtt.model_copy(update={"protocol": "3.1.1"})})})
+    out, pub = Outputs(settings), mqtt_client()
+    gateway = spawn("ingest", settings, tmp_path / "logs", "mqtt", "--mapping", str(path), "--protocol", "3.1.1",
+                    "--client-id", settings.ingest.mqtt.client_id)
+    sync_registry, restarted, sync = CollectorRegistry(), None, None
+    config = SyncConfig(period_ms=200, tolerance_ms=50, grace_ms=3000, idle_ms=300)
     try:
         wait_subscribed(pub, out, prefix, gateway)
-        publisher = threading.Thread(target=publish, args=(pub, messages))
+        publisher = threading.Thread(target=publish_paced, args=(pub, messages))
         publisher.start()
-        out.wait(lambda: len(out.events) >= 40, "40 events before the kill", alive=lambda: _exited(gateway))
+        out.wait(lambda: len(out.events) >= 24, "24 events before the kill", alive=lambda: _exited(gateway))
         os.kill(gateway.pid, signal.SIGKILL)
         gateway.wait(10)
         publisher.join(30)
         assert not publisher.is_alive()
         out.poll()
-        at_kill = len({e.event_id for e in out.events})
-        assert at_kill < len(messages), "every message was through before the kill: nothing was in flight"
+        assert len({e.event_id for e in out.events}) < len(messages), "nothing was in flight at the kill"
 
-        procs.append(spawn("ingest", mqtt_settings, logs, *args))  # same client id: the broker redelivers
-        out.wait(lambda: len({e.event_id for e in out.events}) >= len(messages), "every message as an event",
-                 alive=lambda: _exited(procs[-1]))
+        sync = Runner(lambda stop: run_sync(settings, config=config, stop=stop, registry=sync_registry))
+        restarted = Runner(MqttGateway(settings, load_mapping(path)).run)  # same client id: the broker redelivers
+        out.wait(lambda: len({e.event_id for e in out.events}) >= len(messages) and len(out.samples) >= 60,
+                 "every message as an event, and 60 samples", alive=lambda: restarted.problem() or sync.problem())
     finally:
-        stop_children(procs)
+        stop_children([gateway])
+        for runner in (restarted, sync):
+            if runner is not None:
+                runner.join()
         pub.loop_stop()
         pub.disconnect()
     out.poll()
+    out.close()
 
     # Each message became an event; a redelivered one has the same id (counted here).
     ids = Counter(e.event_id for e in out.events)
     assert len(ids) == len(messages)
-    keys = Counter((e.asset_id, e.modality, e.ts_ms) for e in out.events)
-    assert set(keys) == {(t.split("/")[-2], m, json.loads(p)["ts_ms"]) for t, p, _ in messages
-                         for m in MODALITIES if t.endswith(DEVICE[m])}
+    assert {(e.asset_id, e.modality, e.ts_ms) for e in out.events} == {
+        (t.split("/")[-2], m, json.loads(p)["ts_ms"]) for t, p, _ in messages for m in MODALITIES
+        if t.endswith(DEVICE[m])}
     duplicates = sum(n - 1 for n in ids.values())
-    probes = len(out.dead)
-    assert all(d.reason == "unmapped" and d.source_topic == f"{prefix}/probe" for d in out.dead)
 
-    # The synchronizer absorbs the duplicates: each slot once, every reading in it once.
-    config = SyncConfig(period_ms=200, tolerance_ms=50, grace_ms=3000, idle_ms=300)
-    registry = CollectorRegistry()
-    sync = Runner(lambda stop: run_sync(mqtt_settings, config=config, stop=stop, registry=registry))
-    try:
-        out.wait(lambda: len(out.samples) >= 120, "120 samples", alive=sync.problem)
-    finally:
-        sync.join()
-    out.poll()
-    out.close()
+    # The synchronizer absorbed the duplicates: each slot once, every reading in it once.
     assert sorted(s.sample_id for s in out.samples) == sorted(
-        slot_id(f"asset-{a}", START_MS + k * 200) for a in range(2) for k in range(60))
+        slot_id(f"asset-{a}", START_MS + k * 200) for a in range(2) for k in range(30))
     assert all(s.missing == () and len(s.readings) == 3 for s in out.samples)
-    dup_metric = sum(metric(registry, "streamfuse_sync_duplicate_readings_total", modality=m) for m in MODALITIES)
-    assert dup_metric == duplicates
-    assert len(out.dead) == probes  # no duplicate was late, extra or rejected
+    assert sum(metric(sync_registry, "streamfuse_sync_duplicate_readings_total", modality=m)
+               for m in MODALITIES) == duplicates
+    # Dead letters: only the probes; no duplicate was late, extra or rejected.
+    assert out.dead and all(d.reason == "unmapped" and d.source_topic == f"{prefix}/probe" for d in out.dead)
+
+
+def publish_paced(pub, messages, per_slot: int = 6, pause_s: float = 0.02) -> None:
+    """A plant's pace (one slot of readings, then a pause), so that the kill lands mid-stream."""
+    for i in range(0, len(messages), per_slot):
+        publish(pub, messages[i:i + per_slot])
+        time.sleep(pause_s)  # a publishing rate, not a synchronization
 
 
 def wait_subscribed(pub, out: Outputs, prefix: str, gateway) -> None:
@@ -219,3 +222,44 @@ def wait_subscribed(pub, out: Outputs, prefix: str, gateway) -> None:
 
 def _exited(proc) -> str | None:
     return None if proc.poll() is None else f"the gateway exited with {proc.returncode}"
+
+
+def test_mqtt_readings_become_predictions_end_to_end(settings, tmp_path: Path):
+    """Two assets x three modalities as plain bytes over MQTT 5 → gateway → sync → worker."""
+    ensure_topics(settings)
+    prefix = f"it/{uuid.uuid4().hex[:8]}"
+    client_id = f"it-e2e-{uuid.uuid4().hex[:8]}"
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={
+        "mqtt": settings.ingest.mqtt.model_copy(update={"client_id": client_id})})})
+    mapping = load_mapping(write_mapping(tmp_path / "m.toml", binary_mapping(prefix)))
+    period = 1000 // int(s.sim.rate_hz)  # the sync's slots: settings.sim.rate_hz
+    messages = readings(prefix, 6, period, as_json=False)  # 6 samples per asset
+    expected = {slot_id(f"asset-{a}", START_MS + k * period) for a in range(2) for k in range(6)}
+    worker = spawn("worker", s, tmp_path / "logs")
+    sync = Runner(lambda stop: run_sync(s, config=SyncConfig.for_rate(s.sim.rate_hz, idle_ms=300), stop=stop))
+    gw = MqttGateway(s, mapping)
+    gateway, observer, pub = Runner(gw.run), Observer(s, START_MS), mqtt_client()
+    try:
+        assert gw.connected.wait(10), "the gateway did not connect to Mosquitto"
+        publish(pub, messages)
+        deadline = time.monotonic() + 60
+        while set(observer.predictions) < expected:
+            problem = gateway.problem() or sync.problem() or _exited(worker)
+            assert problem is None and time.monotonic() < deadline, \
+                f"{problem or 'timed out'}: {len(observer.predictions)} of {len(expected)} predictions"
+            observer.poll(200)
+    finally:
+        stop_children([worker])
+        gateway.join()
+        sync.join()
+        pub.loop_stop()
+        pub.disconnect()
+        observer.consumer.close()
+        drop_session(client_id)
+
+    assert set(observer.predictions) == expected
+    for p in observer.predictions.values():
+        assert p.missing == () and set(p.modality_probs) == set(MODALITIES), p.sample_id
+        assert p.line_id == f"line-{int(p.asset_id[-1]) % 2}"
+    assert observer.counts["deadletter"] == 0
+    assert gw.sink.pending == 0 and gw.sink.acked == len(messages)
