@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from streamfuse.sim.plant import Plant, PlantConfig
 
 MODALITIES = ("image", "audio", "series")
 NAMESPACE = "urn:streamfuse:test-plant"
+SHELF = Path(tempfile.gettempdir()) / f"streamfuse-test-opcua-{os.getuid()}-aspace"
 
 
 def free_port() -> int:
@@ -107,7 +110,10 @@ class PlantServer:
         from asyncua import Server, ua
 
         server = Server()
-        await server.init()
+        # The standard address space, cached on disk after the first start (building it takes seconds).
+        await server.init(shelf_file=SHELF)
+        if not SHELF.exists() and Path(f"{SHELF}.dat").exists():
+            SHELF.touch()  # asyncua looks for the bare name; Python's dbm.dumb writes .dat/.dir beside it
         server.set_endpoint(self.url)
         await server.set_application_uri("urn:streamfuse:test-plant:server")
         if self.certs is not None:
@@ -118,10 +124,12 @@ class PlantServer:
         for asset in self.assets:
             for m in MODALITIES:
                 nid = ua.NodeId(f"{asset}.{m}", idx)
+                empty = ua.Variant([0.0], ua.VariantType.Float) if m == "series" else \
+                    ua.Variant(b"", ua.VariantType.ByteString)
+                node = self.nodes[(asset, m)] = await folder.add_variable(nid, f"{asset}.{m}", empty)
                 # Until the first reading, the value is not there yet (as real servers say).
-                initial = ua.DataValue(ua.Variant(None, ua.VariantType.Null),
-                                       StatusCode_=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
-                self.nodes[(asset, m)] = await folder.add_variable(nid, f"{asset}.{m}", initial)
+                await node.write_value(ua.DataValue(empty, StatusCode=ua.StatusCode(
+                    ua.StatusCodes.BadWaitingForInitialData)))
         await server.start()
         self.server = server
         self._writer = asyncio.create_task(self._write_loop())
