@@ -115,6 +115,7 @@ class MqttGateway:
         self.sink = KafkaSink(settings, self.metrics, "mqtt", self._on_kafka_ack, producer)
         self.client = self._make_client()
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker confirmed the subscriptions
         self.received = 0
         self._connects = 0
 
@@ -135,6 +136,7 @@ class MqttGateway:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = lambda *_: self.subscribed.set()
         return client
 
     def _connect_properties(self):
@@ -165,6 +167,7 @@ class MqttGateway:
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         self.acks.reset()  # the broker redelivers every message we had not acknowledged
         log.warning("MQTT connection lost (%s); paho reconnects", reason_code)
 

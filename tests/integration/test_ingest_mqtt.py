@@ -111,7 +111,7 @@ def test_malformed_mqtt_messages_are_dead_lettered_and_every_valid_one_arrives(m
     gw = MqttGateway(mqtt_settings, mapping, registry)
     runner, out, pub = Runner(gw.run), Outputs(mqtt_settings), mqtt_client()
     try:
-        assert gw.connected.wait(10), "the gateway did not connect to Mosquitto"
+        assert gw.subscribed.wait(10), "the gateway did not subscribe on Mosquitto"
         publish(pub, mixed)
         out.wait(lambda: len(out.events) >= 60 and len(out.dead) >= 1000, "60 events and 1000 dead letters",
                  alive=runner.problem)
@@ -240,7 +240,7 @@ def test_mqtt_readings_become_predictions_end_to_end(settings, tmp_path: Path):
     gw = MqttGateway(s, mapping)
     gateway, observer, pub = Runner(gw.run), Observer(s, START_MS), mqtt_client()
     try:
-        assert gw.connected.wait(10), "the gateway did not connect to Mosquitto"
+        assert gw.subscribed.wait(10), "the gateway did not subscribe on Mosquitto"
         publish(pub, messages)
         deadline = time.monotonic() + 60
         while set(observer.predictions) < expected:
