@@ -130,9 +130,9 @@ class AlertMetrics:
 
 
 class IngestMetrics:
-    """One plant gateway (``gateway`` = mqtt | opcua)."""
+    """One plant gateway (``gateway`` = mqtt | opcua): every series carries it as a label."""
 
-    def __init__(self, registry: CollectorRegistry, gateway: str) -> None:
+    def __init__(self, registry: CollectorRegistry, gateway: str = "mqtt") -> None:
         g = ("gateway",)
         self.messages = Counter("streamfuse_ingest_messages_total", "Messages received from the plant side.", g,
                                 registry=registry).labels(gateway)

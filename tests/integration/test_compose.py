@@ -33,6 +33,7 @@ PROJECT_SERVICES = {"topics", "worker", "monitor", "simulator"}
 METRICS_PORTS = {
     "worker": ("STREAMFUSE_WORKER__METRICS_PORT", 9100),
     "monitor": ("STREAMFUSE_MONITOR__METRICS_PORT", 9101),
+    "ingest-mqtt": ("STREAMFUSE_INGEST__METRICS_PORT", 9102),
 }
 DASHBOARD_METRICS = (
     "streamfuse_worker_samples_total",
