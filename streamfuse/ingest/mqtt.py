@@ -118,6 +118,7 @@ class MqttGateway:
         self.subscribed = threading.Event()  # the broker confirmed the subscriptions
         self.received = 0
         self._connects = 0
+        self._closing = False
 
     def _make_client(self):
         import paho.mqtt.client as mqtt
@@ -169,7 +170,10 @@ class MqttGateway:
         self.connected.clear()
         self.subscribed.clear()
         self.acks.reset()  # the broker redelivers every message we had not acknowledged
-        log.warning("MQTT connection lost (%s); paho reconnects", reason_code)
+        if self._closing:
+            log.info("MQTT disconnected (%s)", reason_code)
+        else:
+            log.warning("MQTT connection lost (%s); paho reconnects", reason_code)
 
     def _on_message(self, _client, _userdata, msg) -> None:
         received = time.monotonic()
@@ -220,6 +224,7 @@ class MqttGateway:
 
     def _shutdown(self) -> None:
         """Stop reading, let Kafka acknowledge what it has, send those acks, then disconnect."""
+        self._closing = True
         self.client.loop_stop()
         left = self.sink.flush(10.0)
         if left:
