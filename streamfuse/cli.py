@@ -23,6 +23,7 @@ def _register_subcommands() -> None:
     # Each area owns its commands; they are mounted here so `streamfuse --help` lists them all.
     from streamfuse.alerts.cli import alerts_app
     from streamfuse.control_cli import control_app
+    from streamfuse.ingest.cli import ingest_app
     from streamfuse.models.cli import dataset_app, models_app, train
     from streamfuse.replay.cli import record, replay
 
@@ -33,6 +34,7 @@ def _register_subcommands() -> None:
     app.add_typer(models_app, name="models")
     app.add_typer(alerts_app, name="alerts")
     app.add_typer(control_app, name="control")
+    app.add_typer(ingest_app, name="ingest")
 
 
 _register_subcommands()

@@ -140,6 +140,54 @@ class SimSettings(BaseModel):
     seed: int = 0
 
 
+class MqttSettings(BaseModel):
+    """The MQTT broker the ``ingest mqtt`` gateway subscribes to (TLS and login as for Kafka)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["3.1.1", "5"] = "5"
+    client_id: str = "streamfuse-ingest"  # one persistent session per id: give every gateway its own
+    keepalive_s: int = Field(30, ge=5)
+    session_expiry_s: int = Field(86_400, ge=0)  # MQTT 5: how long the broker keeps the session
+    inflight: int = Field(100, ge=1, le=65_535)  # MQTT 5 Receive Maximum: un-acked messages at once
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+class OpcuaSettings(BaseModel):
+    """The OPC-UA server the ``ingest opcua`` gateway subscribes to."""
+
+    url: str = "opc.tcp://127.0.0.1:4840"
+    security_policy: Literal["None", "Basic256Sha256"] = "None"
+    security_mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: Path | None = None  # this client's certificate (DER or PEM)
+    private_key: Path | None = None
+    private_key_password: SecretStr | None = None
+    server_certificate: Path | None = None  # None: taken from the server's endpoint list
+    application_uri: str = "urn:streamfuse:ingest"  # must match the certificate's URI SAN
+    username: str | None = None
+    password: SecretStr | None = None
+    sampling_interval_ms: float = Field(100.0, ge=0.0)  # default per node; the mapping may override
+    queue_size: int = Field(10, ge=1)  # values the server keeps per node between publishes
+    publishing_interval_ms: float = Field(100.0, gt=0.0)
+    timeout_s: float = Field(4.0, gt=0.0)
+    reconnect_min_s: float = Field(0.2, gt=0.0)
+    reconnect_max_s: float = Field(10.0, gt=0.0)
+
+
+class IngestSettings(BaseModel):
+    """Plant gateways: MQTT / OPC-UA → sensor topics, by one mapping file."""
+
+    mapping: Path | None = None  # TOML; see streamfuse.ingest.mapping
+    metrics_port: int = Field(0, ge=0, le=65535)
+    mqtt: MqttSettings = MqttSettings()
+    opcua: OpcuaSettings = OpcuaSettings()
+
+
 class Settings(BaseSettings):
     """Effective configuration; log it with :meth:`log_effective` (secrets masked)."""
 
@@ -164,6 +212,7 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = MonitorSettings()
     sim: SimSettings = SimSettings()
     alerts: AlertSettings = AlertSettings()
+    ingest: IngestSettings = IngestSettings()
 
     @property
     def bundle_dir(self) -> Path:

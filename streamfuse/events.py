@@ -53,6 +53,10 @@ REASONS = (
     "late_reading",  # its slot had already closed
     "outside_tolerance",  # too far from every slot time
     "extra_reading",  # a second reading of one modality for one slot
+    # the plant gateways' (streamfuse.ingest)
+    "unmapped",  # no rule of the mapping file matches the MQTT topic / OPC-UA node
+    "bad_quality",  # an OPC-UA value whose status is not Good: there is no reading to keep
+    "missing_readings",  # a gap (e.g. a server restart): readings that were never received
 )
 
 
@@ -71,6 +75,9 @@ class SensorEvent:
     sample_rate: int | None = None  # audio
     channels: int | None = None  # audio
     shape: tuple[int, ...] | None = None  # series
+    # Where ts_ms came from, set by gateways: "device" (the sensor's or payload's own time),
+    # "server" (an OPC-UA server's), "arrival" (the gateway's receive time: not the sensor's clock).
+    time_source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,3 +189,37 @@ class ProducerMetrics:
             "Failed sends by outcome: retried (sent again) or lost (given up, reported).",
             ["process", "outcome"], registry=registry,
         )
+class IngestMetrics:
+    """One plant gateway (``gateway`` = mqtt | opcua): every series carries it as a label."""
+
+    def __init__(self, registry: CollectorRegistry, gateway: str = "mqtt") -> None:
+        g = ("gateway",)
+        self.messages = Counter("streamfuse_ingest_messages_total", "Messages received from the plant side.", g,
+                                registry=registry).labels(gateway)
+        self._events = Counter("streamfuse_ingest_events_total", "Sensor events acknowledged by Kafka.",
+                               ["gateway", "modality"], registry=registry)
+        self._dead = Counter("streamfuse_ingest_dead_letters_total", "Dead letters acknowledged by Kafka.",
+                             ["gateway", "reason"], registry=registry)
+        self.ack_lag = Histogram("streamfuse_ingest_ack_lag_seconds",
+                                 "Time from receiving a message to Kafka acknowledging its record.", g,
+                                 buckets=SECONDS_BUCKETS, registry=registry).labels(gateway)
+        self.delivery_failures = Counter("streamfuse_ingest_delivery_failures_total",
+                                         "Kafka deliveries that failed (the record is sent again).", g,
+                                         registry=registry).labels(gateway)
+        self.reconnects = Counter("streamfuse_ingest_reconnects_total", "Reconnections to the plant side.", g,
+                                  registry=registry).labels(gateway)
+        self.pending = Gauge("streamfuse_ingest_pending", "Records sent to Kafka and not yet acknowledged.", g,
+                             registry=registry).labels(gateway)
+        self._missed = Counter("streamfuse_ingest_missed_readings_total",
+                               "Readings never received (a gap while disconnected), estimated from the period.",
+                               ["gateway", "modality"], registry=registry)
+        self.gateway = gateway
+
+    def event(self, modality: str) -> None:
+        self._events.labels(self.gateway, modality).inc()
+
+    def dead(self, reason: str) -> None:
+        self._dead.labels(self.gateway, reason).inc()
+
+    def missed(self, modality: str, n: int) -> None:
+        self._missed.labels(self.gateway, modality).inc(n)

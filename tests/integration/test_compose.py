@@ -39,6 +39,7 @@ METRICS_PORTS = {
     "monitor": ("STREAMFUSE_MONITOR__METRICS_PORT", 9101),
     "sync": ("--metrics-port", 9102),
     "alerts-dispatcher": ("STREAMFUSE_ALERTS__METRICS_PORT", 9103),
+    "ingest-mqtt": ("STREAMFUSE_INGEST__METRICS_PORT", 9104),
 }
 # What `docker-compose config` needs from the environment (the alerts API's token).
 COMPOSE_ENV = {"STREAMFUSE_API_TOKEN": "compose-test-token"}

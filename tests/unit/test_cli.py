@@ -10,7 +10,7 @@ from streamfuse.cli import app
 EXPECTED = {"demo", "broker", "topics", "simulate", "sync", "worker", "monitor", "status", "train", "dataset",
             "record", "replay",
             "models", "alerts",
-            "control", "health"}
+            "control", "health", "ingest"}
 
 
 def walk(cmd, path=()):
@@ -33,3 +33,10 @@ def test_bad_fault_spec_is_a_clear_error():
     result = CliRunner().invoke(app, ["simulate", "--fault", "camera:fog@10", "--duration", "1"])
     assert result.exit_code != 0
     assert "camera" in str(result.exception) or "camera" in result.output
+
+
+def test_ingest_without_a_mapping_file_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("STREAMFUSE_INGEST__MAPPING", raising=False)
+    result = CliRunner().invoke(app, ["ingest", "mqtt"])
+    assert result.exit_code != 0
+    assert "no mapping file: pass --mapping FILE or set STREAMFUSE_INGEST__MAPPING" in str(result.exception)
