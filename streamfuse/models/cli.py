@@ -146,6 +146,20 @@ def export_sim_cmd(
     console.print(f"wrote {samples} samples to {meta.parent} (index: {meta})")
 
 
+@dataset_app.command("export-real")
+@_friendly
+def export_real_cmd(
+    name: str = typer.Argument(..., help="digits | basicmotions | gunpoint | arrowhead"),
+    out: Path = typer.Option(..., "--out", help="Folder to create."),
+    seed: int = typer.Option(0, help="Seed of the split (and of digits' voices and noise)."),
+) -> None:
+    """Write a public real dataset that an installed package ships (no download) as a dataset folder."""
+    from streamfuse.models.realdata import export_real
+
+    meta = export_real(name, out, seed)
+    console.print(f"wrote {name} to {meta.parent} (index: {meta})")
+
+
 def _registry() -> Any:
     from streamfuse.config import Settings
     from streamfuse.registry import Registry
