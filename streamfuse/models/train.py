@@ -55,6 +55,9 @@ def train_bundle(
     umt_weight: float = 0.0,
     fusion_options: FusionOptions | None = None,
     compare: bool = False,
+    preset: str = "fast",
+    overrides: dict[str, dict[str, Any]] | None = None,
+    weights: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
     """Train the models and the fusion, score them, save a bundle.
 
@@ -68,8 +71,9 @@ def train_bundle(
         seed: the same seed and data give the same weights and version ids (on the same
             device type, thread count and library versions: float reductions differ).
         device: ``"auto"`` (CUDA + bf16 autocast when available), ``"cpu"``, ``"cuda"``.
-        configs: modality -> config; default: :func:`default_config` for every
-            modality seen in ``train``, classes = the sorted label names.
+        configs: modality -> config; default: :func:`default_config` of ``preset`` for
+            every modality seen in ``train``, classes = the sorted label names, series
+            channels and length from the data, then ``overrides``.
         progress: called with an :class:`EpochReport` after each epoch of every stage.
         options: stage-1 optimizer settings (:class:`TrainOptions`).
         created_ms: the manifest's creation time (epoch ms); default: now.
@@ -80,6 +84,10 @@ def train_bundle(
         fusion_options: stage-2 settings (:class:`FusionOptions`).
         compare: also train the joint model and probes; the table goes into the
             manifest (``compare``) and to ``compare.json`` / ``compare.md`` in ``out``.
+        preset: ``"fast"`` (the demo's) or ``"accurate"`` (see :data:`PRESETS`).
+        overrides: modality -> config fields (e.g. ``{"image": {"arch": "resnet18"}}``).
+        weights: modality -> pretrained checkpoint to fine-tune from (``.safetensors``,
+            or a weights-only ``.pt`` / ``.pth``; see :func:`load_pretrained`).
 
     Returns:
         The manifest that was written (baselines = validation metrics of the units served).
@@ -100,7 +108,12 @@ def train_bundle(
         raise ModelError(f"--umt-weight must be >= 0, got {umt_weight}")
     if compare and not test:
         raise ModelError("compare needs a test split; add rows with split=test")
-    configs = configs or _default_configs(train)
+    configs = configs or _default_configs(train, preset, overrides or {})
+    weights = {m: w for m, w in (weights or {}).items() if w}
+    unknown = sorted(set(weights) - set(configs))
+    if unknown:
+        raise ModelError(f"weights given for {unknown}, but the modalities trained are {sorted(configs)}")
+    deadline = time.perf_counter() + opts.time_budget_s if opts.time_budget_s else None
     classes = next(iter(configs.values())).classes
     for m, cfg in configs.items():
         if cfg.modality != m or cfg.classes != classes:
@@ -122,8 +135,9 @@ def train_bundle(
         info: dict[str, Any] = {}
         for m in order:
             t0 = time.perf_counter()
+            share = _share(deadline, 0.7 * (order.index(m) + 1) / len(order), opts)
             stage1[m], info[m] = fit_modality(configs[m], splits["train"], splits["val"], epochs, seed, opts, dev,
-                                              progress)
+                                              progress, weights=weights.get(m), deadline=share)
             stage1[m].set_version(f"{m}-{weights_digest(stage1[m])[:12]}")
             n = {f"n_{name}": len(s.rows[m]) for name, s in splits.items()}
             info[m].update(n, seconds=round(time.perf_counter() - t0, 3))
@@ -159,7 +173,7 @@ def train_bundle(
         "baselines": {**chosen.units_val, "fused": chosen.val},
         "test": {**chosen.units_test, "fused": chosen.test} if test else {},
         "training": {
-            "seed": seed, "max_epochs": epochs, "options": asdict(opts), "fusion_options": asdict(fopts),
+            "seed": seed, "max_epochs": epochs, "preset": preset, "options": asdict(opts), "fusion_options": asdict(fopts),
             "device": str(dev), "torch": torch.__version__, "timm": timm.__version__, "modalities": info,
             "stage1": {"val": base.units_val, "test": base.units_test},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -175,9 +189,37 @@ def train_bundle(
     return written
 
 
-def _default_configs(train: Sequence[Pair]) -> dict[str, ModalityConfig]:
+def _share(deadline: float | None, frac: float, opts: TrainOptions) -> float | None:
+    """The point in time by which ``frac`` of the time budget is used."""
+    if deadline is None or not opts.time_budget_s:
+        return None
+    return deadline - (1 - frac) * opts.time_budget_s
+
+
+def _default_configs(train: Sequence[Pair], preset: str = "fast",
+                     overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, ModalityConfig]:
     classes = tuple(sorted({label.label for _, label in train}))
     seen = {m for sample, _ in train for m in sample.readings}
     if len(classes) < 2 or not seen & set(MODALITIES):
         raise ModelError(f"training data needs >= 2 classes and a known modality; got classes {list(classes)}")
-    return {m: default_config(m, classes) for m in MODALITIES if m in seen}
+    overrides = overrides or {}
+    bad = sorted(set(overrides) - seen)
+    if bad:
+        raise ModelError(f"settings given for {bad}, but the training data has only {sorted(seen & set(MODALITIES))}")
+    configs = {}
+    for m in (m for m in MODALITIES if m in seen):
+        fields = {**_from_data(m, train), **overrides.get(m, {})}
+        configs[m] = default_config(m, classes, preset, **fields)
+    return configs
+
+
+def _from_data(modality: str, train: Sequence[Pair]) -> dict[str, Any]:
+    """Series channels and length (the longest, up to 4096) from the training readings."""
+    if modality != "series":
+        return {}
+    shapes = [tuple(s.readings["series"].shape or ()) for s, _ in train if "series" in s.readings]
+    shapes = [(1, sh[0]) if len(sh) == 1 else sh for sh in shapes if len(sh) in (1, 2)]
+    if not shapes:
+        return {}
+    channels = max(set(c for c, _ in shapes), key=[c for c, _ in shapes].count)
+    return {"in_channels": int(channels), "series_len": int(min(4096, max(n for _, n in shapes)))}
