@@ -98,6 +98,24 @@ class Registry:
                 self._activate(unit, version, reason, actor, ignore=set(out))
         return out
 
+    def import_unit(self, modality: str, arch: str, weights: str | Path, preprocessing: str | Path,
+                    data: str | Path | None = None, activate: bool = False, actor: str = "cli") -> str:
+        """Store a model trained elsewhere as a version of ``modality`` (validated first;
+        see :mod:`streamfuse.models.importer`) and optionally activate it.
+
+        Returns:
+            The new version.
+
+        Raises:
+            ModelError: a check failed (nothing was written); RegistryError: activation refused.
+        """
+        from streamfuse.models.importer import import_unit
+
+        man = import_unit(self.root, modality, arch, weights, preprocessing, data)
+        if activate:
+            self._activate(modality, man["version"], f"import-unit {Path(weights).name}", actor, ignore={modality})
+        return man["version"]
+
     def versions(self, unit: str) -> list[str]:
         """Versions of ``unit`` on disk, oldest first (by creation time, then id)."""
         from streamfuse.models.units import UNIT_MANIFEST

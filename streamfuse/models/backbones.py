@@ -81,14 +81,15 @@ class _ResBlock1D(nn.Module):
 
 
 class ResNet1D(_Head):
-    """Three residual blocks of kernels 8-5-3 (Wang et al., 2017); input batch-norm."""
+    """Three residual blocks of kernels 7-5-3 (Wang et al., 2017, use 8-5-3; odd kernels
+    pad symmetrically); input batch-norm."""
 
     def __init__(self, in_chans: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 128)) -> None:
         super().__init__()
         blocks: list[nn.Module] = [nn.BatchNorm1d(in_chans)]
         prev = in_chans
         for w in widths:
-            blocks.append(_ResBlock1D(prev, w, (8, 5, 3)))
+            blocks.append(_ResBlock1D(prev, w, (7, 5, 3)))
             prev = w
         self.features = nn.Sequential(*blocks)
         self.num_features = prev

@@ -40,6 +40,8 @@ class TrainOptions:
             (e.g. 1) for bit-identical results across machines with different core
             counts, or on a crowded host, where oversubscribed threads slow training a lot.
         augment: light per-modality augmentation (:mod:`streamfuse.models.augment`).
+        min_steps: an epoch makes at least this many optimizer steps (more passes over
+            a small training set, so that patience and the schedule mean something).
         class_weights: weight the loss by inverse class frequency (imbalanced data).
         label_smoothing: of the cross-entropy.
         time_budget_s: wall-clock budget of the whole training (stage 1, stage 2, MMLoRA);
@@ -52,6 +54,7 @@ class TrainOptions:
     patience: int = 3
     threads: int | None = None
     augment: bool = False
+    min_steps: int = 1
     class_weights: bool = False
     label_smoothing: float = 0.0
     time_budget_s: float | None = None
@@ -104,7 +107,8 @@ def fit_loop(
         ``"max_epochs"``, ``"patience"`` or ``"time_budget"``).
     """
     gen = torch.Generator().manual_seed(seed)
-    steps = max(1, -(-n // opts.batch_size))
+    passes = max(1, -(-opts.min_steps // max(1, -(-n // opts.batch_size))))
+    steps = passes * max(1, -(-n // opts.batch_size))
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     best, best_f1, best_epoch, epoch, stopped = None, -1.0, 0, 0, "max_epochs"
@@ -112,7 +116,9 @@ def fit_loop(
         start, losses = time.perf_counter(), []
         for module in train_modules:
             module.train()
-        for idx in torch.randperm(n, generator=gen).split(opts.batch_size):
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)]) if passes > 1 \
+            else torch.randperm(n, generator=gen)
+        for idx in order.split(opts.batch_size):
             if len(idx) > 1:  # batch-norm needs two samples
                 loss = loss_fn(idx)
                 opt.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,12 @@ from streamfuse.models.splits import Pair, label_ids, prepare_split
 from streamfuse.models.stage1 import EpochReport, Progress, TrainOptions, fit_modality, training_mode
 from streamfuse.models.stage2 import CHOICES, FusionOptions, choose, train_stage2
 
-__all__ = ["EpochReport", "FusionOptions", "TrainOptions", "train_bundle"]
+__all__ = ["EpochReport", "FusionOptions", "PRESET_OPTIONS", "TrainOptions", "preset_options", "train_bundle"]
+# The training loop of each preset (see streamfuse.models.config.PRESETS for the models).
+PRESET_OPTIONS: dict[str, TrainOptions] = {
+    "fast": TrainOptions(),
+    "accurate": TrainOptions(augment=True, class_weights=True, label_smoothing=0.1, patience=10, min_steps=20),
+}
 MODES_FOR = {"ume": (), "weighted": ("weighted",), "head": ("head",), "auto": ("weighted", "head")}
 
 
@@ -187,6 +192,18 @@ def train_bundle(
 
         write_comparison(out, report)
     return written
+
+
+def preset_options(preset: str, **changes: Any) -> TrainOptions:
+    """The :class:`TrainOptions` of a preset with the non-None ``changes`` applied.
+
+    Examples:
+        >>> preset_options("accurate", patience=4, threads=None).patience
+        4
+    """
+    if preset not in PRESET_OPTIONS:
+        raise ModelError(f"unknown preset {preset!r}; valid: {', '.join(PRESET_OPTIONS)}")
+    return replace(PRESET_OPTIONS[preset], **{k: v for k, v in changes.items() if v is not None})
 
 
 def _share(deadline: float | None, frac: float, opts: TrainOptions) -> float | None:
