@@ -26,7 +26,7 @@ from streamfuse.errors import StreamfuseError
 from streamfuse.events import MODALITIES
 
 __all__ = ["UNITS", "Registry", "RegistryError"]
-UNITS: tuple[str, ...] = (*MODALITIES, "fusion")
+UNITS: tuple[str, ...] = (*MODALITIES, *(f"lora-{m}" for m in MODALITIES), "fusion")  # lora-*: MMLoRA adapters
 KEEP_HISTORY = 1000
 
 
@@ -257,8 +257,15 @@ class Registry:
     def baselines(self) -> dict[str, dict[str, float]]:
         """Validation Top-1 / macro-F1 of the active versions: modality -> scores, plus ``"fused"``."""
         out = {}
-        for unit, version in self.active().items():
-            base = self.manifest(unit, version).get("baseline") or {}
+        active = self.active()
+        for unit, version in sorted(active.items(), key=lambda kv: kv[0].startswith("lora-")):
+            man = self.manifest(unit, version)
+            base = man.get("baseline") or {}
+            if unit.startswith("lora-"):  # an adapter serves its modality only on the base it was trained on
+                modality = unit.removeprefix("lora-")
+                if (man.get("adapter") or {}).get("base") != active.get(modality):
+                    continue
+                unit = modality
             if "top1" in base and "macro_f1" in base:
                 out["fused" if unit == "fusion" else unit] = {"top1": base["top1"], "macro_f1": base["macro_f1"]}
         return out
@@ -288,6 +295,7 @@ class Registry:
             if list(u.manifest["classes"]) != classes:
                 raise RegistryError(f"active {u.unit} {u.version} has classes {u.manifest['classes']}, "
                                     f"{mods[0]} has {classes}; activate matching versions", u.unit)
+        adapters = {m: self.load_unit(f"lora-{m}", active[f"lora-{m}"]) for m in mods if f"lora-{m}" in active}
         unit = fusion.module if fusion else FusionUnit.ume_only()
         versions = {m: active[m] for m in mods} | {"fusion": unit.version}
         manifest = {
@@ -301,4 +309,7 @@ class Registry:
             "test": {m: u.manifest.get("test", {}) for m, u in loaded.items()},
             "source": "registry",
         }
-        return Bundle(self.root, manifest, {m: u.module for m, u in loaded.items()}, dev, unit)
+        manifest["adapters"] = {m: {**a.module.config(), "version": a.version, "baseline": a.baseline}
+                                for m, a in adapters.items()}
+        return Bundle(self.root, manifest, {m: u.module for m, u in loaded.items()}, dev, unit,
+                      {m: a.module for m, a in adapters.items()})

@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "series": {"arch": "sf_resnet1d_small"},
     },
 }
-FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head")  # learned modes must beat UME on validation first
+FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head", "mmlora")  # learned modes must beat UME on validation first
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

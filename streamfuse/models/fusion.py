@@ -12,6 +12,9 @@ modalities that take part, and returns fused probabilities ``[B, C]``:
 - ``head`` (:class:`HeadFusion`): a small MLP over the concatenated, layer-normalized
   features; an unused modality's features are zeroed and a presence indicator is
   appended, so the head knows what is missing (it is trained with modality dropout).
+- ``mmlora``: the same head over the features of encoders carrying low-rank adapters,
+  trained jointly with them (:mod:`streamfuse.models.mmlora`); usable only with the
+  encoder and adapter versions it was trained with.
 
 A row with no modality in use gets the uniform distribution in every mode.
 """
@@ -289,7 +292,10 @@ class FusionUnit:
         same = all(versions.get(m) == self.trained_on.get(m) for m in modalities)
         # weighted acts on probabilities, which keep their meaning across encoder versions;
         # head reads features, which do not.
-        return tuple(m for m in self.fusion.modes if m != "head" or same)
+        modes = tuple(m for m in self.fusion.modes if m != "head" or same)
+        # mmlora reads the features of the adapted encoders: every encoder and adapter as trained.
+        adapted = all(versions.get(u) == v for u, v in self.trained_on.items())
+        return tuple(m for m in modes if m != "mmlora" or adapted)
 
 
 def fusion_version(mode: str, fusion: FusionSet | None, trained_on: Mapping[str, str]) -> str:

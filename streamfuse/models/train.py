@@ -27,6 +27,7 @@ from streamfuse.models.bundle_io import save_bundle, weights_digest
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import fusion_version
+from streamfuse.models.lora import adapter_unit
 from streamfuse.models.manifest import bundle_version
 from streamfuse.models.runtime import resolve_device
 from streamfuse.models.splits import Pair, label_ids, prepare_split
@@ -39,7 +40,7 @@ PRESET_OPTIONS: dict[str, TrainOptions] = {
     "fast": TrainOptions(),
     "accurate": TrainOptions(augment=True, class_weights=True, label_smoothing=0.1, patience=10, min_steps=20),
 }
-MODES_FOR = {"ume": (), "weighted": ("weighted",), "head": ("head",), "auto": ("weighted", "head")}
+MODES_FOR = {"ume": (), "mmlora": (), "weighted": ("weighted",), "head": ("head",), "auto": ("weighted", "head")}
 
 
 def train_bundle(
@@ -63,6 +64,8 @@ def train_bundle(
     preset: str = "fast",
     overrides: dict[str, dict[str, Any]] | None = None,
     weights: dict[str, str | Path] | None = None,
+    mmlora: bool = False,
+    mmlora_options: Any = None,
 ) -> dict[str, Any]:
     """Train the models and the fusion, score them, save a bundle.
 
@@ -93,6 +96,10 @@ def train_bundle(
         overrides: modality -> config fields (e.g. ``{"image": {"arch": "resnet18"}}``).
         weights: modality -> pretrained checkpoint to fine-tune from (``.safetensors``,
             or a weights-only ``.pt`` / ``.pth``; see :func:`load_pretrained`).
+        mmlora: also train MMLoRA (adapters on the frozen stage-1 encoders + a fusion head,
+            :mod:`streamfuse.models.mmlora`); implied by ``fusion="mmlora"``. When it is the
+            chosen fusion, the adapters are saved as units of their own (``lora-<modality>``).
+        mmlora_options: :class:`~streamfuse.models.mmlora.MMLoRAOptions`.
 
     Returns:
         The manifest that was written (baselines = validation metrics of the units served).
@@ -150,6 +157,11 @@ def train_bundle(
         t0 = time.perf_counter()
         fopts = fusion_options or FusionOptions()
         cands, _ = train_stage2(stage1, splits, order, MODES_FOR[fusion], umt_weight, fopts, seed, dev, progress)
+        if mmlora or fusion == "mmlora":
+            from streamfuse.models.mmlora import MMLoRAOptions, train_mmlora
+
+            cands.append(train_mmlora(stage1, splits, order, fopts, mmlora_options or MMLoRAOptions(), seed + 977,
+                                      dev, progress, deadline))
         chosen = choose(cands, fusion, fopts.min_gain)
         seconds["stage2"] = time.perf_counter() - t0
         report = None
@@ -163,20 +175,25 @@ def train_bundle(
     for m, model in models.items():
         if chosen.encoders:  # fine-tuned under the UMT loss: new weights, new version
             model.set_version(f"{m}-{weights_digest(model)[:12]}")
-    stored = chosen.fusion if chosen.encoders else next((c.fusion for c in cands if c.fusion is not None), None)
+    adapters = chosen.adapters or {}
+    stored = chosen.fusion if chosen.encoders or adapters else next(
+        (c.fusion for c in cands if c.fusion is not None and not c.adapters), None)
     trained_on = {m: model.sf_config.version for m, model in models.items()} if stored is not None else {}
+    trained_on |= {adapter_unit(m): a.version for m, a in adapters.items()}
     fusion_section = {
         "mode": chosen.mode, "version": fusion_version(chosen.mode, stored, trained_on), "trained_on": trained_on,
         "requested": fusion, "umt_weight": umt_weight, "candidates": {c.mode: c.record() for c in cands},
     }
     versions = {m: model.sf_config.version for m, model in models.items()} | {"fusion": fusion_section["version"]}
+    versions |= {adapter_unit(m): a.version for m, a in adapters.items()}
     base = cands[0]  # UME over the stage-1 models
+    units_val, units_test = (base.units_val, base.units_test) if adapters else (chosen.units_val, chosen.units_test)
     manifest = {
         "version": bundle_version(versions, classes),
         "created_ms": created_ms if created_ms is not None else int(time.time() * 1000),
         "fusion": fusion_section,
-        "baselines": {**chosen.units_val, "fused": chosen.val},
-        "test": {**chosen.units_test, "fused": chosen.test} if test else {},
+        "baselines": {**units_val, "fused": chosen.val},
+        "test": {**units_test, "fused": chosen.test} if test else {},
         "training": {
             "seed": seed, "max_epochs": epochs, "preset": preset, "options": asdict(opts), "fusion_options": asdict(fopts),
             "device": str(dev), "torch": torch.__version__, "timm": timm.__version__, "modalities": info,
@@ -186,7 +203,11 @@ def train_bundle(
     }
     if report is not None:
         manifest["compare"] = report
-    written = save_bundle(out, models, manifest, fusion=stored, overwrite=overwrite)
+    if adapters:
+        from streamfuse.models.mmlora import adapter_records
+
+        manifest["adapters"] = adapter_records(chosen)
+    written = save_bundle(out, models, manifest, fusion=stored, overwrite=overwrite, adapters=adapters)
     if report is not None:
         from streamfuse.models.compare import write_comparison
 
