@@ -96,15 +96,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
+    meta = {"machine": f"{platform.machine()} {platform.processor()}", "torch": torch.__version__,
+            "threads": args.threads, "device": "cpu", "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):
             results.append(run_dataset(name.strip(), args, Path(tmp)))
             report(results[-1])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": f"{platform.machine()} {platform.processor()}", "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "device": "cpu", "args": {k: str(v) for k, v in vars(args).items()}}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            if args.json:  # after every dataset, so a long run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     failed = [f"{r['dataset']}: {k}" for r in results for k, ok in r["checks"].items() if not ok]
     print("\nall checks passed" if not failed else f"\nFAILED: {failed}")
 

@@ -77,7 +77,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
     modalities: list[str] = typer.Option([], "--modalities", "-m",
                                          help="Modalities to train (repeat or comma-separate); default: all."),
-    fusion: str = typer.Option("auto", help="auto | ume | weighted | head (auto keeps UME unless beaten on val)."),
+    fusion: str = typer.Option("auto", help="auto | ume | weighted | head | mmlora (auto keeps UME unless "
+                                             "beaten on val)."),
     umt_weight: float = typer.Option(0.0, "--umt-weight", help="λ of the uni-modal-teacher loss; > 0 fine-tunes."),
     epochs: int = typer.Option(60, help="Maximum epochs per model (early stopping on val macro-F1)."),
     seed: int = typer.Option(0, help="Seed; the same seed and data give the same versions."),
@@ -97,7 +98,8 @@ def train(
     n_mels: Optional[int] = typer.Option(None, "--n-mels", help="Mel bands of the audio front end."),
     patience: Optional[int] = typer.Option(None, help="Epochs without a better val macro-F1 before stopping."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Wall-clock budget in seconds."),
-    mmlora: bool = typer.Option(False, "--mmlora", help="Also train MMLoRA (implied by --fusion mmlora)."),
+    mmlora: Optional[bool] = typer.Option(None, "--mmlora/--no-mmlora",
+                                          help="Also train MMLoRA (default: with --compare or --fusion mmlora)."),
 ) -> None:
     """Train per-modality models (stage 1), then the fusion (stage 2); write a bundle."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -122,7 +124,7 @@ def train(
                            device=device or settings.worker.device, progress=bars, overwrite=overwrite,
                            fusion=fusion, umt_weight=umt_weight, compare=compare, options=options, preset=preset,
                            overrides=_overrides(arch, image_size, series_len, sample_rate, n_mels),
-                           weights=_pairs(weights, "--weights"), mmlora=mmlora or fusion == "mmlora")
+                           weights=_pairs(weights, "--weights"), mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
         bars.close()
     seconds = time.perf_counter() - t0
     t = Table(title=f"bundle {man['version']} (validation = baselines)")

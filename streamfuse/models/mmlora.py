@@ -25,7 +25,7 @@ from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import FusionConfig, FusionSet
 from streamfuse.models.lora import Adapter, attach, detach
 from streamfuse.models.runtime import autocast
-from streamfuse.models.splits import Split, run_models, score_fused, unit_scores
+from streamfuse.models.splits import Split, branch_outputs, run_models, score_fused, unit_scores
 from streamfuse.models.stage1 import Progress, TrainOptions, fit_loop
 from streamfuse.models.stage2 import Candidate, FusionOptions, _dropout, _fused
 
@@ -80,12 +80,8 @@ def train_mmlora(
         feats, uni = [], torch.zeros((), device=dev)
         with autocast(dev):
             for j, m in enumerate(order):
-                p = pos[j][idx]
-                have = (p >= 0).nonzero().squeeze(1)
-                full = torch.zeros(len(idx), students[m].num_features, device=dev)
-                if len(have):
-                    f, logits = students[m].head_outputs(train.z[m][p[have]])
-                    full = full.index_put((have,), f.float())
+                full, logits, have = branch_outputs(students[m], train, m, pos[j], idx, dev)
+                if logits is not None:
                     uni = uni + F.cross_entropy(logits.float(), train.y[idx[have]])
                 feats.append(full)
             logits = head.logits(feats, use)
