@@ -26,7 +26,7 @@ from streamfuse.errors import StreamfuseError
 from streamfuse.events import MODALITIES
 
 __all__ = ["UNITS", "Registry", "RegistryError"]
-UNITS: tuple[str, ...] = (*MODALITIES, *(f"lora-{m}" for m in MODALITIES), "fusion")  # lora-*: MMLoRA adapters
+UNITS: tuple[str, ...] = (*MODALITIES, *(f"lora_{m}" for m in MODALITIES), "fusion")  # lora_*: MMLoRA adapters
 KEEP_HISTORY = 1000
 
 
@@ -258,11 +258,11 @@ class Registry:
         """Validation Top-1 / macro-F1 of the active versions: modality -> scores, plus ``"fused"``."""
         out = {}
         active = self.active()
-        for unit, version in sorted(active.items(), key=lambda kv: kv[0].startswith("lora-")):
+        for unit, version in sorted(active.items(), key=lambda kv: kv[0].startswith("lora_")):
             man = self.manifest(unit, version)
             base = man.get("baseline") or {}
-            if unit.startswith("lora-"):  # an adapter serves its modality only on the base it was trained on
-                modality = unit.removeprefix("lora-")
+            if unit.startswith("lora_"):  # an adapter serves its modality only on the base it was trained on
+                modality = unit.removeprefix("lora_")
                 if (man.get("adapter") or {}).get("base") != active.get(modality):
                     continue
                 unit = modality
@@ -295,7 +295,7 @@ class Registry:
             if list(u.manifest["classes"]) != classes:
                 raise RegistryError(f"active {u.unit} {u.version} has classes {u.manifest['classes']}, "
                                     f"{mods[0]} has {classes}; activate matching versions", u.unit)
-        adapters = {m: self.load_unit(f"lora-{m}", active[f"lora-{m}"]) for m in mods if f"lora-{m}" in active}
+        adapters = {m: self.load_unit(f"lora_{m}", active[f"lora_{m}"]) for m in mods if f"lora_{m}" in active}
         unit = fusion.module if fusion else FusionUnit.ume_only()
         versions = {m: active[m] for m in mods} | {"fusion": unit.version}
         manifest = {

@@ -71,7 +71,8 @@ def _conv_bn(c_in: int, c_out: int, k: int, relu: bool = True) -> nn.Sequential:
 class _ResBlock1D(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernels: tuple[int, ...]) -> None:
         super().__init__()
-        convs = [_conv_bn(c_in if i == 0 else c_out, c_out, k, relu=i < len(kernels) - 1) for i, k in enumerate(kernels)]
+        last = len(kernels) - 1
+        convs = [_conv_bn(c_in if i == 0 else c_out, c_out, k, relu=i < last) for i, k in enumerate(kernels)]
         self.body = nn.Sequential(*convs)
         self.short = _conv_bn(c_in, c_out, 1, relu=False) if c_in != c_out else nn.Identity()
         self.act = nn.ReLU(inplace=True)

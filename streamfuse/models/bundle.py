@@ -282,7 +282,7 @@ class Bundle:
         """A new bundle with one unit replaced; this one is left untouched.
 
         Args:
-            unit: one of :attr:`units`: a modality, an adapter (``lora-<modality>``) or ``"fusion"``.
+            unit: one of :attr:`units`: a modality, an adapter (``lora_<modality>``) or ``"fusion"``.
             loaded: the unit (``Registry.load_unit``).
 
         Returns:

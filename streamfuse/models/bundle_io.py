@@ -49,7 +49,9 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def write_weights(file: Path, module: nn.Module | Mapping[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+def write_weights(
+    file: Path, module: nn.Module | Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, Any]:
     """Save a module's state (or a map of tensors) as safetensors; returns its manifest
     entry (sha256, bytes, tensors)."""
     items = module.items() if isinstance(module, Mapping) else module.state_dict().items()
@@ -119,7 +121,7 @@ def save_bundle(
             ``config`` and ``weights`` from ``fusion``.
         fusion: the learned fusion modes, written to ``fusion.safetensors``.
         overwrite: replace an existing bundle at ``path``.
-        adapters: MMLoRA adapters per modality, written to ``lora-<modality>.safetensors``
+        adapters: MMLoRA adapters per modality, written to ``lora_<modality>.safetensors``
             (``manifest["adapters"][m]`` must describe each; its ``weights`` are filled in).
 
     Returns:

@@ -124,7 +124,8 @@ def train(
                            device=device or settings.worker.device, progress=bars, overwrite=overwrite,
                            fusion=fusion, umt_weight=umt_weight, compare=compare, options=options, preset=preset,
                            overrides=_overrides(arch, image_size, series_len, sample_rate, n_mels),
-                           weights=_pairs(weights, "--weights"), mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
+                           weights=_pairs(weights, "--weights"),
+                           mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
         bars.close()
     seconds = time.perf_counter() - t0
     t = Table(title=f"bundle {man['version']} (validation = baselines)")

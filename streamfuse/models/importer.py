@@ -43,8 +43,9 @@ def _read_config(modality: str, arch: str, path: Path) -> ModalityConfig:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        example = '{"classes": ["ok", "fault"], "image_size": 64}'
         raise ModelError(f"preprocessing JSON {path} is unreadable ({exc}); write a JSON map with classes and the "
-                         "preprocessing fields, e.g. {\"classes\": [\"ok\", \"fault\"], \"image_size\": 64}", path) from None
+                         f"preprocessing fields, e.g. {example}", path) from None
     if not isinstance(data, dict):
         raise ModelError(f"preprocessing JSON {path} must be a map of ModalityConfig fields", path)
     for key, want in (("modality", modality), ("arch", arch)):

@@ -7,7 +7,7 @@ model). While training, the base weights stay frozen and only ``A`` and ``B`` le
 (:func:`attach`); for serving, the adapter is merged into a copy of the base model
 (:func:`merged`), so the served model costs exactly what the base model costs.
 
-An :class:`Adapter` is its own registry unit (``lora-<modality>``): it names the base
+An :class:`Adapter` is its own registry unit (``lora_<modality>``): it names the base
 version it was trained on and is applied only on top of that version.
 """
 
@@ -35,9 +35,9 @@ def adapter_unit(modality: str) -> str:
 
     Examples:
         >>> adapter_unit("image")
-        'lora-image'
+        'lora_image'
     """
-    return f"lora-{modality}"
+    return f"lora_{modality}"
 
 
 class LoRADelta(nn.Module):
@@ -88,7 +88,7 @@ class Adapter:
         base: the version of the model it was trained on (applied only to that one).
         rank, alpha: its shape and scale.
         tensors: layer name (in ``model.net``) + ``.lora_A`` / ``.lora_B`` -> tensor (CPU).
-        version: ``lora-<modality>-<hex>``, a digest of the above.
+        version: ``lora_<modality>-<hex>``, a digest of the above.
     """
 
     modality: str

@@ -47,7 +47,7 @@ def weights_file(bundle_dir: Path, modality: str) -> Path:
 
 def adapter_file(bundle_dir: Path, modality: str) -> Path:
     """Where a modality's MMLoRA adapter lives in a bundle."""
-    return bundle_dir / f"lora-{modality}.safetensors"
+    return bundle_dir / f"lora_{modality}.safetensors"
 
 
 def bundle_version(versions: Mapping[str, str], classes: Sequence[str]) -> str:

@@ -153,7 +153,8 @@ def export_digits(out_dir: str | Path, samples: int = 600, seed: int = 0) -> Pat
     for name, part in zip(("train", "val", "test"), splits):
         for i in keep[part]:
             sid = f"d{i:04d}"
-            Image.fromarray((images[i] * (255 / 16)).round().astype(np.uint8), mode="L").save(out / "image" / f"{sid}.png")
+            grey = (images[i] * (255 / 16)).round().astype(np.uint8)
+            Image.fromarray(grey, mode="L").save(out / "image" / f"{sid}.png")
             _write_wav(out / "audio" / f"{sid}.wav", _speak(DIGIT_WORDS[y[i]], rng))
             rows.append([sid, name, DIGIT_WORDS[y[i]], f"image/{sid}.png", f"audio/{sid}.wav"])
     return _write_meta(out, rows, ("image", "audio"))
@@ -182,7 +183,8 @@ def read_ts(path: Path) -> tuple[np.ndarray, np.ndarray]:
             try:
                 xs.append([[float(v) for v in d.split(",")] for d in dims])
             except ValueError:
-                raise DatasetError(f"{path} line {line_no}: not numbers (missing values are not supported)", path) from None
+                raise DatasetError(f"{path} line {line_no}: not numbers (missing values are not supported)",
+                                   path) from None
             labels.append(label.strip())
     try:
         x = np.asarray(xs, dtype=np.float32)

@@ -98,7 +98,7 @@ def train_bundle(
             or a weights-only ``.pt`` / ``.pth``; see :func:`load_pretrained`).
         mmlora: also train MMLoRA (adapters on the frozen stage-1 encoders + a fusion head,
             :mod:`streamfuse.models.mmlora`); implied by ``fusion="mmlora"``. When it is the
-            chosen fusion, the adapters are saved as units of their own (``lora-<modality>``).
+            chosen fusion, the adapters are saved as units of their own (``lora_<modality>``).
         mmlora_options: :class:`~streamfuse.models.mmlora.MMLoRAOptions`.
 
     Returns:
@@ -195,7 +195,8 @@ def train_bundle(
         "baselines": {**units_val, "fused": chosen.val},
         "test": {**units_test, "fused": chosen.test} if test else {},
         "training": {
-            "seed": seed, "max_epochs": epochs, "preset": preset, "options": asdict(opts), "fusion_options": asdict(fopts),
+            "seed": seed, "max_epochs": epochs, "preset": preset, "options": asdict(opts),
+            "fusion_options": asdict(fopts),
             "device": str(dev), "torch": torch.__version__, "timm": timm.__version__, "modalities": info,
             "stage1": {"val": base.units_val, "test": base.units_test},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},

@@ -35,7 +35,7 @@ __all__ = ["UNIT_FORMAT", "UNIT_MANIFEST", "UNIT_WEIGHTS", "bundle_units", "load
 UNIT_FORMAT = "streamfuse.unit/1"
 UNIT_MANIFEST = "unit.json"
 UNIT_WEIGHTS = "weights.safetensors"
-UNITS = (*MODALITIES, *(f"lora-{m}" for m in MODALITIES), "fusion")  # lora-*: MMLoRA adapters
+UNITS = (*MODALITIES, *(f"lora_{m}" for m in MODALITIES), "fusion")  # lora_*: MMLoRA adapters
 _FIX = "re-import the bundle it came from with `streamfuse models import BUNDLE`"
 
 
@@ -156,7 +156,7 @@ def load_unit_dir(path: Path, device: str | torch.device = "cpu") -> LoadedUnit:
         return LoadedUnit(unit, version, module, man["baseline"], man)
     if state is None:
         raise ModelError(f"{where}: a {unit} unit needs weights; {_FIX}", where)
-    if unit.startswith("lora-"):
+    if unit.startswith("lora_"):
         rec = man.get("adapter") or {}
         try:
             adapter = Adapter(rec["modality"], rec["base"], int(rec["rank"]), float(rec["alpha"]), state).with_version()

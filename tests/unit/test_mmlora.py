@@ -42,7 +42,7 @@ def test_merged_adapter_equals_the_parametrized_model_and_the_base_is_untouched(
     with torch.inference_mode():
         torch.testing.assert_close(served(x), student(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(served(x), base(x))
-    assert adapter.version.startswith("lora-series-") and adapter.base == "series-base"
+    assert adapter.version.startswith("lora_series-") and adapter.base == "series-base"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_mmlora_bundle_serves_adapted_encoders_and_the_mmlora_head(mmlora_bundle
 
 def test_adapters_are_registry_units_with_their_own_rollback(mmlora_bundle, tmp_path):
     out, man = mmlora_bundle
-    settings = Settings(model_dir=tmp_path / "models", redis_prefix=f"test-mmlora-{uuid.uuid4().hex[:8]}:")
+    settings = Settings(model_dir=tmp_path / "models", redis_prefix=f"test-mmlora_{uuid.uuid4().hex[:8]}:")
     reg = Registry(settings)
     try:
         units = reg.import_bundle(out)
