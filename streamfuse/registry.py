@@ -26,7 +26,7 @@ from streamfuse.errors import StreamfuseError
 from streamfuse.events import MODALITIES
 
 __all__ = ["UNITS", "Registry", "RegistryError"]
-UNITS: tuple[str, ...] = (*MODALITIES, "fusion")
+UNITS: tuple[str, ...] = (*MODALITIES, *(f"lora_{m}" for m in MODALITIES), "fusion")  # lora_*: MMLoRA adapters
 KEEP_HISTORY = 1000
 
 
@@ -97,6 +97,24 @@ class Registry:
             for unit, version in out.items():  # classes are checked against units outside this bundle only
                 self._activate(unit, version, reason, actor, ignore=set(out))
         return out
+
+    def import_unit(self, modality: str, arch: str, weights: str | Path, preprocessing: str | Path,
+                    data: str | Path | None = None, activate: bool = False, actor: str = "cli") -> str:
+        """Store a model trained elsewhere as a version of ``modality`` (validated first;
+        see :mod:`streamfuse.models.importer`) and optionally activate it.
+
+        Returns:
+            The new version.
+
+        Raises:
+            ModelError: a check failed (nothing was written); RegistryError: activation refused.
+        """
+        from streamfuse.models.importer import import_unit
+
+        man = import_unit(self.root, modality, arch, weights, preprocessing, data)
+        if activate:
+            self._activate(modality, man["version"], f"import-unit {Path(weights).name}", actor, ignore={modality})
+        return man["version"]
 
     def versions(self, unit: str) -> list[str]:
         """Versions of ``unit`` on disk, oldest first (by creation time, then id)."""
@@ -240,8 +258,15 @@ class Registry:
         """Validation Top-1 / macro-F1 (and ``calibration`` where the unit has one) of the active
         versions: modality -> scores, plus ``"fused"``."""
         out = {}
-        for unit, version in self.active().items():
-            base = self.manifest(unit, version).get("baseline") or {}
+        active = self.active()
+        for unit, version in sorted(active.items(), key=lambda kv: kv[0].startswith("lora_")):
+            man = self.manifest(unit, version)
+            base = man.get("baseline") or {}
+            if unit.startswith("lora_"):  # an adapter serves its modality only on the base it was trained on
+                modality = unit.removeprefix("lora_")
+                if (man.get("adapter") or {}).get("base") != active.get(modality):
+                    continue
+                unit = modality
             if "top1" in base and "macro_f1" in base:
                 out["fused" if unit == "fusion" else unit] = {"top1": base["top1"], "macro_f1": base["macro_f1"]}
                 if base.get("calibration"):  # the unit's validation calibration (label-free evidence)
@@ -273,6 +298,7 @@ class Registry:
             if list(u.manifest["classes"]) != classes:
                 raise RegistryError(f"active {u.unit} {u.version} has classes {u.manifest['classes']}, "
                                     f"{mods[0]} has {classes}; activate matching versions", u.unit)
+        adapters = {m: self.load_unit(f"lora_{m}", active[f"lora_{m}"]) for m in mods if f"lora_{m}" in active}
         unit = fusion.module if fusion else FusionUnit.ume_only()
         versions = {m: active[m] for m in mods} | {"fusion": unit.version}
         manifest = {
@@ -286,4 +312,7 @@ class Registry:
             "test": {m: u.manifest.get("test", {}) for m, u in loaded.items()},
             "source": "registry",
         }
-        return Bundle(self.root, manifest, {m: u.module for m, u in loaded.items()}, dev, unit)
+        manifest["adapters"] = {m: {**a.module.config(), "version": a.version, "baseline": a.baseline}
+                                for m, a in adapters.items()}
+        return Bundle(self.root, manifest, {m: u.module for m, u in loaded.items()}, dev, unit,
+                      {m: a.module for m, a in adapters.items()})

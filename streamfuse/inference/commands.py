@@ -192,7 +192,7 @@ class CommandHandler:
             return
         busy = {p.unit for p in self.pending}
         for unit, version in active.items():
-            if unit not in busy and unit in (*self.worker.bundle.modalities, "fusion") \
+            if unit not in busy and unit in self.worker.bundle.units \
                     and self.worker.bundle.versions.get(unit) != version:
                 self._load(unit, version, None)
 

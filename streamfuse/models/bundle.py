@@ -27,6 +27,7 @@ from streamfuse.events import SensorEvent
 from streamfuse.models.config import ModalityConfig
 from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import FusionUnit, quality, ume
+from streamfuse.models.lora import Adapter, adapter_unit, merged
 from streamfuse.models.manifest import MANIFEST, bundle_version
 from streamfuse.models.outputs import CheckedProbs, Encoded, FusedOutput, LoadedUnit
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked, example_input
@@ -72,13 +73,19 @@ class Bundle:
         fusion_mode: the active mode (``fusion.mode``, or ``"ume"`` when that mode cannot
             be used with these encoders; ``fusion_note`` then says why).
         device: where the models run.
-        models: modality -> :class:`SensorModel` (eval mode, on ``device``).
+        models: modality -> :class:`SensorModel` served (eval mode, on ``device``): the
+            base model, or a copy with its MMLoRA adapter merged in.
+        base_models: modality -> the base model (without adapter).
+        adapters: modality -> :class:`~streamfuse.models.lora.Adapter` applied to it
+            (an adapter trained on another base version is not applied; see ``fusion_note``).
+        units: every unit this bundle can serve: modalities, their adapters, the fusion.
         max_batch: inputs are processed in chunks of at most this many readings.
     """
 
     def __init__(
         self, path: Path, manifest: dict[str, Any], models: dict[str, SensorModel], device: torch.device,
-        fusion: FusionUnit | None = None,
+        fusion: FusionUnit | None = None, adapters: Mapping[str, Adapter] | None = None,
+        served: Mapping[str, SensorModel] | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
@@ -87,9 +94,19 @@ class Bundle:
         self.configs = {m: models[m].sf_config for m in self.modalities}
         self.fusion = fusion if fusion is not None else FusionUnit.ume_only()
         self.versions = {m: cfg.version for m, cfg in self.configs.items()}
+        self.base_models = dict(models)
+        self.adapters = {m: a for m, a in (adapters or {}).items() if m in models and a.base == self.versions[m]}
+        self.units = (*self.modalities, *(adapter_unit(m) for m in self.modalities), "fusion")
+        models = dict(models)
+        for m, a in self.adapters.items():  # reuse a merged model a swap of another unit kept
+            kept = (served or {}).get(m)
+            models[m] = kept if kept is not None else merged(models[m], a).to(device)
+            self.versions[adapter_unit(m)] = a.version
         self.versions["fusion"] = self.fusion.version
         self.version: str = manifest.get("version") or bundle_version(self.versions, self.classes)
-        self.baselines: dict[str, dict[str, Any]] = manifest["baselines"]
+        self.baselines: dict[str, dict[str, Any]] = dict(manifest["baselines"])
+        records = manifest.get("adapters") or {}
+        self.baselines |= {m: records[m]["baseline"] for m in self.adapters if records.get(m, {}).get("baseline")}
         from streamfuse.monitor.evidence import Calibration
 
         # validation calibration (label-free reliability), carried by each unit's baseline
@@ -272,7 +289,7 @@ class Bundle:
         """A new bundle with one unit replaced; this one is left untouched.
 
         Args:
-            unit: one of :attr:`modalities`, or ``"fusion"``.
+            unit: one of :attr:`units`: a modality, an adapter (``lora_<modality>``) or ``"fusion"``.
             loaded: the unit (``Registry.load_unit``).
 
         Returns:
@@ -284,16 +301,25 @@ class Bundle:
             ModelError: an unknown unit, a mismatch between ``unit`` and ``loaded``, or
                 other classes than this bundle's.
         """
-        if unit not in (*self.modalities, "fusion") or loaded.unit != unit:
+        if unit not in self.units or loaded.unit != unit:
             raise ModelError(f"cannot put a {loaded.unit!r} unit in place of {unit!r}; units of this bundle: "
-                             f"{[*self.modalities, 'fusion']}", self.path)
+                             f"{list(self.units)}", self.path)
         man = copy.deepcopy(self.manifest)
-        models, fusion = dict(self.models), self.fusion
+        models, fusion, adapters = dict(self.base_models), self.fusion, dict(self.adapters)
+        served = {m: self.models[m] for m in self.adapters}
         if unit == "fusion":
             if not isinstance(loaded.module, FusionUnit):
                 raise ModelError(f"fusion unit {loaded.version} did not load as a fusion step", self.path)
             fusion, man["fusion"] = loaded.module, loaded.manifest.get("fusion", {"mode": "ume", "version": "ume"})
             man["baselines"]["fused"] = loaded.baseline
+        elif unit not in self.modalities:  # an MMLoRA adapter
+            adapter = loaded.module
+            if not isinstance(adapter, Adapter) or adapter_unit(adapter.modality) != unit:
+                raise ModelError(f"unit {unit} version {loaded.version} is not an adapter of it", self.path)
+            adapters[adapter.modality] = adapter
+            served.pop(adapter.modality, None)
+            man.setdefault("adapters", {})[adapter.modality] = {**adapter.config(), "version": adapter.version,
+                                                                "baseline": loaded.baseline}
         else:
             model = loaded.module
             if not isinstance(model, SensorModel) or model.sf_config.modality != unit:
@@ -303,12 +329,12 @@ class Bundle:
                                  f"this bundle {list(self.classes)}; activate a version trained on the same "
                                  "classes", self.path)
             models[unit] = model.to(self.device).eval()
+            served.pop(unit, None)
             man["configs"][unit] = model.sf_config.to_dict()
             man["weights"][unit] = loaded.manifest.get("weights", {})
             man["baselines"][unit] = loaded.baseline
         if unit == "fusion" and tuple(loaded.manifest.get("classes", self.classes)) != self.classes:
             raise ModelError(f"fusion version {loaded.version} has other classes than this bundle "
                              f"{list(self.classes)}", self.path)
-        versions = {m: models[m].sf_config.version for m in self.modalities} | {"fusion": fusion.version}
-        man["version"] = bundle_version(versions, self.classes)
-        return Bundle(self.path, man, models, self.device, fusion)
+        man.pop("version", None)  # derived from the new unit versions
+        return Bundle(self.path, man, models, self.device, fusion, adapters, served)

@@ -28,8 +28,10 @@ from streamfuse.models.bundle import Bundle
 from streamfuse.models.config import CALIBRATED_MODES, ModalityConfig
 from streamfuse.models.encoders import SensorModel, create_model
 from streamfuse.models.fusion import FusionConfig, FusionSet, FusionUnit
+from streamfuse.models.lora import Adapter, adapter_unit
 from streamfuse.models.manifest import (
-    FORMAT, FUSION_FILE, HOW_TO_FIX, MANIFEST, check_manifest, file_sha256, read_manifest, weights_file,
+    FORMAT, FUSION_FILE, HOW_TO_FIX, MANIFEST, adapter_file, check_manifest, file_sha256, read_manifest,
+    weights_file,
 )
 from streamfuse.models.runtime import resolve_device
 from streamfuse.models.safefile import check_shapes, inspect_safetensors
@@ -47,9 +49,13 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def write_weights(file: Path, module: nn.Module, metadata: dict[str, str]) -> dict[str, Any]:
-    """Save a module's state as safetensors; returns its manifest entry (sha256, bytes, tensors)."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+def write_weights(
+    file: Path, module: nn.Module | Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, Any]:
+    """Save a module's state (or a map of tensors) as safetensors; returns its manifest
+    entry (sha256, bytes, tensors)."""
+    items = module.items() if isinstance(module, Mapping) else module.state_dict().items()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in items}
     save_file(state, file, metadata={"format": FORMAT, **metadata})  # self-describing
     return {"sha256": file_sha256(file), "bytes": file.stat().st_size, "tensors": inspect_safetensors(file)}
 
@@ -101,7 +107,7 @@ def build_fusion(section: Mapping[str, Any], state: Mapping[str, torch.Tensor], 
 
 def save_bundle(
     path: str | Path, models: Mapping[str, nn.Module], manifest: Mapping[str, Any], *,
-    fusion: FusionSet | None = None, overwrite: bool = False,
+    fusion: FusionSet | None = None, overwrite: bool = False, adapters: Mapping[str, Adapter] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle directory (atomically: a temporary sibling, then a rename).
 
@@ -115,6 +121,8 @@ def save_bundle(
             ``config`` and ``weights`` from ``fusion``.
         fusion: the learned fusion modes, written to ``fusion.safetensors``.
         overwrite: replace an existing bundle at ``path``.
+        adapters: MMLoRA adapters per modality, written to ``lora_<modality>.safetensors``
+            (``manifest["adapters"][m]`` must describe each; its ``weights`` are filled in).
 
     Returns:
         The manifest as written.
@@ -150,6 +158,9 @@ def save_bundle(
             section.update(modes=list(fusion.modes), config=fusion.cfg.to_dict())
             meta = {"unit": "fusion", "config": json.dumps(fusion.cfg.to_dict())}
             section["weights"] = write_weights(tmp / FUSION_FILE, fusion, meta)
+        for m, adapter in (adapters or {}).items():
+            meta = {"unit": adapter_unit(m), "config": json.dumps(adapter.config())}
+            out["adapters"][m]["weights"] = write_weights(adapter_file(tmp, m), adapter.tensors, meta)
         check_manifest(out, path)
         (tmp / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True, allow_nan=False) + "\n")
         _replace_dir(tmp, path)
@@ -208,4 +219,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     elif section["version"] != "ume" or section["mode"] in CALIBRATED_MODES:
         mode = section["mode"] if section["mode"] in CALIBRATED_MODES else "ume"
         fusion = FusionUnit(None, mode, section["version"], {})
-    return Bundle(path, manifest, models, dev, fusion)
+    adapters = {m: read_adapter(rec, adapter_file(path, m), where) for m, rec in manifest.get("adapters", {}).items()}
+    return Bundle(path, manifest, models, dev, fusion, adapters)
+
+
+def read_adapter(record: Mapping[str, Any], file: Path, where: Path) -> Adapter:
+    """An MMLoRA adapter from its manifest record and weights file (checked like any weights)."""
+    tensors = read_weights(file, record["weights"], where)
+    adapter = Adapter(record["modality"], record["base"], int(record["rank"]), float(record["alpha"]), tensors)
+    if adapter.with_version().version != record["version"]:
+        raise ModelError(f"{file} does not hold adapter {record['version']} named in {where}; {HOW_TO_FIX}", file)
+    return adapter.with_version()

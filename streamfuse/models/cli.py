@@ -77,16 +77,29 @@ def train(
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
     modalities: list[str] = typer.Option([], "--modalities", "-m",
                                          help="Modalities to train (repeat or comma-separate); default: all."),
-    fusion: str = typer.Option("auto", help="auto | ume | weighted | head | quality (auto keeps UME unless beaten "
-                               "on val; quality: per-sample weights from the validation calibration)."),
+    fusion: str = typer.Option("auto", help="auto | ume | weighted | head | quality | mmlora (auto keeps UME unless "
+                               "beaten on val; quality: per-sample weights from the validation calibration)."),
     umt_weight: float = typer.Option(0.0, "--umt-weight", help="λ of the uni-modal-teacher loss; > 0 fine-tunes."),
-    epochs: int = typer.Option(8, help="Maximum epochs per model (early stopping on val macro-F1)."),
+    epochs: int = typer.Option(60, help="Maximum epochs per model (early stopping on val macro-F1)."),
     seed: int = typer.Option(0, help="Seed; the same seed and data give the same versions."),
     compare: bool = typer.Option(False, "--compare", help="Also train the joint model; print and save the table."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (default: STREAMFUSE_WORKER__DEVICE)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
     register: bool = typer.Option(False, "--import", help="Import the bundle into the registry and activate it."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: every core; 1 on a busy host)."),
+    preset: str = typer.Option("accurate", help="accurate (stronger backbones, augmentation) | fast (the demo's)."),
+    arch: list[str] = typer.Option([], "--arch", help="MODALITY=NAME: any timm name for image/audio, or "
+                                   "sf_resnet1d | sf_inception_time | sf_series_cnn for series (repeat)."),
+    weights: list[str] = typer.Option([], "--weights", help="MODALITY=PATH: pretrained .safetensors or weights-only "
+                                      ".pt/.pth (timm, torchvision) to fine-tune from (repeat)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image input size (pixels)."),
+    series_len: Optional[int] = typer.Option(None, "--series-len", help="Series length (default: from the data)."),
+    sample_rate: Optional[int] = typer.Option(None, "--sample-rate", help="Audio rate the clips are resampled to."),
+    n_mels: Optional[int] = typer.Option(None, "--n-mels", help="Mel bands of the audio front end."),
+    patience: Optional[int] = typer.Option(None, help="Epochs without a better val macro-F1 before stopping."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Wall-clock budget in seconds."),
+    mmlora: Optional[bool] = typer.Option(None, "--mmlora/--no-mmlora",
+                                          help="Also train MMLoRA (default: with --compare or --fusion mmlora)."),
 ) -> None:
     """Train per-modality models (stage 1), then the fusion (stage 2); write a bundle."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -94,7 +107,7 @@ def train(
     from streamfuse.config import Settings
     from streamfuse.models.compare import JSON_FILE, MD_FILE, rich_table
     from streamfuse.models.dataset import load_dataset
-    from streamfuse.models.train import TrainOptions, train_bundle
+    from streamfuse.models.train import preset_options, train_bundle
 
     settings = Settings()
     mods = [m.strip() for item in modalities for m in item.split(",") if m.strip()] or None
@@ -106,10 +119,13 @@ def train(
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bars = _Bars(progress)
+        options = preset_options(preset, threads=threads, patience=patience, time_budget_s=time_budget)
         man = train_bundle(ds.split("train"), ds.split("val"), ds.split("test") or None, out, epochs=epochs, seed=seed,
                            device=device or settings.worker.device, progress=bars, overwrite=overwrite,
-                           fusion=fusion, umt_weight=umt_weight, compare=compare,
-                           options=TrainOptions(threads=threads))
+                           fusion=fusion, umt_weight=umt_weight, compare=compare, options=options, preset=preset,
+                           overrides=_overrides(arch, image_size, series_len, sample_rate, n_mels),
+                           weights=_pairs(weights, "--weights"),
+                           mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
         bars.close()
     seconds = time.perf_counter() - t0
     t = Table(title=f"bundle {man['version']} (validation = baselines)")
@@ -133,6 +149,31 @@ def train(
         console.print(f"imported and activated: {units}")
 
 
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``["image=a", "series=b"]`` -> ``{"image": "a", "series": "b"}``."""
+    from streamfuse.errors import ConfigError
+    from streamfuse.events import MODALITIES
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in MODALITIES or not value.strip():
+            raise ConfigError(f"{flag} {item!r}: expected MODALITY=VALUE with MODALITY one of {list(MODALITIES)}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _overrides(arch: list[str], image_size: Any, series_len: Any, sample_rate: Any, n_mels: Any) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {m: {"arch": a} for m, a in _pairs(arch, "--arch").items()}
+    for m, key, value in (("image", "image_size", image_size), ("series", "series_len", series_len),
+                          ("audio", "sample_rate", sample_rate), ("audio", "n_mels", n_mels)):
+        if value is not None:
+            out.setdefault(m, {})[key] = value
+    if sample_rate is not None:  # a one-second clip at the new rate
+        out["audio"]["clip_samples"] = sample_rate
+    return out
+
+
 @dataset_app.command("export-sim")
 @_friendly
 def export_sim_cmd(
@@ -145,6 +186,20 @@ def export_sim_cmd(
 
     meta = export_sim(out, samples, seed)
     console.print(f"wrote {samples} samples to {meta.parent} (index: {meta})")
+
+
+@dataset_app.command("export-real")
+@_friendly
+def export_real_cmd(
+    name: str = typer.Argument(..., help="digits | basicmotions | gunpoint | arrowhead"),
+    out: Path = typer.Option(..., "--out", help="Folder to create."),
+    seed: int = typer.Option(0, help="Seed of the split (and of digits' voices and noise)."),
+) -> None:
+    """Write a public real dataset that an installed package ships (no download) as a dataset folder."""
+    from streamfuse.models.realdata import export_real
+
+    meta = export_real(name, out, seed)
+    console.print(f"wrote {name} to {meta.parent} (index: {meta})")
 
 
 def _registry() -> Any:
@@ -190,6 +245,21 @@ def import_cmd(
     """Store a bundle's units in the registry (idempotent) and activate them."""
     units = _registry().import_bundle(path, activate=activate)
     console.print(("imported and activated: " if activate else "imported: ") + json.dumps(units))
+
+
+@models_app.command("import-unit")
+@_friendly
+def import_unit_cmd(
+    modality: str = typer.Argument(..., help="image | audio | series"),
+    arch: str = typer.Option(..., "--arch", help="Architecture of the weights (a timm name or an sf_* backbone)."),
+    weights: Path = typer.Option(..., "--weights", help="The trained weights, .safetensors (never a pickle)."),
+    preprocessing: Path = typer.Option(..., "--preprocessing", help="JSON: classes and preprocessing fields."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder; its val split gives the baseline."),
+    activate: bool = typer.Option(False, "--activate/--no-activate", help="Activate the new version."),
+) -> None:
+    """Register a model trained elsewhere as a unit, after checking shapes, classes and a probe forward pass."""
+    version = _registry().import_unit(modality, arch, weights, preprocessing, data, activate=activate)
+    console.print(f"{modality}: imported {version}" + (" and activated" if activate else ""))
 
 
 @models_app.command("activate")

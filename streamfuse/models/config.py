@@ -23,7 +23,19 @@ DEFAULT_ARCHS: dict[str, str] = {
     "audio": "sf_audio_cnn",
     "series": "sf_series_cnn",
 }
-FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head")  # learned modes must beat UME on validation first
+# Opt-in presets: "fast" is the demo's (seconds on 2 cores); "accurate" is what
+# `streamfuse train` uses by default (stronger backbones, larger inputs). Any field can
+# still be overridden per modality (`--arch image=resnet18 --image-size 96`).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {m: {"arch": a} for m, a in DEFAULT_ARCHS.items()},
+    "accurate": {
+        "image": {"arch": "sf_image_cnn", "image_size": 64},
+        "audio": {"arch": "sf_audio_cnn_wide", "sample_rate": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 64,
+                  "clip_samples": 16000},
+        "series": {"arch": "sf_resnet1d_small"},
+    },
+}
+FUSION_MODES: tuple[str, ...] = ("ume", "weighted", "head", "mmlora")  # learned modes must beat UME on validation first
 # Modes without weights that need the bundle's validation calibration (streamfuse.models.fusion.quality).
 CALIBRATED_MODES: tuple[str, ...] = ("quality",)
 FUSION_MODES += CALIBRATED_MODES
@@ -126,22 +138,28 @@ class ModalityConfig:
             raise ModelError(f"invalid modality config: {exc}") from None
 
 
-def default_config(modality: str, classes: tuple[str, ...] | list[str], **overrides: Any) -> ModalityConfig:
-    """The default config of ``modality`` (arch from :data:`DEFAULT_ARCHS`).
+def default_config(modality: str, classes: tuple[str, ...] | list[str], preset: str = "fast",
+                   **overrides: Any) -> ModalityConfig:
+    """The default config of ``modality`` in a preset (:data:`PRESETS`).
 
     Args:
         modality: ``"image"``, ``"audio"`` or ``"series"``.
         classes: class names, in logit order.
+        preset: ``"fast"`` (arch from :data:`DEFAULT_ARCHS`) or ``"accurate"``.
         **overrides: any other :class:`ModalityConfig` field.
 
     Raises:
-        ModelError: on an unknown modality or invalid values.
+        ModelError: on an unknown modality or preset, or invalid values.
 
     Examples:
         >>> default_config("image", ["a", "b"]).arch
         'test_resnet'
+        >>> default_config("image", ["a", "b"], "accurate", image_size=96).image_size
+        96
     """
     if modality not in DEFAULT_ARCHS:
         raise ModelError(f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
-    fields = {"arch": DEFAULT_ARCHS[modality], **overrides}
+    if preset not in PRESETS:
+        raise ModelError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset][modality], **overrides}
     return ModalityConfig(modality=modality, classes=tuple(classes), **fields)

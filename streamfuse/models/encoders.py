@@ -9,7 +9,9 @@ channel) behind the mel front end; series use a small 1-D CNN.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -19,9 +21,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from streamfuse.errors import ModelError
+from streamfuse.models.backbones import OWN_ARCHS, ConvNet
 from streamfuse.models.config import ModalityConfig
 
-OWN_ARCHS = {"sf_audio_cnn": "audio", "sf_series_cnn": "series"}
+__all__ = ["OWN_ARCHS", "ConvNet", "LogMel", "SensorModel", "count_params", "create_frontend", "create_model",
+           "load_pretrained"]
+
 
 
 class SensorModel(nn.Module):
@@ -87,40 +92,6 @@ class LogMel(nn.Module):
             return self.to_db(self.mel(wave.float())).unsqueeze(1)
 
 
-class ConvNet(nn.Module):
-    """A small 1-D or 2-D CNN with timm's classifier API; input batch-norm learns the scale."""
-
-    def __init__(self, dims: int, in_chans: int, num_classes: int, widths: tuple[int, ...], kernel: int) -> None:
-        super().__init__()
-        if dims == 1:
-            conv, bn, pool = nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
-        else:
-            conv, bn, pool = nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
-        layers: list[nn.Module] = [bn(in_chans)]
-        prev = in_chans
-        for i, width in enumerate(widths):
-            layers += [conv(prev, width, kernel, padding=kernel // 2, bias=False), bn(width), nn.ReLU(inplace=True)]
-            if i < len(widths) - 1:
-                layers.append(pool(2))
-            prev = width
-        self.features = nn.Sequential(*layers)
-        self.num_features = prev
-        self.fc = nn.Linear(prev, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.flatten(2).mean(-1)  # global average pool over time (and frequency)
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
 def create_frontend(cfg: ModalityConfig) -> nn.Module:
     """The parameter-free signal front end of ``cfg``'s model (log-mel for audio)."""
     return LogMel(cfg) if cfg.modality == "audio" else nn.Identity()
@@ -151,14 +122,14 @@ def create_model(cfg: ModalityConfig, *, weights: str | Path | None = None) -> S
     """
     arch, n = cfg.arch, cfg.num_classes
     if arch in OWN_ARCHS:
-        if OWN_ARCHS[arch] != cfg.modality:
-            raise ModelError(f"arch {arch!r} is for {OWN_ARCHS[arch]}, not {cfg.modality}")
-        if arch == "sf_audio_cnn":
-            model = SensorModel(cfg, ConvNet(2, 1, n, (16, 32, 64, 64), 3), LogMel(cfg))
-        else:
-            model = SensorModel(cfg, ConvNet(1, cfg.in_channels, n, (32, 64, 64), 5))
+        modality, build = OWN_ARCHS[arch]
+        if modality != cfg.modality:
+            raise ModelError(f"arch {arch!r} is for {modality}, not {cfg.modality}")
+        in_chans = {"image": 3, "audio": 1, "series": cfg.in_channels}[modality]
+        model = SensorModel(cfg, build(in_chans, n), create_frontend(cfg))
     elif cfg.modality == "series":
-        raise ModelError(f"series arch {arch!r} unknown; valid: sf_series_cnn")
+        own = [a for a, (mod, _) in OWN_ARCHS.items() if mod == "series"]
+        raise ModelError(f"series arch {arch!r} unknown; valid: {', '.join(own)}")
     else:
         in_chans = 3 if cfg.modality == "image" else 1
         try:
@@ -166,56 +137,85 @@ def create_model(cfg: ModalityConfig, *, weights: str | Path | None = None) -> S
         except RuntimeError as exc:
             hint = "see timm.list_models()"
             raise ModelError(f"{cfg.modality}: cannot build timm arch {arch!r} ({exc}); {hint}") from None
-        model = SensorModel(cfg, net, LogMel(cfg) if cfg.modality == "audio" else None)
+        model = SensorModel(cfg, net, create_frontend(cfg))
     if weights is not None:
         load_pretrained(model, weights)
     return model
 
 
-def load_pretrained(model: SensorModel, path: str | Path) -> None:
-    """Load a ``.safetensors`` checkpoint into ``model`` (see :func:`create_model`).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def read_checkpoint(path: str | Path, arch: str = "ARCH") -> dict[str, torch.Tensor]:
+    """The tensors of a pretrained checkpoint: safetensors, or a *weights-only* torch file.
+
+    ``.pt`` / ``.pth`` / ``.bin`` files (timm checkpoints, torchvision state dicts) are
+    read with ``torch.load(weights_only=True)``, which refuses any pickled object other
+    than tensors and plain containers, so a checkpoint cannot run code. A dict wrapping
+    the state (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped and a DDP
+    ``module.`` prefix dropped.
 
     Raises:
-        ModelError: the file is missing, not safetensors, unreadable or incompatible.
+        ModelError: missing, another suffix, unreadable, or not a weights-only state dict.
+    """
+    path = Path(path)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise ModelError(f"pretrained weights {path} must be one of {', '.join(CHECKPOINT_SUFFIXES)} "
+                         "(safetensors, or a weights-only torch state dict)", path)
+    if not path.is_file():
+        raise ModelError(
+            f"pretrained weights file {path} not found; download a {arch!r} checkpoint there on a connected "
+            f"machine (e.g. `hf download timm/{arch} model.safetensors --local-dir {path.parent}`) "
+            "or leave weights unset to train from scratch", path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ModelError(f"cannot read pretrained weights {path} ({str(exc).splitlines()[0][:200]}); only "
+                         "safetensors or weights-only state dicts load: on the machine that made it, run "
+                         "`safetensors.torch.save_file(model.state_dict(), 'w.safetensors')`", path) from None
+    while isinstance(state, dict) and len(state) >= 1 and any(k in state for k in _WRAPPERS) \
+            and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = state[next(k for k in _WRAPPERS if k in state)]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"pretrained weights {path} hold no state dict of tensors; save `model.state_dict()`", path)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(model: SensorModel, path: str | Path) -> None:
+    """Load a pretrained checkpoint (:func:`read_checkpoint`) into ``model``.
+
+    A timm / torchvision checkpoint holds the network (keys without prefix), a
+    streamfuse weights file the whole model (keys under ``net.``; its parameter-free
+    front end is rebuilt from the config, not loaded). A classifier of another size is
+    dropped (re-initialized); every other parameter must be in the file.
+
+    Raises:
+        ModelError: the file is missing, not loadable safely, or does not fit the arch.
     """
     path = Path(path)
     arch = model.sf_config.arch
-    if path.suffix != ".safetensors":
-        raise ModelError(
-            f"pretrained weights {path} must be a .safetensors file (pickle checkpoints are "
-            "never loaded); convert it with safetensors.torch.save_file",
-            path,
-        )
-    if not path.is_file():
-        raise ModelError(
-            f"pretrained weights file {path} not found; download a {arch!r} checkpoint there "
-            f"(e.g. `hf download timm/{arch} model.safetensors --local-dir {path.parent}`) "
-            "or leave weights unset to train from scratch",
-            path,
-        )
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"cannot read pretrained weights {path}: {exc}", path) from None
-    # A streamfuse weights file holds the whole SensorModel; a timm checkpoint just the net.
-    target: nn.Module = model if any(k.startswith("net.") for k in state) else model.net
-    prefix = "net." if target is model else ""
-    clf = {id(p) for p in model.net.get_classifier().parameters()}
-    clf_keys = {prefix + k for k, p in model.net.named_parameters() if id(p) in clf}
+    state = read_checkpoint(path, arch)
+    if any(k.startswith("net.") for k in state):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    target = model.net
+    clf = {id(p) for p in target.get_classifier().parameters()}
+    clf_keys = {k for k, p in target.named_parameters() if id(p) in clf}
     own = target.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     bad = [k for k in mismatched if k not in clf_keys]
     if bad:
-        raise ModelError(f"pretrained weights {path} do not fit arch {arch!r}: shape mismatch at {bad[:3]}", path)
+        raise ModelError(f"pretrained weights {path} do not fit arch {arch!r}: shape mismatch at {bad[:3]} "
+                         "(a checkpoint of another architecture, or other input channels?)", path)
     state = {k: v for k, v in state.items() if k not in mismatched}
     result = target.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in clf_keys and not k.startswith("frontend.")]
-    if missing:
+    missing = [k for k in result.missing_keys if k not in clf_keys]
+    if missing or len(state) == 0:
         raise ModelError(
             f"pretrained weights {path} do not fit arch {arch!r}: {len(missing)} parameters missing, "
-            f"e.g. {missing[:3]} (a checkpoint of another architecture?)",
-            path,
-        )
+            f"e.g. {missing[:3]} (a checkpoint of another architecture?)", path)
 
 
 def count_params(model: nn.Module) -> int:

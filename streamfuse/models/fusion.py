@@ -17,6 +17,9 @@ modalities that take part, and returns fused probabilities ``[B, C]``:
   others (calibrated on the validation split, :mod:`streamfuse.monitor.evidence`). A
   fogged camera that is the odd one out weighs little in that very sample, before any
   alert or mask command.
+- ``mmlora``: the same head over the features of encoders carrying low-rank adapters,
+  trained jointly with them (:mod:`streamfuse.models.mmlora`); usable only with the
+  encoder and adapter versions it was trained with.
 
 A row with no modality in use gets the uniform distribution in every mode.
 """
@@ -346,7 +349,10 @@ class FusionUnit:
         same = all(versions.get(m) == self.trained_on.get(m) for m in modalities)
         # weighted acts on probabilities, which keep their meaning across encoder versions;
         # head reads features, which do not.
-        return (*(m for m in self.fusion.modes if m != "head" or same), *extra)
+        modes = (*(m for m in self.fusion.modes if m != "head" or same), *extra)
+        # mmlora reads the features of the adapted encoders: every encoder and adapter as trained.
+        adapted = all(versions.get(u) == v for u, v in self.trained_on.items())
+        return tuple(m for m in modes if m != "mmlora" or adapted)
 
 
 def fusion_version(mode: str, fusion: FusionSet | None, trained_on: Mapping[str, str]) -> str:

@@ -21,7 +21,7 @@ from streamfuse.models.config import ModalityConfig
 from streamfuse.models.encoders import SensorModel, create_model
 from streamfuse.models.fusion import FusionConfig, HeadFusion
 from streamfuse.models.runtime import autocast
-from streamfuse.models.splits import Split, run_net, score, score_fused
+from streamfuse.models.splits import Split, branch_outputs, run_net, score, score_fused
 from streamfuse.models.stage1 import Progress, TrainOptions, fit_loop
 
 PROBE_OPTIONS = TrainOptions(lr=1e-2, weight_decay=1e-3, batch_size=64, patience=8)
@@ -32,15 +32,7 @@ def _joint_logits(
     encoders: Mapping[str, SensorModel], head: HeadFusion, split: Split, idx: torch.Tensor, order: Sequence[str],
     present: torch.Tensor, pos: Sequence[torch.Tensor], dev: torch.device,
 ) -> torch.Tensor:
-    feats = []
-    for j, m in enumerate(order):
-        p = pos[j][idx]
-        have = (p >= 0).nonzero().squeeze(1)
-        full = torch.zeros(len(idx), encoders[m].num_features, device=dev)
-        if len(have):
-            f, _ = encoders[m].head_outputs(split.z[m][p[have]])
-            full = full.index_put((have,), f.float())
-        feats.append(full)
+    feats = [branch_outputs(encoders[m], split, m, pos[j], idx, dev)[0] for j, m in enumerate(order)]
     return head.logits(feats, present[idx])
 
 

@@ -49,6 +49,11 @@ def weights_file(bundle_dir: Path, modality: str) -> Path:
     return bundle_dir / f"{modality}.safetensors"
 
 
+def adapter_file(bundle_dir: Path, modality: str) -> Path:
+    """Where a modality's MMLoRA adapter lives in a bundle."""
+    return bundle_dir / f"lora_{modality}.safetensors"
+
+
 def bundle_version(versions: Mapping[str, str], classes: Sequence[str]) -> str:
     """A content-derived bundle id: the same unit versions and classes give the same id.
 
@@ -133,6 +138,7 @@ def check_manifest(man: Any, where: Path) -> None:
     if not (isinstance(fusion, dict) and fusion.get("mode") in FUSION_MODES and isinstance(fusion.get("version"), str)):
         raise fail(f"fusion must be {{'mode': one of {list(FUSION_MODES)}, 'version': str}}")
     _check_fusion(fusion, mods, classes, fail)
+    _check_adapters(man, mods, fail)
     for section in ("baselines", "test"):
         scores = man.get(section) or {}
         if not isinstance(scores, dict):
@@ -179,3 +185,20 @@ def _check_fusion(fusion: dict[str, Any], mods: list[str], classes: list[str], f
         raise fail(f"fusion.config modalities/classes do not match {mods} / {classes}")
     if not isinstance(fusion["weights"].get("sha256"), str):
         raise fail("fusion.weights.sha256 is missing")
+
+
+def _check_adapters(man: dict[str, Any], mods: list[str], fail: Any) -> None:
+    """``adapters`` (MMLoRA, optional): per modality, its version, base, rank, alpha, weights."""
+    adapters = man.get("adapters")
+    if adapters is None:
+        return
+    if not isinstance(adapters, dict) or set(adapters) - set(mods):
+        raise fail(f"adapters must be a map over the modalities {mods}")
+    for m, rec in adapters.items():
+        ok = isinstance(rec, dict) and isinstance(rec.get("version"), str) and isinstance(rec.get("rank"), int) \
+            and isinstance(rec.get("alpha"), (int, float)) and isinstance((rec.get("weights") or {}).get("sha256"), str)
+        if not ok:
+            raise fail(f"adapters.{m} needs version, rank, alpha and weights.sha256")
+        if rec.get("base") != man["configs"][m].get("version") or rec.get("modality") != m:
+            raise fail(f"adapters.{m} was trained on {rec.get('base')!r}, the bundle's {m} is "
+                       f"{man['configs'][m].get('version')!r}")

@@ -94,6 +94,22 @@ def prepare_split(
     return Split(name, torch.as_tensor(y, dtype=torch.long, device=dev), rows, z)
 
 
+def branch_outputs(
+    model: SensorModel, split: Split, modality: str, pos: torch.Tensor, idx: torch.Tensor, dev: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One branch on the samples ``idx`` of ``split`` (``pos`` = ``split.position(modality)``):
+    features ``[len(idx), D]`` (zeros where the modality is absent), the logits of the rows
+    that have it (None if none), and those rows (positions in ``idx``)."""
+    p = pos[idx]
+    have = (p >= 0).nonzero().squeeze(1)
+    full = torch.zeros(len(idx), model.num_features, device=dev)
+    logits = None
+    if len(have):
+        f, logits = model.head_outputs(split.z[modality][p[have]])
+        full = full.index_put((have,), f.float())
+    return full, logits, have
+
+
 @dataclass
 class Outputs:
     """Every modality's output on one split (CPU): probabilities, features, presence."""

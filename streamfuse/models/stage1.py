@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamfuse.models.augment import augment
 from streamfuse.models.config import ModalityConfig
 from streamfuse.models.encoders import SensorModel, create_model
 from streamfuse.models.runtime import autocast
@@ -38,6 +39,13 @@ class TrainOptions:
         threads: torch CPU threads while training; None = every core available. Set it
             (e.g. 1) for bit-identical results across machines with different core
             counts, or on a crowded host, where oversubscribed threads slow training a lot.
+        augment: light per-modality augmentation (:mod:`streamfuse.models.augment`).
+        min_steps: an epoch makes at least this many optimizer steps (more passes over
+            a small training set, so that patience and the schedule mean something).
+        class_weights: weight the loss by inverse class frequency (imbalanced data).
+        label_smoothing: of the cross-entropy.
+        time_budget_s: wall-clock budget of the whole training (stage 1, stage 2, MMLoRA);
+            a model stops after the epoch that crosses its share (None: no budget).
     """
 
     lr: float = 3e-3
@@ -45,6 +53,11 @@ class TrainOptions:
     batch_size: int = 32
     patience: int = 3
     threads: int | None = None
+    augment: bool = False
+    min_steps: int = 1
+    class_weights: bool = False
+    label_smoothing: float = 0.0
+    time_budget_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,7 @@ def fit_loop(
     *, name: str, stage: str, n: int, params: Iterable[Any], loss_fn: Callable[[torch.Tensor], torch.Tensor],
     evaluate: Callable[[], tuple[float, float]], train_modules: Sequence[nn.Module],
     state_modules: Sequence[nn.Module], epochs: int, seed: int, opts: TrainOptions, progress: Progress | None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Train until ``epochs`` or early stopping; the best-on-validation weights are restored.
 
@@ -86,20 +100,25 @@ def fit_loop(
         state_modules: their weights are snapshotted at the best epoch and restored.
         epochs, seed, opts: loop settings; ``seed`` fixes the batch order.
         progress: called after every epoch.
+        deadline: ``time.perf_counter()`` after which no new epoch starts (the budget).
 
     Returns:
-        ``{"best_epoch", "epochs_run", "best_val_macro_f1"}``.
+        ``{"best_epoch", "epochs_run", "best_val_macro_f1", "stopped"}`` (``stopped``:
+        ``"max_epochs"``, ``"patience"`` or ``"time_budget"``).
     """
     gen = torch.Generator().manual_seed(seed)
-    steps = max(1, -(-n // opts.batch_size))
+    passes = max(1, -(-opts.min_steps // max(1, -(-n // opts.batch_size))))
+    steps = passes * max(1, -(-n // opts.batch_size))
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
-    best, best_f1, best_epoch, epoch = None, -1.0, 0, 0
+    best, best_f1, best_epoch, epoch, stopped = None, -1.0, 0, 0, "max_epochs"
     for epoch in range(1, epochs + 1):
         start, losses = time.perf_counter(), []
         for module in train_modules:
             module.train()
-        for idx in torch.randperm(n, generator=gen).split(opts.batch_size):
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)]) if passes > 1 \
+            else torch.randperm(n, generator=gen)
+        for idx in order.split(opts.batch_size):
             if len(idx) > 1:  # batch-norm needs two samples
                 loss = loss_fn(idx)
                 opt.zero_grad(set_to_none=True)
@@ -116,27 +135,51 @@ def fit_loop(
             loss = float(np.mean(losses)) if losses else float("nan")
             progress(EpochReport(name, epoch, epochs, loss, acc, f1, improved, time.perf_counter() - start, stage))
         if epoch - best_epoch >= opts.patience:
+            stopped = "patience"
+            break
+        if deadline is not None and time.perf_counter() >= deadline and epoch < epochs:
+            stopped = "time_budget"
             break
     for module, state in zip(state_modules, best or []):
         module.load_state_dict(state)
-    return {"best_epoch": best_epoch, "epochs_run": epoch, "best_val_macro_f1": best_f1}
+    return {"best_epoch": best_epoch, "epochs_run": epoch, "best_val_macro_f1": best_f1, "stopped": stopped}
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``N / (C * count_c)`` (1 for a class without samples).
+
+    Examples:
+        >>> class_weights(torch.tensor([0, 0, 0, 1]), 3).tolist()
+        [0.4444444477558136, 1.3333333730697632, 1.0]
+    """
+    counts = torch.bincount(y.cpu(), minlength=n_classes).float()
+    w = len(y) / (n_classes * counts.clamp_min(1))
+    return torch.where(counts > 0, w, torch.ones_like(w))
 
 
 def fit_modality(
     cfg: ModalityConfig, train: Split, val: Split, epochs: int, seed: int, opts: TrainOptions,
-    dev: torch.device, progress: Progress | None,
+    dev: torch.device, progress: Progress | None, *, weights: str | None = None, deadline: float | None = None,
 ) -> tuple[SensorModel, dict[str, Any]]:
-    """Train one modality's model alone on its readings; returns it (eval) and a summary."""
+    """Train one modality's model alone on its readings; returns it (eval) and a summary.
+
+    ``weights`` is an optional pretrained checkpoint to start from (fine-tuning);
+    ``deadline`` a ``time.perf_counter()`` after which no new epoch starts.
+    """
     m = cfg.modality
     torch.manual_seed(seed)
-    model = create_model(cfg).to(dev)
+    model = create_model(cfg, weights=weights).to(dev)
     x, y = train.z[m], train.y[train.rows[m].to(dev)]
     xv, yv = val.z[m], val.y.cpu()[val.rows[m]]
+    weight = class_weights(y, cfg.num_classes).to(dev) if opts.class_weights else None
+    gen = torch.Generator().manual_seed(seed + 17)
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(dev)
+        xb = augment(m, x[idx], gen) if opts.augment else x[idx]
         with autocast(dev):
-            return F.cross_entropy(model.net(x[idx]).float(), y[idx])
+            logits = model.net(xb).float()
+        return F.cross_entropy(logits, y[idx], weight=weight, label_smoothing=opts.label_smoothing)
 
     def evaluate() -> tuple[float, float]:
         s = score(yv, run_net(model, xv, dev)[1].argmax(-1), cfg.num_classes)
@@ -144,7 +187,9 @@ def fit_modality(
 
     info = fit_loop(name=m, stage="stage1", n=len(x), params=model.parameters(), loss_fn=loss_fn,
                     evaluate=evaluate, train_modules=[model], state_modules=[model], epochs=epochs, seed=seed,
-                    opts=opts, progress=progress)
+                    opts=opts, progress=progress, deadline=deadline)
+    if weights is not None:
+        info["pretrained"] = str(weights)
     return model.eval(), info
 
 

@@ -90,10 +90,12 @@ class Candidate:
     units_val: dict[str, Any] = field(default_factory=dict)
     units_test: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str, Any] | None = None  # MMLoRA: modality -> lora.Adapter
 
     def record(self) -> dict[str, Any]:
         """The manifest entry: scores and how it was trained."""
-        return {"val": self.val, "test": self.test, "encoders": "umt" if self.encoders else "stage1", **self.info}
+        kind = "umt" if self.encoders else "mmlora" if self.adapters else "stage1"
+        return {"val": self.val, "test": self.test, "encoders": kind, **self.info}
 
 
 def _dropout(present: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:

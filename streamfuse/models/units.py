@@ -25,7 +25,8 @@ from streamfuse.models.bundle import LoadedUnit
 from streamfuse.models.bundle_io import build_fusion, build_sensor_model, read_weights
 from streamfuse.models.config import CALIBRATED_MODES, ModalityConfig
 from streamfuse.models.fusion import FusionUnit
-from streamfuse.models.manifest import FUSION_FILE, file_sha256, read_manifest, weights_file
+from streamfuse.models.lora import Adapter, adapter_unit
+from streamfuse.models.manifest import FUSION_FILE, adapter_file, file_sha256, read_manifest, weights_file
 from streamfuse.models.runtime import resolve_device
 from streamfuse.models.safefile import inspect_safetensors
 
@@ -34,7 +35,7 @@ __all__ = ["UNIT_FORMAT", "UNIT_MANIFEST", "UNIT_WEIGHTS", "bundle_units", "load
 UNIT_FORMAT = "streamfuse.unit/1"
 UNIT_MANIFEST = "unit.json"
 UNIT_WEIGHTS = "weights.safetensors"
-UNITS = (*MODALITIES, "fusion")
+UNITS = (*MODALITIES, *(f"lora_{m}" for m in MODALITIES), "fusion")  # lora_*: MMLoRA adapters
 _FIX = "re-import the bundle it came from with `streamfuse models import BUNDLE`"
 
 
@@ -59,6 +60,12 @@ def bundle_units(bundle_dir: Path) -> list[tuple[dict[str, Any], Path | None]]:
         out.append(({**common, "unit": m, "kind": "modality", "version": cfg["version"], "config": cfg,
                      "baseline": _scores(man["baselines"], m), "test": _scores(man.get("test") or {}, m),
                      "weights": _weights_entry(file, man["weights"][m])}, file))
+    for m, rec in (man.get("adapters") or {}).items():
+        file = adapter_file(bundle_dir, m)
+        out.append(({**common, "unit": adapter_unit(m), "kind": "adapter", "version": rec["version"],
+                     "adapter": {k: rec[k] for k in ("modality", "base", "rank", "alpha")},
+                     "baseline": dict(rec.get("baseline") or {}), "test": dict(rec.get("test") or {}),
+                     "weights": _weights_entry(file, rec["weights"])}, file))
     fusion = {k: v for k, v in man["fusion"].items() if k != "weights"}
     file = bundle_dir / FUSION_FILE if "weights" in man["fusion"] else None
     weights = _weights_entry(file, man["fusion"]["weights"]) if file is not None else None
@@ -150,6 +157,15 @@ def load_unit_dir(path: Path, device: str | torch.device = "cpu") -> LoadedUnit:
         return LoadedUnit(unit, version, module, man["baseline"], man)
     if state is None:
         raise ModelError(f"{where}: a {unit} unit needs weights; {_FIX}", where)
+    if unit.startswith("lora_"):
+        rec = man.get("adapter") or {}
+        try:
+            adapter = Adapter(rec["modality"], rec["base"], int(rec["rank"]), float(rec["alpha"]), state).with_version()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: adapter.{exc} is missing or invalid; {_FIX}", where) from None
+        if adapter.version != version or adapter_unit(adapter.modality) != unit:
+            raise ModelError(f"{where}: its weights are not adapter {unit} {version}; {_FIX}", where)
+        return LoadedUnit(unit, version, adapter, man["baseline"], man)
     cfg = ModalityConfig.from_dict(man.get("config") or {})
     if cfg.modality != unit or cfg.version != version or list(cfg.classes) != list(man["classes"]):
         raise ModelError(f"{where}: its config ({cfg.modality}, {cfg.version}) does not match unit {unit} "

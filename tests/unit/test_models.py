@@ -121,8 +121,8 @@ def test_missing_pretrained_file_names_path(tmp_path):
     with pytest.raises(ModelError) as err:
         create_model(cfg("image"), weights=missing)
     assert err.value.path == missing and str(missing) in str(err.value) and "download" in str(err.value)
-    with pytest.raises(ModelError, match="never loaded"):
-        create_model(cfg("image"), weights=tmp_path / "model.pth")
+    with pytest.raises(ModelError, match="must be one of .safetensors, .pt, .pth"):
+        create_model(cfg("image"), weights=tmp_path / "model.pkl")
 
 
 def test_pretrained_timm_checkpoint_loads_and_drops_other_classifier(tmp_path):

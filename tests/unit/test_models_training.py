@@ -35,7 +35,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path, str]:
     res = runner.invoke(app, ["dataset", "export-sim", "--out", str(root / "data"), "--samples", "400", "--seed", "3"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["train", "--data", str(root / "data"), "--out", str(root / "m"), "--compare",
-                              "--threads", "1", "--seed", "0", "--device", "cpu"], terminal_width=120)
+                              "--threads", "1", "--seed", "0", "--device", "cpu", "--preset", "fast", "--epochs", "8",
+                              "--no-mmlora"],
+                        terminal_width=120)
     assert res.exit_code == 0, (res.output, res.exception)
     return root / "data", root / "m", res.output
 
