@@ -62,10 +62,11 @@ def finish(pool: Pool, bundle) -> Pool:
         pool.fused["ume"][use] = ume(probs, mask).numpy()
         pool.fused["quality"][use] = quality(probs, mask, bundle.calibration, bundle.modalities,
                                              bundle.classes).numpy()
-    labels = pool.probs.argmax(-1)
+    labels, conf = pool.probs.argmax(-1), pool.probs.max(-1)
     for i in range(len(probs)):
         present = {mod: bundle.classes[labels[i, j]] for j, mod in enumerate(bundle.modalities) if pool.present[i, j]}
-        pool.evidence.append(sample_evidence(bundle.calibration, present))
+        sure = {mod: float(conf[i, j]) for j, mod in enumerate(bundle.modalities) if pool.present[i, j]}
+        pool.evidence.append(sample_evidence(bundle.calibration, present, conf=sure))
     return pool
 
 

@@ -68,13 +68,13 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         0
         >>> [round(x, 2) for x in quality(p, torch.ones(1, 3, dtype=torch.bool), cal,
         ...                                ("image", "audio", "series"), "ab")[0].tolist()]
-        [0.4, 0.6]
+        [0.36, 0.64]
     """
     from streamfuse.monitor.evidence import categories
 
     _check_shapes(probs, use)
     use = use.to(device=probs.device, dtype=torch.bool)
-    labels = probs.float().argmax(dim=-1).tolist()
+    conf, labels = (t.tolist() for t in probs.float().max(dim=-1))
     used = use.tolist()
     weights = torch.zeros(use.shape, dtype=torch.float32)
     for i, row in enumerate(used):
@@ -84,7 +84,7 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
             if not u:
                 continue
             k_cat = cats.get(modalities[j])
-            p = calibration.p_correct(modalities[j], *k_cat) if k_cat is not None else None
+            p = calibration.reliability(modalities[j], *k_cat, conf[i][j]) if k_cat is not None else None
             weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
     w = weights.to(probs.device).unsqueeze(-1)
     fused = (torch.where(use.unsqueeze(-1), probs.float(), 0.0) * w).sum(dim=1)

@@ -38,6 +38,7 @@ from streamfuse.monitor.base import Detector, DetectorValueError, _check_finite,
 
 DAY_S = 86_400
 MAX_FALSE_ALARMS_PER_DAY = 10_000.0  # beyond this a "budget" is no longer a guard
+MAX_EPISODES = 20  # alarm episodes kept per detector (for the estimate of past windows)
 
 
 def budget_threshold(false_alarms_per_day: float, detectors: int, samples_per_s: float) -> float:
@@ -232,6 +233,8 @@ class SequentialDetection:
     def reset(self) -> None:
         self._det: dict[SeqKey, Cusum] = {}
         self._reported: dict[SeqKey, bool] = {}  # firing state as of the last tick
+        self._zero_at: dict[SeqKey, int] = {}  # last sample time the statistic was 0 (change-point estimate)
+        self._episodes: dict[SeqKey, list[list[int | None]]] = {}  # [change point, resolved at | None]
         self._rates: dict[tuple[str, str], _Rate] = {}
         self._buffer: dict[str, tuple[int, str, dict[str, float]]] = {}  # sample id -> (ts, line, llr)
         self._next_tick: int | None = None
@@ -282,6 +285,8 @@ class SequentialDetection:
                 det = self._cusum(key)
                 det.threshold = self.threshold(key)
                 det.update(value)
+                if det.statistic == 0.0 and not det.firing:
+                    self._zero_at[key] = ts
 
     def threshold(self, key: SeqKey) -> float:
         """``h`` of one detector from the budget, the number of detectors and its rate."""
@@ -290,6 +295,23 @@ class SequentialDetection:
         rate = self._rates.get((key.scope, key.scope_id))
         per_s = rate.per_s(self.step_ms) if rate is not None else 1.0
         return budget_threshold(self.false_alarms_per_day, modalities * (1 + lines), per_s)
+
+    def _episode(self, key: SeqKey, firing: bool, tick: int) -> None:
+        eps = self._episodes.setdefault(key, [])
+        if firing:
+            eps.append([min(self._zero_at.get(key, tick), tick), None])
+            del eps[:-MAX_EPISODES]
+        elif eps and eps[-1][1] is None:
+            eps[-1][1] = tick
+
+    def flagged(self, line_id: str, modality: str, ts: int) -> bool:
+        """Whether ``modality`` was judged broken on ``line_id`` (or fleet-wide) at event time
+        ``ts``: from the CUSUM's change-point estimate (its last zero) until it resolved."""
+        for key in (SeqKey("line", line_id, modality), SeqKey("global", "", modality)):
+            for start, end in self._episodes.get(key, ()):
+                if start <= ts and (end is None or ts < end):
+                    return True
+        return False
 
     def attribution_threshold(self) -> float:
         lines = max(1, sum(1 for scope, _ in self._rates if scope == "line"))
@@ -301,6 +323,7 @@ class SequentialDetection:
         changed = [k for k, d in sorted(self._det.items()) if d.firing != self._reported.get(k, False)]
         for k in changed:
             self._reported[k] = self._det[k].firing
+            self._episode(k, self._det[k].firing, tick)
         lines_first: list[Transition] = []
         fleet: list[Transition] = []
         for k in changed:
@@ -316,6 +339,7 @@ class SequentialDetection:
                 if lk.scope == "line" and lk.modality == k.modality and not ld.firing and ld.statistic >= h_attr:
                     ld.fire()
                     self._reported[lk] = True
+                    self._episode(lk, True, tick)
                     lines_first.append(Transition(lk, True, tick, ld.statistic, h_attr, attributed=True))
         return lines_first + fleet
 
@@ -327,6 +351,8 @@ class SequentialDetection:
             "rates": [[s, i, r.n, r.first_ms, r.last_ms] for (s, i), r in sorted(self._rates.items())],
             "buffer": [[sid, ts, line, llr] for sid, (ts, line, llr) in sorted(self._buffer.items())],
             "next_tick": self._next_tick,
+            "zero_at": [[*k.to_list(), t] for k, t in sorted(self._zero_at.items())],
+            "episodes": [[*k.to_list(), eps] for k, eps in sorted(self._episodes.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -338,3 +364,5 @@ class SequentialDetection:
         self._rates = {(s, i): _Rate(n, f, la) for s, i, n, f, la in state.get("rates", [])}
         self._buffer = {sid: (int(ts), line, dict(llr)) for sid, ts, line, llr in state.get("buffer", [])}
         self._next_tick = state.get("next_tick")
+        self._zero_at = {SeqKey(a, b, c): int(t) for a, b, c, t in state.get("zero_at", [])}
+        self._episodes = {SeqKey(a, b, c): [list(e) for e in eps] for a, b, c, eps in state.get("episodes", [])}
