@@ -72,12 +72,12 @@ def finish(pool: Pool, bundle) -> Pool:
 
 def sim_pools(bundle, n: int, seed: int) -> dict[tuple[str, str] | str, Pool]:
     """The demo plant: ``n`` balanced samples, clean and under every fault kind."""
-    from streamfuse.sim.plant import CLASSES, Plant, PlantConfig
+    from streamfuse.sim.plant import Plant, PlantConfig
 
     plant = Plant(PlantConfig(seed=0), run_id="bench")
     out: dict = {}
     clean = plant.dataset(n, seed)
-    truth = [CLASSES.index(lab.label) for _, lab in clean]
+    truth = [bundle.classes.index(lab.label) for _, lab in clean]
     out["clean"] = finish(encode_pool(bundle, [s for s, _ in clean], truth), bundle)
     for m, kind in conditions(bundle.modalities):
         if kind == "dropout":

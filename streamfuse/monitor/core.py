@@ -119,7 +119,7 @@ class MonitorCore:
                               self._flagged if estimator is not None else None)
         self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
         self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
-                                              max(1, len(self.baselines))) if self.calibration else None
+                                              max(1, len(self.baselines)), self._llr) if self.calibration else None
         self._detectors: dict[DetKey, Any] = {}
         self._saved_detectors: dict[DetKey, dict[str, Any]] = {}  # restored state, applied when one is made
         self._episodes: dict[str, Episode] = {}  # fingerprint -> open episode
@@ -150,8 +150,9 @@ class MonitorCore:
         self._detect(out)
         if self.sequential is not None:
             if fresh:
-                llr = {m: v[1] for m, v in self._sample_evidence(pred).items() if v[1] is not None}
-                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, llr)
+                labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
+                conf = {m: max(p) for m, p in pred.modality_probs.items()}
+                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf)
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
                 self._on_sequential(out, t)
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
@@ -197,6 +198,9 @@ class MonitorCore:
 
     def _estimate(self, pred: Prediction) -> dict[str, list]:
         return {u: [v[0], v[2]] for u, v in self._sample_evidence(pred).items() if v[0] is not None}
+
+    def _llr(self, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
+        return {m: v[1] for m, v in sample_evidence(self.calibration, labels, None, conf).items() if v[1] is not None}
 
     def _flagged(self, line_id: str, unit: str, ts: int) -> bool:
         return self.sequential is not None and self.sequential.flagged(line_id, unit, ts)
