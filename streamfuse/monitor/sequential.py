@@ -290,7 +290,10 @@ class SequentialDetection:
         if not broken:
             return self.evidence(labels, conf)
         out = {}
+        healthy = [o for o in labels if o not in broken]
         for m in labels:  # each judged against the modalities not known to be broken
+            if m not in broken and len(healthy) < 3:
+                continue  # one partner left: a disagreement cannot say which of the two is at fault
             value = self.evidence({o: y for o, y in labels.items() if o == m or o not in broken}, conf).get(m)
             if value is not None:
                 out[m] = value
