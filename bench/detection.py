@@ -51,7 +51,7 @@ FLOOR_KINDS = (("image", "fog"), ("audio", "noise"), ("series", "flatline"))
 GRIDS = {  # most sensitive first
     "ADWIN": ("delta", [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 2e-3, 1e-4, 1e-6, 1e-9, 1e-12]),
     "PageHinkley": ("threshold", [1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 130, 200]),
-    "HDDM_W": ("drift_confidence", [0.2, 0.1, 0.05, 0.01, 1e-3, 1e-4, 1e-5, 1e-7, 1e-9, 1e-12]),
+    "HDDM_W": ("drift_confidence", [0.1, 0.01, 1e-3, 1e-5, 1e-8, 1e-12]),
 }
 
 

@@ -62,21 +62,22 @@ def finish(pool: Pool, bundle) -> Pool:
         pool.fused["ume"][use] = ume(probs, mask).numpy()
         pool.fused["quality"][use] = quality(probs, mask, bundle.calibration, bundle.modalities,
                                              bundle.classes).numpy()
-    labels = pool.probs.argmax(-1)
+    labels, conf = pool.probs.argmax(-1), pool.probs.max(-1)
     for i in range(len(probs)):
         present = {mod: bundle.classes[labels[i, j]] for j, mod in enumerate(bundle.modalities) if pool.present[i, j]}
-        pool.evidence.append(sample_evidence(bundle.calibration, present))
+        sure = {mod: float(conf[i, j]) for j, mod in enumerate(bundle.modalities) if pool.present[i, j]}
+        pool.evidence.append(sample_evidence(bundle.calibration, present, conf=sure))
     return pool
 
 
 def sim_pools(bundle, n: int, seed: int) -> dict[tuple[str, str] | str, Pool]:
     """The demo plant: ``n`` balanced samples, clean and under every fault kind."""
-    from streamfuse.sim.plant import CLASSES, Plant, PlantConfig
+    from streamfuse.sim.plant import Plant, PlantConfig
 
     plant = Plant(PlantConfig(seed=0), run_id="bench")
     out: dict = {}
     clean = plant.dataset(n, seed)
-    truth = [CLASSES.index(lab.label) for _, lab in clean]
+    truth = [bundle.classes.index(lab.label) for _, lab in clean]
     out["clean"] = finish(encode_pool(bundle, [s for s, _ in clean], truth), bundle)
     for m, kind in conditions(bundle.modalities):
         if kind == "dropout":

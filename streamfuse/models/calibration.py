@@ -9,14 +9,17 @@ through the registry to the monitor and the workers.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from streamfuse.monitor.evidence import FUSED, Calibration
 
-__all__ = ["attach_calibration", "fit_calibration"]
+__all__ = ["attach_calibration", "calibrate_bundle", "fit_calibration"]
 
 
 def fit_calibration(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor, fused: torch.Tensor,
@@ -32,16 +35,16 @@ def fit_calibration(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
         >>> p = torch.tensor([[[0.9, 0.1], [0.8, 0.2]], [[0.2, 0.8], [0.1, 0.9]]])
         >>> cal = fit_calibration(p, torch.ones(2, 2, dtype=torch.bool), torch.tensor([0, 1]), p.mean(1),
         ...                       ("image", "audio"), ("ok", "bad"))
-        >>> cal.units, round(cal.p_correct("image", 1, "agree"), 2)
-        (('audio', 'fused', 'image'), 0.92)
+        >>> cal.units, round(cal.p_correct("image", 1, "agree", conf=0.95), 2)
+        (('audio', 'fused', 'image'), 0.97)
     """
-    labels = probs.float().argmax(-1).tolist()
+    conf, labels = (t.tolist() for t in probs.float().max(-1))
     have = present.tolist()
     truth = y.cpu().tolist()
-    rows = [({m: classes[labels[i][j]] for j, m in enumerate(order) if have[i][j]}, classes[truth[i]])
-            for i in range(len(truth))]
+    rows = [({m: classes[labels[i][j]] for j, m in enumerate(order) if have[i][j]}, classes[truth[i]],
+             {m: conf[i][j] for j, m in enumerate(order) if have[i][j]}) for i in range(len(truth))]
     fused_labels = [classes[c] for c in fused.float().argmax(-1).tolist()]
-    keep = [i for i, (lab, _) in enumerate(rows) if lab]
+    keep = [i for i, row in enumerate(rows) if row[0]]
     return Calibration.fit([rows[i] for i in keep], [fused_labels[i] for i in keep])
 
 
@@ -52,3 +55,42 @@ def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration) ->
         tables = cal.unit_dict(FUSED if unit == "fused" else unit)
         if tables and isinstance(base, MutableMapping):
             baselines[unit] = {**base, "calibration": tables}
+
+
+def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
+    """Add (or replace) the validation calibration of an existing bundle, in place.
+
+    For bundles trained before the calibration existed: run the bundle on its validation
+    samples and store the tables with the baselines. The weights are not touched.
+
+    Args:
+        path: the bundle directory.
+        val: ``(Sample, Label)`` pairs of the bundle's validation split.
+
+    Returns:
+        The manifest as written.
+
+    Raises:
+        ModelError: the bundle does not load, or a label is not one of its classes.
+    """
+    from streamfuse.errors import ModelError
+    from streamfuse.models.bundle_io import load_bundle
+    from streamfuse.models.manifest import MANIFEST, check_manifest
+
+    path = Path(path)
+    bundle = load_bundle(path)
+    unknown = sorted({lab.label for _, lab in val} - set(bundle.classes))
+    if unknown or not val:
+        raise ModelError(f"validation labels {unknown} are not classes of {path} {list(bundle.classes)}, or "
+                         "there are none; pass the bundle's own validation split", path)
+    enc = bundle.encode([s.readings for s, _ in val])
+    y = torch.tensor([bundle.classes.index(lab.label) for _, lab in val])
+    fused = bundle.fuse(enc, enc.computed)
+    cal = fit_calibration(enc.modality_probs, enc.computed, y, fused, bundle.modalities, bundle.classes)
+    manifest = json.loads((path / MANIFEST).read_text())
+    attach_calibration(manifest["baselines"], cal)
+    check_manifest(manifest, path)
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path / MANIFEST)
+    return manifest

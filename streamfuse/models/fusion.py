@@ -12,9 +12,9 @@ modalities that take part, and returns fused probabilities ``[B, C]``:
 - ``head`` (:class:`HeadFusion`): a small MLP over the concatenated, layer-normalized
   features; an unused modality's features are zeroed and a presence indicator is
   appended, so the head knows what is missing (it is trained with modality dropout).
-- ``quality`` (:func:`quality`): quality-aware, no weights: per sample, each modality is
-  weighted by its label-free probability of being right given how it agrees with the
-  others (calibrated on the validation split, :mod:`streamfuse.monitor.evidence`). A
+- ``quality`` (:func:`quality`): quality-aware, no weights: per sample, the odd one out
+  (the others agree without it) is weighted by its label-free probability of being right
+  given its confidence and how often a healthy vs a broken unit ends up there (calibrated on the validation split, :mod:`streamfuse.monitor.evidence`). A
   fogged camera that is the odd one out weighs little in that very sample, before any
   alert or mask command.
 - ``mmlora``: the same head over the features of encoders carrying low-rank adapters,
@@ -71,13 +71,13 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         0
         >>> [round(x, 2) for x in quality(p, torch.ones(1, 3, dtype=torch.bool), cal,
         ...                                ("image", "audio", "series"), "ab")[0].tolist()]
-        [0.4, 0.6]
+        [0.36, 0.64]
     """
     from streamfuse.monitor.evidence import categories
 
     _check_shapes(probs, use)
     use = use.to(device=probs.device, dtype=torch.bool)
-    labels = probs.float().argmax(dim=-1).tolist()
+    conf, labels = (t.tolist() for t in probs.float().max(dim=-1))
     used = use.tolist()
     weights = torch.zeros(use.shape, dtype=torch.float32)
     for i, row in enumerate(used):
@@ -87,7 +87,10 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
             if not u:
                 continue
             k_cat = cats.get(modalities[j])
-            p = calibration.p_correct(modalities[j], *k_cat) if k_cat is not None else None
+            # Only the odd one out (the others agree without it) is judged: when all differ, one
+            # sample cannot say which is broken, and UME's equal weights are the safe answer.
+            odd = k_cat is not None and k_cat[1] == "odd"
+            p = calibration.reliability(modalities[j], *k_cat, conf[i][j]) if odd else None
             weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
     w = weights.to(probs.device).unsqueeze(-1)
     fused = (torch.where(use.unsqueeze(-1), probs.float(), 0.0) * w).sum(dim=1)

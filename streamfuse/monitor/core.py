@@ -113,12 +113,13 @@ class MonitorCore:
                     "STREAMFUSE_MONITOR__DEGRADATION_MARGIN"
                 )
         self.calibration = Calibration.from_baselines(baselines)
-        self._evidence: tuple[str, dict[str, tuple[float | None, float | None]]] = ("", {})
+        self._evidence: tuple[str, dict[str, tuple]] = ("", {})
         estimator = self._estimate if self.calibration is not None else None
-        self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator)
+        self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator,
+                              self._flagged if estimator is not None else None)
         self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
         self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
-                                              max(1, len(self.baselines))) if self.calibration else None
+                                              max(1, len(self.baselines)), self._llr) if self.calibration else None
         self._detectors: dict[DetKey, Any] = {}
         self._saved_detectors: dict[DetKey, dict[str, Any]] = {}  # restored state, applied when one is made
         self._episodes: dict[str, Episode] = {}  # fingerprint -> open episode
@@ -149,8 +150,9 @@ class MonitorCore:
         self._detect(out)
         if self.sequential is not None:
             if fresh:
-                llr = {m: v[1] for m, v in self._sample_evidence(pred).items() if v[1] is not None}
-                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, llr)
+                labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
+                conf = {m: max(p) for m, p in pred.modality_probs.items()}
+                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf)
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
                 self._on_sequential(out, t)
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
@@ -186,15 +188,22 @@ class MonitorCore:
 
     # ------------------------------------------------------------------ label-free evidence
 
-    def _sample_evidence(self, pred: Prediction) -> dict[str, tuple[float | None, float | None]]:
+    def _sample_evidence(self, pred: Prediction) -> dict[str, tuple]:
         """unit -> (P(right), LLR) of one sample; computed once per prediction."""
         if self._evidence[0] != pred.sample_id:
             labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
-            self._evidence = (pred.sample_id, sample_evidence(self.calibration, labels, pred.fused_label))
+            conf = {m: max(p) for m, p in pred.modality_probs.items()}
+            self._evidence = (pred.sample_id, sample_evidence(self.calibration, labels, pred.fused_label, conf))
         return self._evidence[1]
 
-    def _estimate(self, pred: Prediction) -> dict[str, float]:
-        return {u: p for u, (p, _) in self._sample_evidence(pred).items() if p is not None}
+    def _estimate(self, pred: Prediction) -> dict[str, list]:
+        return {u: [v[0], v[2]] for u, v in self._sample_evidence(pred).items() if v[0] is not None}
+
+    def _llr(self, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
+        return {m: v[1] for m, v in sample_evidence(self.calibration, labels, None, conf).items() if v[1] is not None}
+
+    def _flagged(self, line_id: str, unit: str, ts: int) -> bool:
+        return self.sequential is not None and self.sequential.flagged(line_id, unit, ts)
 
     def _on_sequential(self, out: Outputs, t: Transition) -> None:
         k = t.key

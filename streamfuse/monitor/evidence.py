@@ -13,6 +13,10 @@ modality ``m`` of a sample gets a **category** from the labels of the others ``O
 * ``differ``  — m matches none of the others and they do not agree either (with a
   single other modality, any disagreement is ``differ``).
 
+Each category is split by the modality's own confidence (``+`` at or above
+:data:`CONF_HI`, ``-`` below): alone confidence says little, but *confidently* the odd
+one out is the signature of a fogged camera, and rare in a healthy one.
+
 One broken modality turns the others' view of each other around (audio's partner
 image is now wrong), so the odd one out of a sample is set aside first and the others
 are judged among the rest (:func:`categories`). Categories are keyed by how many others
@@ -44,6 +48,7 @@ from typing import Any
 from streamfuse.errors import ConfigError
 
 CATEGORIES: tuple[str, ...] = ("agree", "odd", "split", "differ")
+CONF_HI = 0.9  # an answer given with at least this confidence is "sure" (suffix "+", else "-")
 FUSED_CATEGORIES: tuple[str, ...] = ("all", "most", "half", "none")
 FUSED = "fused"
 SHIFTS = 7  # cyclic shifts of a modality's answers that stand in for a broken sensor
@@ -131,6 +136,7 @@ class Table:
     p_correct: dict[str, float]
     llr: dict[str, float] = field(default_factory=dict)
     n: int = 0
+    p_broken: dict[str, float] = field(default_factory=dict)  # P(right | category) of a broken modality
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,7 @@ class Calibration:
         >>> rows += [({"image": "a", "audio": "b", "series": "b"}, "b")] * 4
         >>> cal = Calibration.fit(rows)
         >>> round(cal.p_correct("image", 2, "agree"), 2), round(cal.p_correct("image", 2, "odd"), 2)
-        (1.0, 0.18)
+        (1.0, 0.0)
         >>> cal.llr("image", 2, "odd") > 0 > cal.llr("image", 2, "agree")
         True
         >>> Calibration.from_dict(cal.to_dict()) == cal
@@ -154,13 +160,38 @@ class Calibration:
     def table(self, unit: str, k: int) -> Table | None:
         return self.tables.get(unit, {}).get(k)
 
-    def p_correct(self, unit: str, k: int, cat: str) -> float | None:
+    def p_correct(self, unit: str, k: int, cat: str, conf: float | None = None) -> float | None:
         t = self.table(unit, k)
-        return None if t is None else t.p_correct.get(cat)
+        return None if t is None else t.p_correct.get(key(cat, conf), t.p_correct.get(cat))
 
-    def llr(self, unit: str, k: int, cat: str) -> float | None:
+    def p_correct_broken(self, unit: str, k: int, cat: str, conf: float | None = None) -> float | None:
+        """P(right | category) if the unit is broken (measured on the shuffled answers)."""
         t = self.table(unit, k)
-        return None if t is None else t.llr.get(cat)
+        return None if t is None else t.p_broken.get(key(cat, conf), t.p_broken.get(cat))
+
+    def reliability(self, unit: str, k: int, cat: str, conf: float | None = None,
+                    prior_broken: float = 0.5) -> float | None:
+        """P(right | category) when the unit may be broken (prior ``prior_broken``): the
+        healthy and broken answers mixed by how likely the category is under each. This is
+        what a single sample can say: the quality-aware fusion's weight.
+
+        Examples:
+            >>> rows = [({"image": y, "audio": y, "series": y}, y) for y in "abab"] * 10
+            >>> cal = Calibration.fit(rows + [({"image": "a", "audio": "b", "series": "b"}, "b")] * 4)
+            >>> round(cal.reliability("image", 2, "agree"), 2) > 0.9 > round(cal.reliability("image", 2, "odd"), 2)
+            True
+        """
+        healthy, llr = self.p_correct(unit, k, cat, conf), self.llr(unit, k, cat, conf)
+        if healthy is None or llr is None:
+            return healthy
+        broken = self.p_correct_broken(unit, k, cat, conf)
+        w = prior_broken * math.exp(llr)
+        post = w / (w + 1 - prior_broken)
+        return post * (broken if broken is not None else 0.0) + (1 - post) * healthy
+
+    def llr(self, unit: str, k: int, cat: str, conf: float | None = None) -> float | None:
+        t = self.table(unit, k)
+        return None if t is None else t.llr.get(key(cat, conf), t.llr.get(cat))
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -169,11 +200,12 @@ class Calibration:
     # ------------------------------------------------------------------ fitting
 
     @classmethod
-    def fit(cls, rows: Sequence[tuple[Mapping[str, str], str]], fused: Sequence[str] | None = None) -> Calibration:
-        """Fit on validation rows ``(modality -> predicted label, true label)``.
+    def fit(cls, rows: Sequence[tuple], fused: Sequence[str] | None = None) -> Calibration:
+        """Fit on validation rows ``(modality -> predicted label, true label[, modality -> confidence])``.
 
         Args:
-            rows: one entry per validation sample (modalities without an answer absent).
+            rows: one entry per validation sample (modalities without an answer absent);
+                with confidences the categories are split by :data:`CONF_HI`.
             fused: the fused label per row, for the ``fused`` unit (optional).
 
         Raises:
@@ -185,29 +217,43 @@ class Calibration:
             raise ConfigError(f"fused has {len(fused)} labels for {len(rows)} validation rows")
         healthy: dict[tuple[str, int], dict[str, list[int]]] = {}  # -> cat -> [n, correct]
         broken: dict[tuple[str, int], dict[str, int]] = {}
-        expanded = [v for row in rows for v in _variants(row)]
-        for labels, truth in expanded:
+        broken_right: dict[tuple[str, int], dict[str, int]] = {}
+        expanded = [v for row in rows for v in _variants(_with_conf(row))]
+        for labels, truth, conf in expanded:
             for m, (k, cat) in categories(labels).items():
-                cell = healthy.setdefault((m, k), {}).setdefault(cat, [0, 0])
+                cell = healthy.setdefault((m, k), {}).setdefault(key(cat, conf.get(m)), [0, 0])
                 cell[0] += 1
                 cell[1] += labels[m] == truth
         n = len(expanded)
         for shift in range(1, min(SHIFTS, n - 1) + 1):
-            for i, (labels, _) in enumerate(expanded):
-                donor = expanded[(i + shift) % n][0]
+            for i, (labels, _, _) in enumerate(expanded):
+                donor, donor_conf = expanded[(i + shift) % n][0], expanded[(i + shift) % n][2]
                 for m in labels:
                     if m not in donor:
                         continue
                     k_cat = categories({**labels, m: donor[m]}).get(m)
                     if k_cat is not None:
                         counts = broken.setdefault((m, k_cat[0]), {})
-                        counts[k_cat[1]] = counts.get(k_cat[1], 0) + 1
+                        cat = key(k_cat[1], donor_conf.get(m))
+                        counts[cat] = counts.get(cat, 0) + 1
+                        right = broken_right.setdefault((m, k_cat[0]), {})
+                        right[cat] = right.get(cat, 0) + (donor[m] == expanded[i][1])
+        binned = any(row[2] for row in expanded)
+        cats = tuple(key(c, v) for c in CATEGORIES for v in ((1.0, 0.0) if binned else (None,)))
+        pooled: dict[tuple[int, str], list[int]] = {}  # every modality's cells: the prior of a rare one
+        for (m, k), cells in healthy.items():
+            for cat, (seen, right) in cells.items():
+                cell = pooled.setdefault((k, cat.rstrip("+-")), [0, 0])
+                cell[0] += seen
+                cell[1] += right
         tables: dict[str, dict[int, Table]] = {}
         for (m, k), cells in healthy.items():
-            tables.setdefault(m, {})[k] = _table(cells, broken.get((m, k), {}), CATEGORIES)
+            prior = {c: (r + PRIOR / 2) / (n_ + PRIOR) for (kk, c), (n_, r) in pooled.items() if kk == k}
+            tables.setdefault(m, {})[k] = _table(cells, broken.get((m, k), {}), cats, prior,
+                                                 broken_right.get((m, k), {}))
         if fused is not None:
             cells_f: dict[int, dict[str, list[int]]] = {}
-            for (labels, truth), y in zip(rows, fused):
+            for (labels, truth, _), y in zip(map(_with_conf, rows), fused):
                 kc = fused_category(y, labels)
                 if kc is not None:
                     cell = cells_f.setdefault(kc[0], {}).setdefault(kc[1], [0, 0])
@@ -220,7 +266,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: ``{unit: {str(k): {"p_correct", "llr", "n"}}}``."""
-        return {u: {str(k): {"p_correct": dict(t.p_correct), "llr": dict(t.llr), "n": t.n}
+        return {u: {str(k): {"p_correct": dict(t.p_correct), "llr": dict(t.llr), "n": t.n, "p_broken": dict(t.p_broken)}
                     for k, t in sorted(by_k.items())} for u, by_k in sorted(self.tables.items())}
 
     def unit_dict(self, unit: str) -> dict[str, Any]:
@@ -243,13 +289,14 @@ class Calibration:
                     p = {str(c): float(v) for c, v in t["p_correct"].items()}
                     llr = {str(c): float(v) for c, v in t.get("llr", {}).items()}
                     n = int(t.get("n", 0))
+                    pb = {str(c): float(v) for c, v in t.get("p_broken", {}).items()}
                 except (KeyError, TypeError, ValueError, AttributeError):
                     raise ConfigError(f"calibration of {unit!r} k={k!r} is not a table "
                                       "{'p_correct': {...}, 'llr': {...}, 'n': N}; retrain the bundle") from None
                 if kk < 1 or not all(0.0 <= v <= 1.0 for v in p.values()) or not all(map(math.isfinite, llr.values())):
                     raise ConfigError(f"calibration of {unit!r} k={k!r} has values out of range "
                                       f"(p_correct in [0, 1], llr finite): {t!r}; retrain the bundle")
-                tables[unit][kk] = Table(p, llr, n)
+                tables[unit][kk] = Table(p, llr, n, pb)
         return cls(tables)
 
     @classmethod
@@ -259,35 +306,58 @@ class Calibration:
         return cls.from_dict(parts) if parts else None
 
 
-def _variants(row: tuple[Mapping[str, str], str]) -> list[tuple[Mapping[str, str], str]]:
+def key(cat: str, conf: float | None) -> str:
+    """A category split by the answer's confidence (unsplit without one).
+
+    Examples:
+        >>> key("odd", 1.0), key("odd", 0.5), key("odd", None)
+        ('odd+', 'odd-', 'odd')
+    """
+    return cat if conf is None else cat + ("+" if conf >= CONF_HI else "-")
+
+
+def _with_conf(row: tuple) -> tuple[Mapping[str, str], str, Mapping[str, float]]:
+    return (row[0], row[1], row[2] if len(row) > 2 and row[2] is not None else {})
+
+
+def _variants(row: tuple) -> list[tuple]:
     """A validation row, plus the row without each one of its modalities (>= 3 of them), so
     that samples with a modality missing or masked are calibrated too."""
-    labels, truth = row
+    labels, truth, conf = row
     out = [row]
     if len(labels) >= 3:
-        out += [({o: v for o, v in labels.items() if o != m}, truth) for m in sorted(labels)]
+        out += [({o: v for o, v in labels.items() if o != m}, truth, conf) for m in sorted(labels)]
     return out
 
 
-def _table(cells: Mapping[str, list[int]], broken: Mapping[str, int], cats: Sequence[str]) -> Table:
+def _table(cells: Mapping[str, list[int]], broken: Mapping[str, int], cats: Sequence[str],
+           prior: Mapping[str, float] | None = None, broken_right: Mapping[str, int] | None = None) -> Table:
     n = sum(c[0] for c in cells.values())
     nb = sum(broken.values())
-    p_correct, llr = {}, {}
+    p_correct, llr, p_broken = {}, {}, {}
+    overall = (sum(c[1] for c in cells.values()) + PRIOR) / (n + 2 * PRIOR)
     for cat in cats:
         seen, right = cells.get(cat, [0, 0])
-        # shrink toward the modality's overall accuracy where a category is rare
-        overall = (sum(c[1] for c in cells.values()) + PRIOR) / (n + 2 * PRIOR)
-        p_correct[cat] = round((right + PRIOR * overall) / (seen + PRIOR), 6)
+        # a rare cell shrinks toward its category over both confidences, that toward the
+        # category over every modality (an odd one out is rarely right, whoever it is)
+        base = cat.rstrip("+-")
+        both = [cells.get(base + s, [0, 0]) for s in "+-"] if base != cat else [[seen, right]]
+        n_cat, r_cat = sum(c[0] for c in both), sum(c[1] for c in both)
+        parent = (r_cat + PRIOR * (prior or {}).get(base, overall)) / (n_cat + PRIOR)
+        p_correct[cat] = round((right + PRIOR * parent) / (seen + PRIOR), 6)
         if broken:
             p_h = (seen + PRIOR) / (n + PRIOR * len(cats))
             p_b = (broken.get(cat, 0) + PRIOR) / (nb + PRIOR * len(cats))
             llr[cat] = round(math.log(p_b / p_h), 6)
-    return Table(p_correct, llr, n)
+            p_broken[cat] = round(((broken_right or {}).get(cat, 0) + PRIOR * 0.5 * parent)
+                                  / (broken.get(cat, 0) + PRIOR), 6)
+    return Table(p_correct, llr, n, p_broken)
 
 
-def sample_evidence(cal: Calibration, labels: Mapping[str, str], fused: str | None = None
-                    ) -> dict[str, tuple[float | None, float | None]]:
-    """Per unit of one sample: ``(estimated P(right), evidence LLR)`` from the calibration.
+def sample_evidence(cal: Calibration, labels: Mapping[str, str], fused: str | None = None,
+                    conf: Mapping[str, float] | None = None) -> dict[str, tuple]:
+    """Per unit of one sample: ``(P(right) if healthy, evidence LLR, P(right) if broken)``
+    from the calibration.
 
     A unit whose category the calibration has no table for is absent.
 
@@ -299,15 +369,16 @@ def sample_evidence(cal: Calibration, labels: Mapping[str, str], fused: str | No
         (['audio', 'fused', 'image', 'series'], True)
     """
     out: dict[str, tuple[float | None, float | None]] = {}
+    conf = conf or {}
     for m, (k, cat) in categories(labels).items():
-        t = cal.table(m, k)
-        if t is not None:
-            out[m] = (t.p_correct.get(cat), t.llr.get(cat))
+        if cal.table(m, k) is not None:
+            c = conf.get(m)
+            out[m] = (cal.p_correct(m, k, cat, c), cal.llr(m, k, cat, c), cal.p_correct_broken(m, k, cat, c))
     if fused is not None:
         kc = fused_category(fused, labels)
         t = cal.table(FUSED, kc[0]) if kc is not None else None
         if t is not None:
-            out[FUSED] = (t.p_correct.get(kc[1]), None)
+            out[FUSED] = (t.p_correct.get(kc[1]), None, None)
     return out
 
 

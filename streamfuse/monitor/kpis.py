@@ -23,7 +23,8 @@ from streamfuse.monitor.stats import macro_f1, wilson_interval
 FUSED = "fused"
 UME = "ume"  # the Uni-Modal Ensemble recomputed from per-modality probabilities
 Sink = Callable[[str, Any], None]
-Estimator = Callable[[Prediction], dict[str, float]]  # unit -> label-free P(right), per sample
+Estimator = Callable[[Prediction], dict[str, list]]  # unit -> label-free [P(right) if healthy, if broken]
+Flagged = Callable[[str, str, int], bool]  # (line, unit, ts) -> whether the unit was judged broken then
 RETAIN_WINDOWS = 3  # closed windows whose records stay in the sink (restart safety)
 
 
@@ -46,7 +47,8 @@ class _Record:
     skew_ms: dict[str, int]
     latency_ms: float
     truth: str | None = None
-    est: dict[str, float] = field(default_factory=dict)  # unit -> label-free P(right) of this sample
+    est: dict[str, list] = field(default_factory=dict)  # unit -> label-free [P(right) if healthy, if broken]
+    ts: int = 0
 
 
 def _stored(rec: _Record) -> dict[str, Any]:
@@ -80,7 +82,9 @@ class KpiEngine:
             this counts as flat (a dead or stuck sensor).
         sink: receives every change of the persistent state (see the module docstring).
         estimator: per prediction, unit (modality or ``fused``) -> label-free probability
-            that it is right; its window mean is the snapshot's ``est_accuracy``.
+            that it is right if healthy and if broken; the window mean (broken where
+            ``flagged`` says so at the sample's time) is the snapshot's ``est_accuracy``.
+        flagged: ``(line, unit, ts) -> bool``, the label-free detectors' verdict.
 
     Examples:
         >>> from streamfuse.events import Prediction, Label
@@ -98,7 +102,7 @@ class KpiEngine:
 
     def __init__(self, window_ms: int, grace_ms: int, max_pending_labels: int = 100_000,
                  flat_std: dict[str, float] | None = None, sink: Sink | None = None,
-                 estimator: Estimator | None = None) -> None:
+                 estimator: Estimator | None = None, flagged: Flagged | None = None) -> None:
         if window_ms <= 0 or grace_ms < 0 or max_pending_labels <= 0:
             raise ValueError("window_ms > 0, grace_ms >= 0 and max_pending_labels > 0 are required")
         self.window_ms = window_ms
@@ -107,6 +111,7 @@ class KpiEngine:
         self.flat_std = dict(flat_std or {})
         self.sink = sink
         self.estimator = estimator
+        self.flagged = flagged
         self.reset()
 
     def reset(self) -> None:
@@ -270,7 +275,7 @@ class KpiEngine:
             start, pred.asset_id, pred.line_id, fused, fused_conf, ume, labels, conf, dict(pred.entropy),
             dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
             pred.latency_ms, self._pending.pop(pred.sample_id, None),
-            self.estimator(pred) if self.estimator is not None else {},
+            self.estimator(pred) if self.estimator is not None else {}, pred.ts_ms,
         )
 
     def _snapshots(self, window: _Window) -> list[KpiSnapshot]:
@@ -283,7 +288,7 @@ class KpiEngine:
         for (scope, scope_id), recs in sorted(groups.items()):
             modalities = sorted({m for r in recs for m in (*r.labels, *r.missing)})
             for m in (FUSED, *modalities, UME):
-                out.append(_snapshot(scope, scope_id, m, window.start, end, recs))
+                out.append(_snapshot(scope, scope_id, m, window.start, end, recs, self.flagged))
         return out
 
 
@@ -291,7 +296,8 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: list[_Record]) -> KpiSnapshot:
+def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: list[_Record],
+              flagged: Flagged | None = None) -> KpiSnapshot:
     unit = m not in (FUSED, UME)
     if m == FUSED:
         pairs = [(r.fused, r.fused_conf, r) for r in recs]
@@ -310,7 +316,8 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
                 for r in computed] if unit else []
     skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
     ref = _best_reference(recs) if m == FUSED else {}
-    est = [r.est[m] for _, _, r in pairs if m in r.est]
+    est = [r.est[m][1] if flagged is not None and r.est[m][1] is not None and flagged(r.line_id, m, r.ts)
+           else r.est[m][0] for _, _, r in pairs if m in r.est and r.est[m][0] is not None]
     return KpiSnapshot(
         scope=scope,
         scope_id=scope_id,

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from streamfuse.errors import ConfigError
 from streamfuse.monitor.base import Detector, DetectorValueError, _check_finite, _check_range
 
 DAY_S = 86_400
 MAX_FALSE_ALARMS_PER_DAY = 10_000.0  # beyond this a "budget" is no longer a guard
+MAX_EPISODES = 20  # alarm episodes kept per detector (for the estimate of past windows)
 
 
 def budget_threshold(false_alarms_per_day: float, detectors: int, samples_per_s: float) -> float:
@@ -208,18 +209,25 @@ class SequentialDetection:
         step_ms: event-time step in which evidence is consumed (and decisions made).
         attribution_alpha: error level of attributing a fleet alarm to a line.
         modalities_hint: how many modalities count toward ``D`` before they are seen.
+        evidence: ``(labels, confidences) -> {modality: LLR}`` of one sample (the
+            calibration's, see :func:`streamfuse.monitor.evidence.sample_evidence`).
+
+    A modality already judged broken on a line (or fleet-wide) is left out of the others'
+    evidence there: a fogged camera must not make the microphone look like the odd one out.
 
     Examples:
-        >>> seq = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000)
+        >>> def evidence(labels, conf):                # toy: "fog" is the broken answer
+        ...     return {m: 2.5 if y == "fog" else -0.9 for m, y in labels.items()}
+        >>> seq = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000, evidence=evidence)
         >>> for i in range(80):                       # 2 lines, 8 samples/s, image broken from 5 s
         ...     t = i * 125
-        ...     seq.add(t, f"s{i}", f"line-{i % 2}", {"image": 2.5 if t >= 5000 else -0.9, "audio": -0.9})
+        ...     seq.add(t, f"s{i}", f"line-{i % 2}", {"image": "fog" if t >= 5000 else "ok", "audio": "ok"}, {})
         >>> [(x.key.scope, x.key.scope_id, x.at_ms, x.attributed) for x in seq.advance(10_000)]
         [('line', 'line-0', 6000, True), ('line', 'line-1', 6000, True), ('global', '', 6000, False)]
     """
 
     def __init__(self, false_alarms_per_day: float = 1.0, step_ms: int = 1000, attribution_alpha: float = 0.01,
-                 modalities_hint: int = 3) -> None:
+                 modalities_hint: int = 3, evidence: Callable[[dict, dict], dict[str, float]] | None = None) -> None:
         self.false_alarms_per_day = check_budget(false_alarms_per_day)
         if isinstance(step_ms, bool) or not isinstance(step_ms, int) or step_ms < 1:
             raise ConfigError(f"step_ms must be an integer >= 1, got {step_ms!r}")
@@ -227,22 +235,25 @@ class SequentialDetection:
         self.step_ms = step_ms
         self.attribution_alpha = attribution_alpha
         self.modalities_hint = modalities_hint
+        self.evidence = evidence or (lambda labels, conf: {})
         self.reset()
 
     def reset(self) -> None:
         self._det: dict[SeqKey, Cusum] = {}
         self._reported: dict[SeqKey, bool] = {}  # firing state as of the last tick
+        self._zero_at: dict[SeqKey, int] = {}  # last sample time the statistic was 0 (change-point estimate)
+        self._episodes: dict[SeqKey, list[list[int | None]]] = {}  # [change point, resolved at | None]
         self._rates: dict[tuple[str, str], _Rate] = {}
-        self._buffer: dict[str, tuple[int, str, dict[str, float]]] = {}  # sample id -> (ts, line, llr)
+        self._buffer: dict[str, tuple[int, str, dict[str, str], dict[str, float]]] = {}  # id -> (ts, line, labels, conf)
         self._next_tick: int | None = None
 
     # ------------------------------------------------------------------ input
 
-    def add(self, ts_ms: int, sample_id: str, line_id: str, llr: dict[str, float]) -> None:
-        """Buffer one sample's evidence (modality -> LLR); decided on by :meth:`advance`."""
-        if not llr or sample_id in self._buffer:
+    def add(self, ts_ms: int, sample_id: str, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> None:
+        """Buffer one sample's answers (modality -> label, confidence); :meth:`advance` consumes them."""
+        if len(labels) < 2 or sample_id in self._buffer:
             return
-        self._buffer[sample_id] = (int(ts_ms), line_id, dict(llr))
+        self._buffer[sample_id] = (int(ts_ms), line_id, dict(labels), dict(conf))
         if self._next_tick is None:
             self._next_tick = (int(ts_ms) // self.step_ms + 1) * self.step_ms
 
@@ -251,7 +262,7 @@ class SequentialDetection:
         out: list[Transition] = []
         while self._next_tick is not None and self._next_tick <= watermark:
             tick = self._next_tick
-            due = sorted((ts, sid) for sid, (ts, _, _) in self._buffer.items() if ts < tick)
+            due = sorted((entry[0], sid) for sid, entry in self._buffer.items() if entry[0] < tick)
             for ts, sid in due:
                 self._consume(ts, *self._buffer.pop(sid)[1:])
             out += self._decide(tick)
@@ -274,14 +285,30 @@ class SequentialDetection:
             det = self._det[key] = Cusum(threshold=1.0)
         return det
 
-    def _consume(self, ts: int, line_id: str, llr: dict[str, float]) -> None:
+    def _llr(self, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
+        broken = {m for m in labels if self.firing("line", line_id, m) or self.firing("global", "", m)}
+        if not broken:
+            return self.evidence(labels, conf)
+        out = {}
+        healthy = [o for o in labels if o not in broken]
+        for m in labels:  # each judged against the modalities not known to be broken
+            if m not in broken and len(healthy) < 3:
+                continue  # one partner left: a disagreement cannot say which of the two is at fault
+            value = self.evidence({o: y for o, y in labels.items() if o == m or o not in broken}, conf).get(m)
+            if value is not None:
+                out[m] = value
+        return out
+
+    def _consume(self, ts: int, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> None:
         self._rates.setdefault(("global", ""), _Rate()).add(ts)
         self._rates.setdefault(("line", line_id), _Rate()).add(ts)
-        for m, value in sorted(llr.items()):
+        for m, value in sorted(self._llr(line_id, labels, conf).items()):
             for key in (SeqKey("global", "", m), SeqKey("line", line_id, m)):
                 det = self._cusum(key)
                 det.threshold = self.threshold(key)
                 det.update(value)
+                if det.statistic == 0.0 and not det.firing:
+                    self._zero_at[key] = ts
 
     def threshold(self, key: SeqKey) -> float:
         """``h`` of one detector from the budget, the number of detectors and its rate."""
@@ -290,6 +317,23 @@ class SequentialDetection:
         rate = self._rates.get((key.scope, key.scope_id))
         per_s = rate.per_s(self.step_ms) if rate is not None else 1.0
         return budget_threshold(self.false_alarms_per_day, modalities * (1 + lines), per_s)
+
+    def _episode(self, key: SeqKey, firing: bool, tick: int) -> None:
+        eps = self._episodes.setdefault(key, [])
+        if firing:
+            eps.append([min(self._zero_at.get(key, tick), tick), None])
+            del eps[:-MAX_EPISODES]
+        elif eps and eps[-1][1] is None:
+            eps[-1][1] = tick
+
+    def flagged(self, line_id: str, modality: str, ts: int) -> bool:
+        """Whether ``modality`` was judged broken on ``line_id`` (or fleet-wide) at event time
+        ``ts``: from the CUSUM's change-point estimate (its last zero) until it resolved."""
+        for key in (SeqKey("line", line_id, modality), SeqKey("global", "", modality)):
+            for start, end in self._episodes.get(key, ()):
+                if start <= ts and (end is None or ts < end):
+                    return True
+        return False
 
     def attribution_threshold(self) -> float:
         lines = max(1, sum(1 for scope, _ in self._rates if scope == "line"))
@@ -301,6 +345,7 @@ class SequentialDetection:
         changed = [k for k, d in sorted(self._det.items()) if d.firing != self._reported.get(k, False)]
         for k in changed:
             self._reported[k] = self._det[k].firing
+            self._episode(k, self._det[k].firing, tick)
         lines_first: list[Transition] = []
         fleet: list[Transition] = []
         for k in changed:
@@ -316,6 +361,7 @@ class SequentialDetection:
                 if lk.scope == "line" and lk.modality == k.modality and not ld.firing and ld.statistic >= h_attr:
                     ld.fire()
                     self._reported[lk] = True
+                    self._episode(lk, True, tick)
                     lines_first.append(Transition(lk, True, tick, ld.statistic, h_attr, attributed=True))
         return lines_first + fleet
 
@@ -325,8 +371,10 @@ class SequentialDetection:
         return {
             "detectors": [[*k.to_list(), d.state_dict()] for k, d in sorted(self._det.items())],
             "rates": [[s, i, r.n, r.first_ms, r.last_ms] for (s, i), r in sorted(self._rates.items())],
-            "buffer": [[sid, ts, line, llr] for sid, (ts, line, llr) in sorted(self._buffer.items())],
+            "buffer": [[sid, ts, line, lab, conf] for sid, (ts, line, lab, conf) in sorted(self._buffer.items())],
             "next_tick": self._next_tick,
+            "zero_at": [[*k.to_list(), t] for k, t in sorted(self._zero_at.items())],
+            "episodes": [[*k.to_list(), eps] for k, eps in sorted(self._episodes.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,5 +384,7 @@ class SequentialDetection:
             det.load_state_dict(st)
             self._reported[SeqKey(scope, scope_id, m)] = det.firing  # checkpoints are taken between ticks
         self._rates = {(s, i): _Rate(n, f, la) for s, i, n, f, la in state.get("rates", [])}
-        self._buffer = {sid: (int(ts), line, dict(llr)) for sid, ts, line, llr in state.get("buffer", [])}
+        self._buffer = {sid: (int(ts), line, dict(lab), dict(conf)) for sid, ts, line, lab, conf in state.get("buffer", [])}
         self._next_tick = state.get("next_tick")
+        self._zero_at = {SeqKey(a, b, c): int(t) for a, b, c, t in state.get("zero_at", [])}
+        self._episodes = {SeqKey(a, b, c): [list(e) for e in eps] for a, b, c, eps in state.get("episodes", [])}
