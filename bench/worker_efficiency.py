@@ -40,7 +40,7 @@ from streamfuse.embedded import EmbeddedBroker
 from streamfuse.events import MSGPACK, Prediction, decode, encode, headers
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer, make_producer
-from streamfuse.models.bundle import load_bundle
+from streamfuse.models.bundle_io import load_bundle
 from streamfuse.models.preprocess import batch_tensor
 from streamfuse.models.runtime import autocast, resolve_device
 from streamfuse.sim.plant import Plant, PlantConfig

@@ -7,7 +7,7 @@ contributions need. :meth:`Bundle.with_unit` returns a new bundle with one unit 
 modality's model or the fusion) swapped, so a worker swaps atomically by reassigning.
 
 Bundles are written and read by :mod:`streamfuse.models.bundle_io` (``save_bundle``,
-``load_bundle``, re-exported here) and assembled from registry units by
+``load_bundle``) and assembled from registry units by
 :mod:`streamfuse.registry`.
 """
 
@@ -34,19 +34,9 @@ from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked, exa
 from streamfuse.models.runtime import autocast, served_forward
 
 __all__ = [
-    "MANIFEST", "Bundle", "CheckedProbs", "Encoded", "FusedOutput", "LoadedUnit", "bundle_version", "load_bundle",
-    "read_manifest", "save_bundle", "weights_digest",
+    "MANIFEST", "Bundle", "CheckedProbs", "Encoded", "FusedOutput", "LoadedUnit", "bundle_version",
 ]
 log = logging.getLogger(__name__)
-_IO = {"load_bundle", "save_bundle", "weights_digest", "read_manifest"}
-
-
-def __getattr__(name: str) -> Any:  # the I/O functions' historical home; lazy to avoid an import cycle
-    if name in _IO:
-        from streamfuse.models import bundle_io
-
-        return getattr(bundle_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warm_up(model: SensorModel) -> None:

@@ -4,7 +4,6 @@ labelled samples, by a paired test. Pure logic."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from streamfuse.monitor.base import Detector, DetectorValueError, _check_counts
 

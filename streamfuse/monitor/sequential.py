@@ -340,7 +340,6 @@ class SequentialDetection:
         return math.log(lines / self.attribution_alpha)
 
     def _decide(self, tick: int) -> list[Transition]:
-        out: list[Transition] = []
         # Decisions are taken (and reported) at the tick: compare with the last tick's state.
         changed = [k for k, d in sorted(self._det.items()) if d.firing != self._reported.get(k, False)]
         for k in changed:

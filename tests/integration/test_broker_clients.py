@@ -40,7 +40,7 @@ def test_records_larger_than_a_fetch_get_through_in_order(settings):
 def test_a_worker_without_its_topics_says_how_to_create_them(settings, trained_bundle):
     from streamfuse.errors import BrokerError
     from streamfuse.inference.worker import InferenceWorker
-    from streamfuse.models.bundle import load_bundle
+    from streamfuse.models.bundle_io import load_bundle
 
     fresh = settings.model_copy(update={"topic_prefix": settings.topic_prefix + "missing."})
     worker = InferenceWorker(fresh, load_bundle(trained_bundle, "cpu"), worker_id="no-topics")

@@ -56,7 +56,6 @@ def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration
                        run_id="sc")
     thread = threading.Thread(target=sim.run, kwargs={"duration_s": duration_s}, daemon=True)
     thread.start()
-    t_start = time.monotonic()
     killed = False
     try:
         deadline = time.monotonic() + duration_s / SPEED + 120

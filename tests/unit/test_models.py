@@ -22,7 +22,7 @@ from PIL import Image
 from streamfuse.errors import InvalidEvent, ModelError
 from streamfuse.events import Label, Sample, SensorEvent
 from streamfuse.models import bundle, encoders, runtime
-from streamfuse.models.bundle import load_bundle, read_manifest, save_bundle
+from streamfuse.models.bundle_io import load_bundle, read_manifest, save_bundle
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import create_model
 from streamfuse.models.fusion import ume

@@ -15,7 +15,6 @@ from streamfuse.events import Alert, KpiSnapshot, Label, Prediction
 from streamfuse.monitor.core import MonitorCore, Outputs
 from streamfuse.monitor.detectors import AccuracyDegradation
 from streamfuse.monitor.kpis import FUSED, UME, KpiEngine
-from streamfuse.monitor.policy import PolicyConfig, RollbackPolicy
 from streamfuse.monitor.stats import macro_f1, wilson_interval
 
 CLASSES = ("ok", "bad")
