@@ -114,7 +114,7 @@ class MonitorMetrics:
 
 class RedisMetrics:
     """``streamfuse_redis_up{process}``: one gauge for every process that talks to Redis
-    (worker, monitor, sync, dispatcher, API), set by :class:`streamfuse.redis_guard.RedisGuard`.
+    (worker, monitor, sync, dispatcher, API), set by :class:`streamfuse.redislink.RedisLink`.
 
     Examples:
         >>> reg = CollectorRegistry()

@@ -10,9 +10,10 @@ on its last try and offers three ways to call it:
   then :class:`~streamfuse.errors.RedisUnavailable`), sleeping with exponential
   backoff: for a thread that may wait (a status writer, an intake loop);
 - :meth:`RedisLink.acall` does the same for ``redis.asyncio`` coroutines;
-- :meth:`RedisLink.attempt` tries once (not at all while an outage is known and the
-  next retry is not due, so a hot path never waits on a dead Redis) and returns a
-  default on failure: for callers that have a fallback.
+- :meth:`RedisLink.reach` tries once (not at all while an outage is known and the
+  next retry is not due, so a hot path never waits on a dead Redis) and says whether
+  Redis was reached; :meth:`RedisLink.attempt` returns a default instead: for callers
+  that keep their work for later or have a fallback (the inference worker).
 
 Only outage errors are retried (connection refused or reset, timeouts, a Redis still
 loading its data); any other error (a bad command, a wrong type) is a bug and is
@@ -155,19 +156,30 @@ class RedisLink:
             self.succeeded()
             return result
 
-    def attempt(self, fn: Callable[..., Any], *args: Any, what: str = "a Redis call", default: Any = None,
-                **kwargs: Any) -> Any:
-        """One try of ``fn``; ``default`` when it fails or while a known outage's next
-        retry is not due yet."""
-        if self.down_since is not None and self.clock() < self._next_try:
-            return default
+    def ready(self) -> bool:
+        """False while a known outage's next retry is not due yet (skip the call)."""
+        return self.down_since is None or self.clock() >= self._next_try
+
+    def reach(self, fn: Callable[..., Any], *args: Any, what: str = "a Redis call",
+              **kwargs: Any) -> tuple[bool, Any]:
+        """One try of ``fn``: ``(True, result)``, or ``(False, None)`` when Redis was not
+        reached (it failed, or a known outage's next retry is not due yet); the caller
+        keeps its work for a later try."""
+        if not self.ready():
+            return False, None
         try:
             result = fn(*args, **kwargs)
         except self.errors as exc:
             self.failed(exc, what)
-            return default
+            return False, None
         self.succeeded()
-        return result
+        return True, result
+
+    def attempt(self, fn: Callable[..., Any], *args: Any, what: str = "a Redis call", default: Any = None,
+                **kwargs: Any) -> Any:
+        """One try of ``fn`` (see :meth:`reach`); ``default`` when Redis was not reached."""
+        reached, result = self.reach(fn, *args, what=what, **kwargs)
+        return result if reached else default
 
 
 class StatusWriter:

@@ -7,7 +7,7 @@ background thread), swaps it in between batches (a new :class:`Bundle` object re
 the old one in one assignment), records it in the registry, then acknowledges. A
 version that fails to load is rejected and the current one keeps serving.
 
-During a Redis outage (see :class:`~streamfuse.redis_guard.RedisGuard`) every command is
+During a Redis outage (see :class:`~streamfuse.redislink.RedisLink`) every command is
 still applied and acknowledged: masks and fusion modes need no Redis; a model command
 with a version loads it from disk, swaps it in and acks, and its registry record is kept
 and written when Redis returns (reconciling with the registry waits until then, so the
@@ -26,7 +26,7 @@ from streamfuse.errors import StreamfuseError
 from streamfuse.events import Command, Sample
 from streamfuse.models.bundle import LoadedUnit, warm_up
 from streamfuse.models.encoders import SensorModel
-from streamfuse.redis_guard import RedisGuard
+from streamfuse.redislink import RedisLink
 
 log = logging.getLogger(__name__)
 MODEL_ACTIONS = ("rollback_model", "activate_model", "rollback_fusion")
@@ -72,10 +72,10 @@ class CommandHandler:
         registry: the model registry; without one, model commands are rejected.
     """
 
-    def __init__(self, worker: Any, registry: Any | None, guard: RedisGuard | None = None) -> None:
+    def __init__(self, worker: Any, registry: Any | None, link: RedisLink | None = None) -> None:
         self.worker = worker
         self.registry = registry
-        self.guard = guard or RedisGuard(f"worker {worker.worker_id}")
+        self.link = link or RedisLink(f"worker {worker.worker_id}")
         self.state = WorkerState(fusion_mode=worker.bundle.fusion_mode)
         self.pending: list[PendingSwap] = []
         self.unrecorded: list[tuple[str, str, Command]] = []  # switches made, registry not yet told
@@ -126,7 +126,7 @@ class CommandHandler:
         version = cmd.version
         if not version:
             try:
-                reached, version = self.guard.call(lambda: self._rollback_target(cmd, unit))
+                reached, version = self.link.reach(lambda: self._rollback_target(cmd, unit), what="reading the rollback target")
             except StreamfuseError as exc:
                 return "rejected", str(exc)
             if not reached:
@@ -172,7 +172,7 @@ class CommandHandler:
         acks: list[tuple[Command, str, str]] = []
         if not self.waiting or not self.flush_records():  # decide on the registry as this worker left it
             return acks
-        while self.waiting and self.guard.ready():
+        while self.waiting and self.link.ready():
             cmd = self.waiting.pop(0)
             result = self._model_command(cmd)
             if result is not None:
@@ -187,7 +187,7 @@ class CommandHandler:
         (after the switches it made during a Redis outage are recorded there)."""
         if self.registry is None or not self.flush_records():
             return
-        reached, active = self.guard.call(self.registry.active)
+        reached, active = self.link.reach(self.registry.active, what="reading the active versions")
         if not reached:
             return
         busy = {p.unit for p in self.pending}
@@ -230,8 +230,8 @@ class CommandHandler:
             # Idempotent: the first worker switches the registry, the others find it done.
             reason = f"{cmd.action} {cmd.command_id}: {cmd.reason}"
             try:
-                reached, _ = self.guard.call(lambda u=unit, v=version, r=reason: self.registry.activate(
-                    u, v, reason=r, actor=self.worker.worker_id))
+                reached, _ = self.link.reach(lambda u=unit, v=version, r=reason: self.registry.activate(
+                    u, v, reason=r, actor=self.worker.worker_id), what="recording a version switch")
             except StreamfuseError as exc:
                 log.warning("registry not switched to %s %s for command %s: %s", unit, version, cmd.command_id, exc)
                 reached = True

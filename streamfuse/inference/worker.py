@@ -30,8 +30,8 @@ from streamfuse.inference.outbox import Delivery, Outbox, dead_letter
 from streamfuse.inference.predict import BatchContext, assemble, drop_non_finite, explain, masked_matrix
 from streamfuse.kafka import consumer_lag, make_rd_consumer, make_rd_producer
 from streamfuse.metrics import RedisMetrics, WorkerMetrics, serve
+from streamfuse.redislink import RedisLink
 from streamfuse.models.bundle import Bundle, Encoded
-from streamfuse.redis_guard import RedisGuard
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class InferenceWorker:
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = WorkerMetrics(self.metrics_registry)
         redis_up = RedisMetrics(self.metrics_registry).up.labels("worker") if model_registry is not None else None
-        self.commands = CommandHandler(self, model_registry, RedisGuard(f"worker {self.worker_id}", redis_up))
+        self.commands = CommandHandler(self, model_registry, RedisLink(f"worker {self.worker_id}", redis_up))
         self._next_reconcile = 0.0
         self.processed = 0
         self._stop = threading.Event()

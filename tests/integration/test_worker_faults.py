@@ -221,7 +221,7 @@ def test_the_worker_serves_through_a_redis_outage_and_catches_up(settings, tmp_p
     try:
         send(samples[:100])
         out.wait(lambda: len(out.predicted) >= 100, "serving before the outage", running)
-        with caplog.at_level(logging.WARNING, logger="streamfuse.redis_guard"):
+        with caplog.at_level(logging.WARNING, logger="streamfuse.redislink"):
             redis_server.stop()
             send(samples[100:200], mask, activate, rollback)
             out.wait(lambda: acked(mask) and acked(activate) and up() == 0.0, "acks during the outage", running)
@@ -246,5 +246,5 @@ def test_the_worker_serves_through_a_redis_outage_and_catches_up(settings, tmp_p
         redis_server.stop()
     assert running.error is None
     assert {s.sample_id for s in samples} <= set(out.predicted)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "streamfuse.redis_guard"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "streamfuse.redislink"]
     assert len(warnings) == 2 and "unreachable" in warnings[0] and "reachable again" in warnings[1], warnings

@@ -84,3 +84,55 @@ def test_writer_applies_writes_made_during_an_outage_in_order(own_redis):
         assert [int(x) for x in client.lrange("log", 0, -1)] == list(range(20))
     finally:
         writer.close(1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_reach_skips_calls_until_the_backoff_passed_and_logs_the_outage_once(caplog):
+    reg, clock = CollectorRegistry(), Clock()
+    link = RedisLink("worker w1", RedisMetrics(reg).up.labels("worker"), initial_s=1.0, max_s=4.0, clock=clock)
+    calls = []
+    down = True
+
+    def hgetall():
+        calls.append(clock.t)
+        if down:
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return {"image": "v1"}
+
+    def gauge() -> float:
+        return reg.get_sample_value("streamfuse_redis_up", {"process": "worker"})
+
+    assert gauge() == 1.0 and link.reach(lambda: 7) == (True, 7)
+    with caplog.at_level(logging.WARNING, logger="streamfuse.redislink"):
+        for _ in range(40):  # 20 s of a loop that tries every 0.5 s
+            assert link.reach(hgetall) == (False, None)
+            clock.t += 0.5
+        assert gauge() == 0.0 and not link.is_up
+        # tries at 0, +1, +3, +7, +11, ... (backoff 1, 2, 4, then capped at 4)
+        assert [t - 100 for t in calls] == [0.0, 1.0, 3.0, 7.0, 11.0, 15.0, 19.0]
+        down = False
+        clock.t = calls[-1] + 4.0
+        assert link.reach(hgetall) == (True, {"image": "v1"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "Redis unreachable" in lines[0] and "w1" in lines[0]
+    assert "reachable again after 23.0 s (7 failed tries)" in lines[1]
+    assert gauge() == 1.0 and link.is_up and link.ready()
+
+
+def test_reach_raises_errors_other_than_a_lost_connection():
+    link = RedisLink("worker w1")
+
+    def wrong_type():
+        raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    with pytest.raises(redis.exceptions.ResponseError):
+        link.reach(wrong_type)
+    assert link.is_up
