@@ -119,7 +119,8 @@ class MonitorCore:
                               self._flagged if estimator is not None else None)
         self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
         self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
-                                              max(1, len(self.baselines)), self._llr) if self.calibration else None
+                                              max(1, len(self.baselines)), self._llr,
+                                              min(3, len(self.baselines))) if self.calibration else None
         self._detectors: dict[DetKey, Any] = {}
         self._saved_detectors: dict[DetKey, dict[str, Any]] = {}  # restored state, applied when one is made
         self._episodes: dict[str, Episode] = {}  # fingerprint -> open episode
@@ -127,6 +128,7 @@ class MonitorCore:
         self._version_changes: dict[str, tuple[str, str, int]] = {}
         self._workers: dict[str, int] = {}  # worker id -> last prediction event time
         self._lines: dict[str, str] = {}  # asset id -> line id
+        self._last_digest: dict[tuple[str, str], int] = {}  # (asset, modality) -> digest of its last reading
         self._pending: dict[str, dict[str, Any]] = {}  # command id -> {issued, expected, acked, alerted}
 
     # ------------------------------------------------------------------ inputs
@@ -150,13 +152,27 @@ class MonitorCore:
         self._detect(out)
         if self.sequential is not None:
             if fresh:
-                labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
-                conf = {m: max(p) for m, p in pred.modality_probs.items()}
+                # A flat or frozen signal is the sensor's fault (the sensor_fault checks
+                # report it per asset), not evidence about its model or the others.
+                dead = self._dead_signals(pred)
+                labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items() if m not in dead}
+                conf = {m: max(p) for m, p in pred.modality_probs.items() if m not in dead}
                 self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf)
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
                 self._on_sequential(out, t)
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
         return out
+
+    def _dead_signals(self, pred: Prediction) -> set[str]:
+        """Modalities whose reading in ``pred`` is flat (std at or below ``flat_std``) or
+        the same as the asset's previous one (a frozen sensor)."""
+        dead = {m for m, std in pred.signal_std.items() if std <= self.settings.flat_std.get(m, 0.0)}
+        for m, digest in pred.digest.items():
+            key = (pred.asset_id, m)
+            if self._last_digest.get(key) == digest:
+                dead.add(m)
+            self._last_digest[key] = digest
+        return dead
 
     def on_ack(self, ack: Ack) -> None:
         p = self._pending.get(ack.command_id)

@@ -96,7 +96,7 @@ class Suppressed(NamedTuple):
     alert_id: str
     action: str
     modality: str
-    reason: str  # "cooldown" | "rate_cap" | "dry_run" | "modality_masked" | "rollback_in_flight"
+    reason: str  # "cooldown" | "rate_cap" | "dry_run" | "modality_masked" | "model_version_changed" | "rollback_in_flight"
 
 
 class RollbackPolicy:
@@ -117,7 +117,9 @@ class RollbackPolicy:
       ``config.fusion_mode``, or ``rollback_fusion``), fleet-wide; but not while this
       policy holds a mask (reason ``"modality_masked"``): a broken modality drags the
       fused accuracy below the best single one, and changing the fusion step cannot fix
-      a modality's input; the mask can.
+      a modality's input; the mask can. Nor after a modality's model version changed
+      (within ``rollback_after_activation_ms``; reason ``"model_version_changed"``): the
+      new version is the likelier cause, and its degradation rolls it back.
     * anything else (``dominance``, ``drift``...) → alert only.
 
     Resolved: ``degradation`` / ``sensor_fault`` → ``unmask_modality``, only where this
@@ -234,6 +236,11 @@ class RollbackPolicy:
             action = self.config.fusion_action
             if self._masks:
                 self._suppress(alert, action, "modality_masked")
+                return None
+            changed = sorted(m for m, (_, _, at) in ctx.version_changes.items() if m != "fusion"
+                             and 0 <= alert.event_ms - at <= self.config.rollback_after_activation_ms)
+            if changed:  # a new model version explains it: its degradation rolls it back
+                self._suppress(alert, action, "model_version_changed")
                 return None
             extra = {"fusion_mode": self.config.fusion_mode} if action == "set_fusion_mode" else {}
             return action, "global", "", extra

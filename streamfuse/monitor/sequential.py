@@ -211,9 +211,16 @@ class SequentialDetection:
         modalities_hint: how many modalities count toward ``D`` before they are seen.
         evidence: ``(labels, confidences) -> {modality: LLR}`` of one sample (the
             calibration's, see :func:`streamfuse.monitor.evidence.sample_evidence`).
+        min_answers: a sample with fewer answers is no evidence (with three modalities,
+            3: when one is missing or dead, a disagreement of the other two cannot say
+            which of them is at fault).
 
     A modality already judged broken on a line (or fleet-wide) is left out of the others'
     evidence there: a fogged camera must not make the microphone look like the odd one out.
+    While it is judged broken, agreeing with the others in the answer it has given at least
+    half the time since is not evidence that it recovered: a fogged camera that always says
+    "imbalance" agrees whenever the machine is imbalanced (the machine's state persists, so
+    such runs are long); recovery is shown by agreeing on the other answers.
 
     Examples:
         >>> def evidence(labels, conf):                # toy: "fog" is the broken answer
@@ -227,7 +234,8 @@ class SequentialDetection:
     """
 
     def __init__(self, false_alarms_per_day: float = 1.0, step_ms: int = 1000, attribution_alpha: float = 0.01,
-                 modalities_hint: int = 3, evidence: Callable[[dict, dict], dict[str, float]] | None = None) -> None:
+                 modalities_hint: int = 3, evidence: Callable[[dict, dict], dict[str, float]] | None = None,
+                 min_answers: int = 2) -> None:
         self.false_alarms_per_day = check_budget(false_alarms_per_day)
         if isinstance(step_ms, bool) or not isinstance(step_ms, int) or step_ms < 1:
             raise ConfigError(f"step_ms must be an integer >= 1, got {step_ms!r}")
@@ -235,6 +243,7 @@ class SequentialDetection:
         self.step_ms = step_ms
         self.attribution_alpha = attribution_alpha
         self.modalities_hint = modalities_hint
+        self.min_answers = max(2, min_answers)
         self.evidence = evidence or (lambda labels, conf: {})
         self.reset()
 
@@ -246,12 +255,13 @@ class SequentialDetection:
         self._rates: dict[tuple[str, str], _Rate] = {}
         self._buffer: dict[str, tuple[int, str, dict[str, str], dict[str, float]]] = {}  # id -> (ts, line, labels, conf)
         self._next_tick: int | None = None
+        self._answers: dict[SeqKey, dict[str, int]] = {}  # firing detector -> its modality's answers since
 
     # ------------------------------------------------------------------ input
 
     def add(self, ts_ms: int, sample_id: str, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> None:
         """Buffer one sample's answers (modality -> label, confidence); :meth:`advance` consumes them."""
-        if len(labels) < 2 or sample_id in self._buffer:
+        if len(labels) < self.min_answers or sample_id in self._buffer:
             return
         self._buffer[sample_id] = (int(ts_ms), line_id, dict(labels), dict(conf))
         if self._next_tick is None:
@@ -305,10 +315,27 @@ class SequentialDetection:
         for m, value in sorted(self._llr(line_id, labels, conf).items()):
             for key in (SeqKey("global", "", m), SeqKey("line", line_id, m)):
                 det = self._cusum(key)
+                if det.firing:
+                    answers = self._answers.setdefault(key, {})
+                    if value < 0 and self._stuck_on(answers) == labels[m]:
+                        answers[labels[m]] += 1
+                        continue  # agreeing by coincidence: the machine is in the state it is stuck on
+                    answers[labels[m]] = answers.get(labels[m], 0) + 1
                 det.threshold = self.threshold(key)
                 det.update(value)
-                if det.statistic == 0.0 and not det.firing:
-                    self._zero_at[key] = ts
+                if not det.firing:
+                    self._answers.pop(key, None)
+                    if det.statistic == 0.0:
+                        self._zero_at[key] = ts
+
+    @staticmethod
+    def _stuck_on(answers: dict[str, int]) -> str | None:
+        """The answer a firing modality gave at least half the time since it fired, if any."""
+        total = sum(answers.values())
+        if not total:
+            return None
+        label, n = max(sorted(answers.items()), key=lambda kv: kv[1])
+        return label if 2 * n >= total else None
 
     def threshold(self, key: SeqKey) -> float:
         """``h`` of one detector from the budget, the number of detectors and its rate."""
@@ -374,6 +401,7 @@ class SequentialDetection:
             "next_tick": self._next_tick,
             "zero_at": [[*k.to_list(), t] for k, t in sorted(self._zero_at.items())],
             "episodes": [[*k.to_list(), eps] for k, eps in sorted(self._episodes.items())],
+            "answers": [[*k.to_list(), dict(a)] for k, a in sorted(self._answers.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,3 +415,5 @@ class SequentialDetection:
         self._next_tick = state.get("next_tick")
         self._zero_at = {SeqKey(a, b, c): int(t) for a, b, c, t in state.get("zero_at", [])}
         self._episodes = {SeqKey(a, b, c): [list(e) for e in eps] for a, b, c, eps in state.get("episodes", [])}
+        self._answers = {SeqKey(a, b, c): {str(y): int(n) for y, n in ans.items()}
+                         for a, b, c, ans in state.get("answers", [])}

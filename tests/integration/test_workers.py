@@ -121,9 +121,11 @@ def test_every_command_kind_is_applied_and_acked_by_every_worker(settings, tmp_p
         run(cmd("unmask_modality", modality="audio", scope="line", scope_id="line-0"), "applied")
         run(cmd("mask_modality", modality="smell"), "rejected")
         # fusion modes
-        run(cmd("set_fusion_mode", fusion_mode="weighted"), "applied")
-        run(cmd("set_fusion_mode", fusion_mode="telepathy"), "rejected")
+        # (the demo bundle's head is quality-aware fusion: it offers "quality" and "ume", not "weighted")
         run(cmd("set_fusion_mode", fusion_mode="ume"), "applied")
+        run(cmd("set_fusion_mode", fusion_mode="telepathy"), "rejected")
+        run(cmd("set_fusion_mode", fusion_mode="weighted"), "rejected")
+        run(cmd("set_fusion_mode", fusion_mode="quality"), "applied")
         # model versions: activate a new one, roll it back, refuse a broken one
         got = run(cmd("activate_model", modality="image", version=bad), "applied")
         assert all(a["versions"]["image"] == bad for a in got.values())

@@ -43,8 +43,10 @@ def calibration(seed: int = 1, n: int = 400) -> dict:
         "fused": {"top1": 0.97, "macro_f1": 0.97, "calibration": cal.unit_dict("fused")}}
 
 
-def stream(duration_s: float, fault_at_s: float | None, seed: int = 7, assets: int = 4, missing=()):
-    """(prediction, label) pairs of a 4-asset, 2-line plant at 2 Hz per asset."""
+def stream(duration_s: float, fault_at_s: float | None, seed: int = 7, assets: int = 4, missing=(),
+           fault_end_s: float | None = None, flat=()):
+    """(prediction, label) pairs of a 4-asset, 2-line plant at 2 Hz per asset; the
+    ``flat`` modalities' signals are flat (a muted microphone: its model answers noise)."""
     rng = random.Random(seed)
     state = {a: "normal" for a in range(assets)}
     for step in range(int(duration_s * 2)):
@@ -53,14 +55,17 @@ def stream(duration_s: float, fault_at_s: float | None, seed: int = 7, assets: i
             if rng.random() < 0.1:
                 state[a] = rng.choice(CLASSES)
             truth = state[a]
-            broken = fault_at_s is not None and ts >= fault_at_s * 1000
+            broken = fault_at_s is not None and ts >= fault_at_s * 1000 and (
+                fault_end_s is None or ts < fault_end_s * 1000)
             labels = {m: answer(rng, truth, m, broken and m == "image") for m in MODS if m not in missing}
+            labels |= {m: rng.choice(CLASSES) for m in flat}
             mp = {m: probs_of(y, 1.0 if broken and m == "image" else 0.85) for m, y in labels.items()}
             fused = [sum(p[i] for p in mp.values()) / len(mp) for i in range(4)]
             fl = CLASSES[max(range(4), key=fused.__getitem__)]
             sid = f"s-{a}-{step}"
             yield (Prediction(sid, f"asset-{a}", ts, CLASSES, tuple(fused), fl, "ume", mp, line_id=f"line-{a % 2}",
-                              missing=tuple(missing), worker_id="w1"),
+                              missing=tuple(missing), worker_id="w1",
+                              signal_std={m: 0.0 if m in flat else 1.0 for m in labels}),
                    Label(sid, f"asset-{a}", ts, truth, line_id=f"line-{a % 2}"))
 
 
@@ -137,6 +142,28 @@ def test_fog_on_every_line_alerts_and_masks_every_line_within_seconds() -> None:
     masks = {c.scope_id: c.issued_ms for c in commands if c.action == "mask_modality" and c.modality == "image"}
     assert masks.keys() == {"line-0", "line-1"} and max(masks.values()) <= 38_000
     assert not any(a.modality in ("audio", "series") and a.kind == "degradation" for a in fired)
+
+
+def test_a_stuck_camera_agreeing_by_coincidence_does_not_resolve_until_the_fog_lifts() -> None:
+    # The fogged camera always says "normal", the machine's usual state: it agrees for long
+    # runs, which must not read as a recovery; agreeing on the other states after it does.
+    core = MonitorCore(calibration(), settings())
+    alerts, commands, _ = run(core, stream(200, fault_at_s=30, fault_end_s=120, seed=3))
+    image = [(a.status, a.scope_id, a.event_ms) for a in alerts if a.kind == "degradation" and a.modality == "image"]
+    fired = {sid for st, sid, _ in image if st == "firing"}
+    assert {"line-0", "line-1"} <= fired, image
+    resolved = {sid: t for st, sid, t in image if st == "resolved"}
+    assert resolved.keys() >= {"line-0", "line-1"} and min(resolved.values()) >= 120_000, image
+    unmasks = [c.issued_ms for c in commands if c.action == "unmask_modality"]
+    assert unmasks and min(unmasks) >= 120_000
+
+
+def test_a_dead_microphone_is_no_evidence_against_the_others() -> None:
+    # Flat audio: its model answers noise. The camera and the vibration model still agree
+    # mostly, but when they differ neither can be blamed with one partner left.
+    core = MonitorCore(calibration(), settings())
+    alerts, commands, _ = run(core, stream(120, fault_at_s=None, seed=5, flat=("audio",)))
+    assert not [a for a in alerts if a.kind == "degradation"], [a.summary for a in alerts]
 
 
 def test_clean_stream_raises_nothing() -> None:

@@ -154,6 +154,18 @@ def test_fusion_action_waits_while_a_modality_is_masked() -> None:
         "set_fusion_mode"]
 
 
+def test_fusion_action_waits_after_a_modality_version_changed() -> None:
+    policy = RollbackPolicy(PolicyConfig(rollback_after_activation_ms=5 * MIN))
+    regression = alert(kind="fusion_regression", modality="fused", start=10 * MIN)
+    assert policy.decide(regression, ctx(10 * MIN, image=("v1", "v2", 7 * MIN))) == []
+    assert policy.suppressed == [Suppressed(regression.alert_id, "set_fusion_mode", "fused", "model_version_changed")]
+    # a new fusion version is no excuse, nor a modality version changed long before
+    for change in ({"fusion": ("f1", "f2", 7 * MIN)}, {"image": ("v1", "v2", 4 * MIN)}):
+        later = alert(kind="fusion_regression", modality="fused", start=10 * MIN, fp=f"r-{sorted(change)}")
+        assert [c.action for c in RollbackPolicy(PolicyConfig(rollback_after_activation_ms=5 * MIN)).decide(
+            later, ctx(10 * MIN, **change))] == ["set_fusion_mode"]
+
+
 @pytest.mark.parametrize("kind", ["dominance", "drift", "command_unacked", "action_suppressed"])
 def test_alert_only_kinds(kind: str) -> None:
     policy = RollbackPolicy()
