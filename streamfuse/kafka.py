@@ -215,6 +215,11 @@ def rd_producer_config(settings: Settings, client_id: str = "streamfuse") -> dic
         "linger.ms": 0 if p.one_record_per_batch else 5,
         "retries": 5,
         "logger": RD_LOG,
+        # The Java client's (and kafka-python's) key hash: a keyed record lands on the same
+        # partition whichever client sent it, so the predictions of an asset share the
+        # partition number of its samples (co-partitioned: the monitor's per-partition
+        # watermark and the replay's barriers rely on it). librdkafka's default is CRC32.
+        "partitioner": "murmur2_random",
     }
     if p.one_record_per_batch:
         cfg["batch.num.messages"] = 1

@@ -8,7 +8,7 @@ import time
 import pytest
 from kafka import TopicPartition
 
-from streamfuse.kafka import FETCH_PARTITION_BYTES, MAX_MESSAGE_BYTES, make_consumer, make_producer
+from streamfuse.kafka import FETCH_PARTITION_BYTES, MAX_MESSAGE_BYTES, make_consumer, make_producer, make_rd_producer
 from streamfuse.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -35,6 +35,24 @@ def test_records_larger_than_a_fetch_get_through_in_order(settings):
             got += [m.value for m in msgs]
     consumer.close()
     assert got == values
+
+
+def test_both_clients_put_a_key_on_the_same_partition(settings):
+    """Samples (kafka-python) and predictions (librdkafka) of an asset are co-partitioned:
+    the same key lands on the same partition number whichever client sent it."""
+    ensure_topics(settings)
+    topics = Topics(settings.topic_prefix)
+    keys = [f"asset-{i}".encode() for i in range(24)]
+    py = make_producer(settings, "copart-py")
+    py_parts = {k: py.send(topics.samples, key=k, value=b"s").get(timeout=20).partition for k in keys}
+    py.close()
+    rd, rd_parts = make_rd_producer(settings, "copart-rd"), {}
+    for k in keys:
+        rd.produce(topics.predictions, key=k, value=b"p",
+                   on_delivery=lambda err, msg: rd_parts.__setitem__(msg.key(), msg.partition()))
+    rd.flush(20)
+    assert len(set(py_parts.values())) > 1  # the keys spread over the partitions
+    assert rd_parts == py_parts
 
 
 def test_a_worker_without_its_topics_says_how_to_create_them(settings, trained_bundle):
