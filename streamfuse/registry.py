@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from streamfuse.config import Settings
@@ -257,8 +258,12 @@ class Registry:
     def baselines(self) -> dict[str, dict[str, float]]:
         """Validation Top-1 / macro-F1 (and ``calibration`` where the unit has one) of the active
         versions: modality -> scores, plus ``"fused"``."""
+        return self.baselines_of(self.active())
+
+    def baselines_of(self, versions: Mapping[str, str]) -> dict[str, dict[str, float]]:
+        """:meth:`baselines` of the given unit versions (as a prediction reports what served it)."""
         out = {}
-        active = self.active()
+        active = dict(versions)
         for unit, version in sorted(active.items(), key=lambda kv: kv[0].startswith("lora_")):
             man = self.manifest(unit, version)
             base = man.get("baseline") or {}

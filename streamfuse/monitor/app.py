@@ -42,6 +42,7 @@ from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
+from streamfuse.registry import Registry
 from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
 
@@ -112,7 +113,12 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
         else:
             records[key] = value
 
-    core = MonitorCore(baselines, settings.monitor, sink)
+    models = Registry(settings, client=store.r)
+
+    def baselines_of(versions: dict[str, str]) -> dict | None:  # None: Redis down, asked again later
+        return link.attempt(models.baselines_of, versions, what="reading the baselines of new model versions")
+
+    core = MonitorCore(baselines, settings.monitor, sink, baselines_of)
     restored = {"done": False, "seq": 0}
 
     def restore() -> None:

@@ -29,6 +29,7 @@ On closed KPI windows:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +42,8 @@ from streamfuse.monitor.evidence import Calibration, sample_evidence
 from streamfuse.monitor.kpis import FUSED, UME, KpiEngine, Sink
 from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
 from streamfuse.monitor.sequential import SequentialDetection, Transition
+
+log = logging.getLogger(__name__)
 
 SCOPE_RANK = {"asset": 0, "line": 1, "global": 2}
 SEVERITY = {"sensor_fault": "warning", "degradation": "critical", "drift": "warning", "dominance": "warning",
@@ -102,17 +105,16 @@ class MonitorCore:
     """
 
     def __init__(self, baselines: dict[str, dict[str, Any]], settings: MonitorSettings,
-                 sink: Sink | None = None) -> None:
-        self.baselines = {m: b for m, b in baselines.items() if m != FUSED}
+                 sink: Sink | None = None,
+                 baselines_of: Callable[[dict[str, str]], dict[str, dict[str, Any]] | None] | None = None) -> None:
         self.settings = s = settings
-        for m, b in self.baselines.items():
-            if not s.degradation_margin < b["top1"] <= 1.0:
-                raise ConfigError(
-                    f"baseline top-1 {b['top1']:.3f} of modality {m!r} leaves no room for the degradation "
-                    f"margin {s.degradation_margin}: retrain the model or lower "
-                    "STREAMFUSE_MONITOR__DEGRADATION_MARGIN"
-                )
+        for m, b in baselines.items():
+            if m != FUSED:
+                self._check_baseline(m, b)
+        self.baselines = {m: b for m, b in baselines.items() if m != FUSED}
         self.calibration = Calibration.from_baselines(baselines)
+        self.baselines_of = baselines_of
+        self._baseline_versions: dict[str, str] | None = None  # the unit versions the baselines belong to
         self._evidence: tuple[str, dict[str, tuple]] = ("", {})
         estimator = self._estimate if self.calibration is not None else None
         self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator,
@@ -137,7 +139,55 @@ class MonitorCore:
         self.kpis.add_label(label)
         return Outputs()
 
+    def _check_baseline(self, modality: str, b: dict[str, Any]) -> None:
+        if not self.settings.degradation_margin < b["top1"] <= 1.0:
+            raise ConfigError(
+                f"baseline top-1 {b['top1']:.3f} of modality {modality!r} leaves no room for the degradation "
+                f"margin {self.settings.degradation_margin}: retrain the model or lower "
+                "STREAMFUSE_MONITOR__DEGRADATION_MARGIN"
+            )
+
+    def _follow_versions(self, versions: dict[str, str]) -> None:
+        """Baselines follow the models: when a prediction was served by other unit versions
+        than the baselines belong to, take those versions' baselines (``baselines_of``,
+        the registry's) — the degradation thresholds and the label-free calibration move
+        with an activation, a rollback or a hot swap. The first prediction only says which
+        versions the start-up baselines are; one ``baselines_of`` cannot answer (Redis
+        down) is asked again on the next prediction."""
+        if not versions or self._baseline_versions == versions:
+            return
+        if self._baseline_versions is None or self.baselines_of is None:
+            self._baseline_versions = dict(versions)
+            return
+        fresh = self.baselines_of(dict(versions))
+        if fresh is None:
+            return
+        self.set_baselines(fresh)
+        self._baseline_versions = dict(versions)
+
+    def set_baselines(self, baselines: dict[str, dict[str, Any]]) -> None:
+        """Replace the baselines (and the calibration they carry) of the modalities given;
+        live degradation detectors keep their state and take the new threshold. A baseline
+        that leaves no room for the margin is refused for that modality (logged)."""
+        for m, b in baselines.items():
+            if m == FUSED or "top1" not in b:
+                continue
+            try:
+                self._check_baseline(m, b)
+            except ConfigError as exc:
+                log.warning("%s; keeping the previous baseline of %s", exc, m)
+                continue
+            self.baselines[m] = b
+            for key, det in self._detectors.items():
+                if key.kind == "degradation" and key.modality == m:
+                    det.baseline = b["top1"]
+        calibration = Calibration.from_baselines(baselines)
+        if calibration is not None:
+            self.calibration = calibration
+            self._evidence = ("", {})
+
     def on_prediction(self, pred: Prediction, source: str = "") -> Outputs:
+        self._follow_versions(pred.versions)
         for m, v in pred.versions.items():
             old = self._versions.get(m)
             if old is not None and old != v:
@@ -433,6 +483,7 @@ class MonitorCore:
             "episodes": {fp: dataclasses.asdict(e) for fp, e in self._episodes.items()},
             "sequential": self.sequential.state_dict() if self.sequential is not None else None,
             "versions": self._versions,
+            "baseline_versions": self._baseline_versions,
             "version_changes": {m: list(v) for m, v in self._version_changes.items()},
             "workers": self._workers,
             "lines": self._lines,
@@ -445,6 +496,10 @@ class MonitorCore:
         self.kpis.restore(state.get("kpis"), entries)
         self._episodes = {fp: Episode(**e) for fp, e in state.get("episodes", {}).items()}
         self._versions = dict(state.get("versions", {}))
+        saved = state.get("baseline_versions")
+        if saved is not None:  # continue with the baselines of the versions it had followed
+            self._baseline_versions = None if self.baselines_of is None else {}
+            self._follow_versions(dict(saved))
         self._version_changes = {m: tuple(v) for m, v in state.get("version_changes", {}).items()}
         self._workers = dict(state.get("workers", {}))
         self._lines = dict(state.get("lines", {}))

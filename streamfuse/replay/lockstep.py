@@ -79,18 +79,21 @@ class Lockstep:
         stall_s: a wait that sees no progress this long fails.
         stop: set it to stop early.
         on_label: called with each label published.
+        baselines_of: the baselines of given unit versions (the namespace's registry), so
+            the shadow follows version changes as the monitor does.
     """
 
     def __init__(self, settings: Settings, streams: Streams, collector: Collector, producer, store: StatusStore,
                  baselines: dict[str, dict[str, float]], alive: Callable[[], None], speed: float | None = None,
                  on_progress: Callable[[int, int], None] | None = None, stall_s: float = 120.0,
-                 stop: threading.Event | None = None, on_label: Callable[[Label], None] | None = None) -> None:
+                 stop: threading.Event | None = None, on_label: Callable[[Label], None] | None = None,
+                 baselines_of: Callable[[dict[str, str]], dict | None] | None = None) -> None:
         self.s, self.streams, self.col, self.producer, self.store = settings, streams, collector, producer, store
         self.alive, self.speed, self.on_progress, self.stall_s = alive, speed, on_progress, stall_s
         self.stop, self.on_label = stop or threading.Event(), on_label
         self.window_ms, self.grace_ms = settings.monitor.kpi_window_ms, settings.monitor.label_grace_ms
         self.prefix = settings.topic_prefix
-        self.shadow = MonitorCore(baselines, settings.monitor)
+        self.shadow = MonitorCore(baselines, settings.monitor, baselines_of=baselines_of)
         # The label-free detectors decide every decision_step_ms of event time: then every
         # such step is a barrier too, so their commands land at the same sample every time.
         if self.shadow.sequential is not None:

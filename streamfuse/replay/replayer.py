@@ -143,8 +143,10 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
                                           f"{log_dir / (name + '.log')}", ns.prefix)
 
             bar.start(streams.total)
-            lock = Lockstep(s, streams, collector, producer, store, Registry(s).baselines(), alive, speed,
-                            bar.update, stop=stop, on_label=lambda lab: labels.__setitem__(lab.sample_id, lab.label))
+            models = Registry(s)
+            lock = Lockstep(s, streams, collector, producer, store, models.baselines(), alive, speed,
+                            bar.update, stop=stop, on_label=lambda lab: labels.__setitem__(lab.sample_id, lab.label),
+                            baselines_of=models.baselines_of)
             wall0 = time.monotonic()
             counters = lock.run()
             wall_s = time.monotonic() - wall0

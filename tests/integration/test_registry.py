@@ -245,3 +245,41 @@ def test_concurrent_switches_keep_one_consistent_history(settings, tmp_path):
     assert Registry(settings).active()["series"] == hist[-1]["version"]
     stack = connect(settings).lrange(f"{settings.redis_prefix}registry:previous:series", 0, -1)
     assert [v.decode() for v in stack] == [h["previous"] for h in hist[1:]]
+
+
+def test_the_monitor_applies_a_new_versions_baseline_without_a_restart(settings, tmp_path):
+    """Image right 45 % of the time: within the first version's margin (baseline 0.60), a
+    degradation once a version with baseline 0.70 is activated: the monitor reads that
+    version's baseline from the registry when predictions say it serves them."""
+    from streamfuse.config import MonitorSettings
+    from streamfuse.events import Label, Prediction
+    from streamfuse.monitor.core import MonitorCore
+
+    reg = Registry(settings)
+    first = reg.import_bundle(make_bundle(tmp_path / "a", 0))
+    second = reg.import_bundle(make_bundle(tmp_path / "b", 10), activate=False)
+    assert reg.baselines_of({**first, "image": second["image"]})["image"]["top1"] == pytest.approx(0.7)
+    monitor = MonitorSettings(kpi_window_ms=10_000, label_grace_ms=0, detect_scopes=("global",))
+    core = MonitorCore(reg.baselines(), monitor, baselines_of=reg.baselines_of)
+
+    def window(start_s: int, versions: dict[str, str]) -> list:
+        alerts = []
+        for i in range(200):  # 20 samples/s for 10 s
+            ts, truth = start_s * 1000 + i * 50, CLASSES[i % len(CLASSES)]
+            image = truth if i % 20 < 9 else CLASSES[(i + 1) % len(CLASSES)]
+            probs = {m: tuple(0.85 if c == y else 0.05 for c in CLASSES)
+                     for m, y in (("image", image), ("audio", truth), ("series", truth))}
+            sid = f"s{start_s}-{i}"
+            pred = Prediction(sid, "asset-0", ts, tuple(CLASSES), probs["audio"], truth, "ume", probs,
+                              line_id="line-0", versions=versions)
+            alerts += core.on_prediction(pred, "p0").alerts
+            core.on_label(Label(sid, "asset-0", ts, truth, line_id="line-0"))
+        return alerts
+
+    assert [a for t in (0, 10, 20) for a in window(t, first)] == []
+    reg.activate("image", second["image"], reason="test: a better image model")
+    served = {**first, "image": second["image"]}
+    fired = [a for t in (30, 40, 50) for a in window(t, served) if a.status == "firing"]
+    assert [(a.kind, a.modality, a.scope) for a in fired] == [("degradation", "image", "global")], fired
+    assert fired[0].threshold == pytest.approx(0.7 - monitor.degradation_margin)
+    assert core.baselines["image"]["top1"] == pytest.approx(0.7)

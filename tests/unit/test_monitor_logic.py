@@ -584,3 +584,36 @@ def test_monitor_core_rejects_unusable_baseline_at_construction() -> None:
     core.on_label(Label("s1", "a1", 10, "ok"))
     core.on_prediction(pred("s1", 10))
     core.on_prediction(pred("s2", 5_000))  # closes the first window: must not raise
+
+
+def test_baselines_follow_the_served_versions_across_an_outage_and_a_restart() -> None:
+    """A prediction served by other unit versions switches the baselines to theirs (the
+    registry's answer); no answer (Redis down) keeps the old ones and asks again; a
+    restored monitor continues with the versions it followed."""
+    baselines = {"v1": {"image": {"top1": 0.9, "macro_f1": 0.9}}, "v2": {"image": {"top1": 0.7, "macro_f1": 0.7}}}
+    asked, down = [], [True]
+
+    def baselines_of(versions: dict[str, str]) -> dict | None:
+        asked.append(versions["image"])
+        return None if down[0] else baselines[versions["image"]]
+
+    core = MonitorCore(baselines["v1"], MonitorSettings(), baselines_of=baselines_of)
+    core.on_prediction(pred("s1", 1_000, versions={"image": "v1"}))
+    assert asked == [] and core.baselines["image"]["top1"] == 0.9  # the start-up baselines are v1's
+    core.on_prediction(pred("s2", 2_000, versions={"image": "v2"}))
+    assert asked == ["v2"] and core.baselines["image"]["top1"] == 0.9  # Redis down: kept
+    down[0] = False
+    core.on_prediction(pred("s3", 3_000, versions={"image": "v2"}))
+    assert asked == ["v2", "v2"] and core.baselines["image"]["top1"] == 0.7
+    core.on_prediction(pred("s4", 4_000, versions={"image": "v2"}))
+    assert asked == ["v2", "v2"]  # asked once per change
+    restored = MonitorCore(baselines["v1"], MonitorSettings(), baselines_of=baselines_of)
+    restored.load_state_dict(core.state_dict(), [])
+    assert restored.baselines["image"]["top1"] == 0.7
+
+
+def test_a_baseline_without_room_for_the_margin_is_refused_for_that_modality_only() -> None:
+    core = MonitorCore({"image": {"top1": 0.9, "macro_f1": 0.9}, "audio": {"top1": 0.8, "macro_f1": 0.8}},
+                       MonitorSettings(degradation_margin=0.15))
+    core.set_baselines({"image": {"top1": 0.1, "macro_f1": 0.1}, "audio": {"top1": 0.7, "macro_f1": 0.7}})
+    assert core.baselines["image"]["top1"] == 0.9 and core.baselines["audio"]["top1"] == 0.7
