@@ -179,10 +179,17 @@ def our_delays(run: Run, modality: str, onset: int) -> tuple[dict, dict]:
             for ln in lines:
                 alerts.setdefault(ln, []).append(a.event_ms)
     masks: dict[str, list[int]] = {}
+    per_asset: dict[str, int] = {}  # a sensor fault masks its asset: a line is masked once all of its assets are
     for c in run.commands:
         if c.action == "mask_modality" and c.modality == modality and c.scope in ("line", "global"):
             for ln in ([c.scope_id] if c.scope == "line" else [f"line-{k}" for k in range(LINES)]):
                 masks.setdefault(ln, []).append(c.issued_ms)
+        elif c.action == "mask_modality" and c.modality == modality and c.scope == "asset" and c.issued_ms >= onset:
+            per_asset.setdefault(c.scope_id, c.issued_ms)
+    for k in range(LINES):
+        assets = [f"asset-{a}" for a in range(ASSETS) if a % LINES == k]
+        if all(a in per_asset for a in assets):
+            masks.setdefault(f"line-{k}", []).append(max(per_asset[a] for a in assets))
     return first_per_line(alerts, onset), first_per_line(masks, onset)
 
 

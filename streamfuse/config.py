@@ -101,6 +101,7 @@ class MonitorSettings(BaseModel):
     # audio in [-1, 1], series in its own units); a fault fires above these rates.
     flat_std: dict[str, float] = {"image": 0.25, "audio": 1e-4, "series": 1e-6}
     sensor_fault_rate: float = Field(0.5, gt=0.0, le=1.0)
+    sensor_fault_readings: int = Field(6, ge=1)  # flat / frozen readings: judged over each sensor's latest N
     max_abs_skew_ms: float = Field(500.0, gt=0.0)
     dominance_share: float = Field(0.9, gt=0.0, le=1.0)
     # Page-Hinkley on label-free proxies; these also move with the mix of machine states, so

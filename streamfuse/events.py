@@ -149,6 +149,7 @@ class KpiSnapshot:
     n_labelled: int = 0
     n_correct: int = 0
     n_truth_classes: int = 0  # distinct true classes among the labelled samples
+    truth_counts: dict[str, int] = field(default_factory=dict)  # labelled samples per true class
     accuracy: float | None = None
     accuracy_low: float | None = None  # Wilson bound
     accuracy_high: float | None = None

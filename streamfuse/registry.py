@@ -274,8 +274,9 @@ class Registry:
                 unit = modality
             if "top1" in base and "macro_f1" in base:
                 out["fused" if unit == "fusion" else unit] = {"top1": base["top1"], "macro_f1": base["macro_f1"]}
-                if base.get("calibration"):  # the unit's validation calibration (label-free evidence)
-                    out["fused" if unit == "fusion" else unit]["calibration"] = base["calibration"]
+                for extra in ("calibration", "recall"):  # label-free evidence; per-class accuracy
+                    if base.get(extra):
+                        out["fused" if unit == "fusion" else unit][extra] = base[extra]
         return out
 
     def load_active(self, device: Any = "cpu") -> Any:

@@ -19,7 +19,8 @@ import torch
 
 from streamfuse.monitor.evidence import FUSED, Calibration
 
-__all__ = ["attach_calibration", "calibrate_bundle", "fit_calibration"]
+__all__ = ["attach_calibration", "calibrate_bundle", "class_recall", "fit_calibration"]
+PRIOR_N = 2.0  # pseudo-samples at the unit's overall accuracy behind each class's recall
 
 
 def fit_calibration(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor, fused: torch.Tensor,
@@ -48,13 +49,48 @@ def fit_calibration(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor,
     return Calibration.fit([rows[i] for i in keep], [fused_labels[i] for i in keep])
 
 
-def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration) -> None:
-    """Store each unit's tables with its baseline (``fused`` with the fusion's); the
-    baselines' maps are replaced, not changed (the candidates' records share them)."""
+def class_recall(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor, order: Sequence[str],
+                 classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per modality, how often it is right on each true class of one split (smoothed toward
+    its overall accuracy by :data:`PRIOR_N` pseudo-samples): the monitor's expected accuracy
+    of a window is the mean over its labelled samples' classes, so a window full of a class
+    the model finds hard is not a degradation.
+
+    Examples:
+        >>> p = torch.tensor([[[0.9, 0.1]], [[0.8, 0.2]], [[0.3, 0.7]], [[0.6, 0.4]]])
+        >>> class_recall(p, torch.ones(4, 1, dtype=torch.bool), torch.tensor([0, 0, 1, 1]), ("series",), ("ok", "bad"))
+        {'series': {'bad': 0.625, 'ok': 0.875}}
+    """
+    pred, truth, have = probs.float().argmax(-1), y.cpu(), present.cpu()
+    out: dict[str, dict[str, float]] = {}
+    for j, m in enumerate(order):
+        rows = have[:, j]
+        if not bool(rows.any()):
+            continue
+        right = (pred[rows, j] == truth[rows]).float()
+        overall = float(right.mean())
+        per = {}
+        for c, name in enumerate(classes):
+            of_c = truth[rows] == c
+            per[name] = round((float(right[of_c].sum()) + PRIOR_N * overall) / (int(of_c.sum()) + PRIOR_N), 6)
+        out[m] = dict(sorted(per.items()))
+    return out
+
+
+def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration,
+                       recall: dict[str, dict[str, float]] | None = None) -> None:
+    """Store each unit's tables (and per-class recall, :func:`class_recall`) with its
+    baseline (``fused`` with the fusion's); the baselines' maps are replaced, not changed
+    (the candidates' records share them)."""
     for unit, base in list(baselines.items()):
+        if not isinstance(base, MutableMapping):
+            continue
         tables = cal.unit_dict(FUSED if unit == "fused" else unit)
-        if tables and isinstance(base, MutableMapping):
-            baselines[unit] = {**base, "calibration": tables}
+        extra = {"calibration": tables} if tables else {}
+        if recall and unit in recall:
+            extra["recall"] = recall[unit]
+        if extra:
+            baselines[unit] = {**base, **extra}
 
 
 def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
@@ -87,8 +123,9 @@ def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[s
     y = torch.tensor([bundle.classes.index(lab.label) for _, lab in val])
     fused = bundle.fuse(enc, enc.computed)
     cal = fit_calibration(enc.modality_probs, enc.computed, y, fused, bundle.modalities, bundle.classes)
+    recall = class_recall(enc.modality_probs, enc.computed, y, bundle.modalities, bundle.classes)
     manifest = json.loads((path / MANIFEST).read_text())
-    attach_calibration(manifest["baselines"], cal)
+    attach_calibration(manifest["baselines"], cal, recall)
     check_manifest(manifest, path)
     tmp = path / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -151,6 +151,10 @@ def check_manifest(man: Any, where: Path) -> None:
                 raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
             if values.get("calibration") is not None:
                 _check_calibration(unit, values["calibration"], fail)
+            recall = values.get("recall")
+            if recall is not None and not (isinstance(recall, dict) and all(
+                    isinstance(v, (int, float)) and 0 <= v <= 1 for v in recall.values())):
+                raise fail(f"{section}.{unit}.recall must map each class to a value in [0, 1]")
     if fusion["mode"] in CALIBRATED_MODES and not any(
             isinstance(v, dict) and v.get("calibration") for v in man["baselines"].values()):
         raise fail(f"fusion.mode {fusion['mode']!r} needs a calibration in the baselines; retrain the bundle")

@@ -24,7 +24,7 @@ import torch
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle_io import save_bundle, weights_digest
-from streamfuse.models.calibration import attach_calibration, fit_calibration
+from streamfuse.models.calibration import attach_calibration, class_recall, fit_calibration
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import fusion_version
@@ -165,7 +165,7 @@ def train_bundle(
             cands.append(train_mmlora(stage1, splits, order, fopts, mmlora_options or MMLoRAOptions(), seed + 977,
                                       dev, progress, deadline))
         chosen = choose(cands, fusion, fopts.min_gain)
-        calibration = _calibrate(chosen, outs, splits, order, classes, dev)
+        calibration, recall = _calibrate(chosen, outs, splits, order, classes, dev)
         seconds["stage2"] = time.perf_counter() - t0
         report = None
         if compare:
@@ -205,7 +205,7 @@ def train_bundle(
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         },
     }
-    attach_calibration(manifest["baselines"], calibration)
+    attach_calibration(manifest["baselines"], calibration, recall)
     if report is not None:
         manifest["compare"] = report
     if adapters:
@@ -222,7 +222,8 @@ def train_bundle(
 
 def _calibrate(chosen: Any, outs: dict[str, Any], splits: dict[str, Any], order: list[str],
                classes: tuple[str, ...], dev: torch.device) -> Any:
-    """The label-free calibration of the served units, on the validation split."""
+    """The label-free calibration of the served units and their per-class recall, on the
+    validation split."""
     from streamfuse.models.fusion import ume
     from streamfuse.models.splits import run_models
     from streamfuse.models.stage2 import _fused
@@ -230,7 +231,8 @@ def _calibrate(chosen: Any, outs: dict[str, Any], splits: dict[str, Any], order:
     val = run_models(chosen.encoders, splits["val"], order, dev) if chosen.encoders else outs["val"]
     fused = (_fused(chosen.fusion, chosen.mode, val) if chosen.fusion is not None and chosen.mode in chosen.fusion.modes
              else ume(val.probs, val.present))
-    return fit_calibration(val.probs, val.present, splits["val"].y, fused, order, classes)
+    return (fit_calibration(val.probs, val.present, splits["val"].y, fused, order, classes),
+            class_recall(val.probs, val.present, splits["val"].y, order, classes))
 
 
 def preset_options(preset: str, **changes: Any) -> TrainOptions:

@@ -92,6 +92,24 @@ class Outputs:
         self.estimates += other.estimates
 
 
+def expected_accuracy(baseline: dict[str, Any], truth_counts: dict[str, int]) -> float:
+    """The accuracy to expect of a window from its labelled samples' true classes: the
+    mean of the unit's per-class validation recall (``baseline["recall"]``), else its Top-1.
+
+    Examples:
+        >>> base = {"top1": 0.83, "recall": {"normal": 0.99, "overheat": 0.51}}
+        >>> expected_accuracy(base, {"overheat": 20}), expected_accuracy(base, {"normal": 10, "overheat": 10})
+        (0.51, 0.75)
+        >>> expected_accuracy(base, {}), expected_accuracy({"top1": 0.9}, {"normal": 3})
+        (0.83, 0.9)
+    """
+    recall = baseline.get("recall") or {}
+    n = sum(truth_counts.values())
+    if not recall or not n:
+        return baseline["top1"]
+    return round(sum(c * recall.get(y, baseline["top1"]) for y, c in truth_counts.items()) / n, 6)
+
+
 def _argmax_label(classes: tuple[str, ...], probs: tuple[float, ...]) -> str:
     return classes[max(range(len(probs)), key=probs.__getitem__)]
 
@@ -200,11 +218,11 @@ class MonitorCore:
         out = Outputs(kpis=self.kpis.add_prediction(pred, source))
         fresh = seen == (self.kpis.duplicates, self.kpis.late_predictions)
         self._detect(out)
+        # A flat or frozen signal is the sensor's fault (judged per reading here and
+        # reported per asset), not evidence about its model or the others.
+        dead = self._dead_signals(pred, out) if fresh else set()
         if self.sequential is not None:
             if fresh:
-                # A flat or frozen signal is the sensor's fault (the sensor_fault checks
-                # report it per asset), not evidence about its model or the others.
-                dead = self._dead_signals(pred)
                 labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items() if m not in dead}
                 conf = {m: max(p) for m, p in pred.modality_probs.items() if m not in dead}
                 self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf)
@@ -213,16 +231,33 @@ class MonitorCore:
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
         return out
 
-    def _dead_signals(self, pred: Prediction) -> set[str]:
+    def _dead_signals(self, pred: Prediction, out: Outputs) -> set[str]:
         """Modalities whose reading in ``pred`` is flat (std at or below ``flat_std``) or
-        the same as the asset's previous one (a frozen sensor)."""
-        dead = {m for m, std in pred.signal_std.items() if std <= self.settings.flat_std.get(m, 0.0)}
+        the same as the asset's previous one (a frozen sensor); each sensor's
+        ``flatline`` / ``stuck`` fault is judged here, reading by reading
+        (:class:`~streamfuse.monitor.detectors.RecentRate`), not per window."""
+        s = self.settings
+        flat = {m for m, std in pred.signal_std.items() if std <= s.flat_std.get(m, 0.0)}
+        stuck = set()
         for m, digest in pred.digest.items():
             key = (pred.asset_id, m)
             if self._last_digest.get(key) == digest:
-                dead.add(m)
+                stuck.add(m)
             self._last_digest[key] = digest
-        return dead
+        sensors = sorted(set(pred.signal_std) | set(pred.digest))
+        for check, bad in (("flatline", flat), ("stuck", stuck)):
+            for m in sensors:
+                if check == "stuck" and m not in pred.digest:
+                    continue
+                det = self._detector(DetKey("sensor_fault", check, "asset", pred.asset_id, m),
+                                     lambda: d.RecentRate(s.sensor_fault_readings, s.sensor_fault_rate))
+                det.update(m in bad)
+                if det.changed:
+                    n = round(det.last * len(det.state_dict()["recent"]))
+                    self._emit(out, "sensor_fault", "firing" if det.firing else "resolved", m, "asset",
+                               pred.asset_id, pred.ts_ms, det.last, s.sensor_fault_rate,
+                               f"{check}: {n} of the latest {s.sensor_fault_readings} readings", {"fault": check})
+        return flat | stuck
 
     def on_ack(self, ack: Ack) -> None:
         p = self._pending.get(ack.command_id)
@@ -330,8 +365,7 @@ class MonitorCore:
             if k.scope != "asset" or k.modality in (FUSED, UME):
                 continue
             total = k.n + k.n_missing
-            for check, events, n in (("flatline", k.n_flat, k.n), ("stuck", k.n_stuck, k.n),
-                                     ("dropout", k.n_missing, total)):
+            for check, events, n in (("dropout", k.n_missing, total),):  # flatline, stuck: per reading
                 det = self._detector(DetKey("sensor_fault", check, "asset", k.scope_id, k.modality),
                                      lambda: d.RateAlarm(threshold=s.sensor_fault_rate, fire_windows=s.fire_windows,
                                                          resolve_windows=s.resolve_windows,
@@ -361,14 +395,21 @@ class MonitorCore:
                                      baseline=base["top1"], margin=s.degradation_margin, z=s.confidence_z,
                                      min_n=s.min_labelled, fire_windows=s.fire_windows,
                                      resolve_windows=s.resolve_windows))
+            # The model is not equally good on every class: the accuracy to expect of this
+            # window is its per-class validation recall over the window's true classes
+            # (a line that stays in the state the model finds hardest is no degradation).
+            expected = expected_accuracy(base, k.truth_counts)
+            threshold = expected - s.degradation_margin
             # A window whose labels are all one class cannot tell a classifier from a
             # constant guess (a fogged camera looks perfect while the machine is
             # normal): its good accuracy is no evidence; a bad one still is.
-            informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < det.threshold)
-            det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0)
+            informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < threshold)
+            det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0, expected)
             acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
-            self._transition(out, det, "degradation", k, k.accuracy, det.threshold,
-                             f"accuracy {acc} < {det.threshold:.2f} (baseline {base['top1']:.2f})")
+            why = (f"expected {expected:.2f} for this window's classes, baseline {base['top1']:.2f}"
+                   if expected != base["top1"] else f"baseline {base['top1']:.2f}")
+            self._transition(out, det, "degradation", k, k.accuracy, round(threshold, 4),
+                             f"accuracy {acc} < {threshold:.2f} ({why})")
 
     def _detect_label_free(self, out: Outputs, snaps: list[KpiSnapshot]) -> None:
         s = self.settings

@@ -86,14 +86,17 @@ class AccuracyDegradation(Detector):
     def threshold(self) -> float:
         return self.baseline - self.margin
 
-    def update(self, correct: int, n: int) -> None:
+    def update(self, correct: int, n: int, expected: float | None = None) -> None:
+        """One window: ``correct`` of ``n`` labelled samples right. ``expected``: the
+        accuracy to expect of this window (its classes' recall); default the baseline."""
         self._changed = False
         if n < self.min_n:
             return
+        threshold = self.threshold if expected is None else expected - self.margin
         acc = correct / n
         low, high = wilson_interval(correct, n, self.z)
         self._last = (acc, low, high)
-        self._step(bad=high < self.threshold, good=acc >= self.threshold)
+        self._step(bad=high < threshold, good=acc >= threshold)
 
     @property
     def last(self) -> tuple[float, float, float] | None:
@@ -304,6 +307,62 @@ class Dominance(Detector):
         """The share of the last window that counted."""
         return self._last
 
+
+
+class RecentRate(Detector):
+    """Per reading: the share of bad readings (flat, frozen) among a sensor's last
+    ``readings``; fires at or above ``threshold`` and resolves once the last ``readings``
+    are all good. A dead sensor is caught within a few readings — not windows — and an
+    intermittent one (every other reading bad) within ``readings``.
+
+    A healthy signal is never flat nor byte-identical to the previous reading, so the
+    count needs no statistics; ``readings`` only bounds how long an intermittent fault
+    can hide.
+
+    Args:
+        readings: how many of the latest readings count (>= 1).
+        threshold: share of them, in (0, 1], at which the sensor is faulty.
+
+    Examples:
+        >>> det, history = RecentRate(readings=6, threshold=0.5), []
+        >>> for i in range(24):
+        ...     det.update(6 <= i < 14)                  # readings 6..13 are flat
+        ...     history.append("F" if det.firing else ".")
+        >>> "".join(history)
+        '........FFFFFFFFFFF.....'
+        >>> det.update(True); det.state_dict()["recent"], det.firing
+        ([False, False, False, False, False, True], False)
+    """
+
+    def __init__(self, readings: int = 6, threshold: float = 0.5) -> None:
+        _check_int("readings", readings, 1)
+        _check_range("threshold", threshold, 0.0, 1.0, low_open=True)
+        self._init_windows(1, 1, 1)
+        self.readings = readings
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self._recent: list[bool] = []
+
+    def update(self, bad: bool) -> None:
+        """One reading of the sensor: whether it was bad."""
+        self._changed = False
+        self._recent = [*self._recent, bool(bad)][-self.readings:]
+        rate = sum(self._recent) / len(self._recent)
+        self._last = rate
+        if not self._firing and bad and sum(self._recent) >= self.threshold * self.readings:
+            self._firing = self._changed = True
+        elif self._firing and len(self._recent) == self.readings and not any(self._recent):
+            self._firing, self._changed = False, True
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "recent": list(self._recent)}
+
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        super()._load_extra(state)
+        self._recent = [bool(b) for b in state.get("recent", [])]
 
 
 class RateAlarm(Detector):

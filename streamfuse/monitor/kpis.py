@@ -328,6 +328,7 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         n_labelled=len(labelled),
         n_correct=correct,
         n_truth_classes=len({t for _, t in labelled}),
+        truth_counts=_counts(t for _, t in labelled),
         accuracy=correct / len(labelled) if labelled else None,
         accuracy_low=low,
         accuracy_high=high,
@@ -364,3 +365,10 @@ def _best_reference(recs: list[_Record]) -> dict[str, Any]:
             best = {"ref_modality": ref, "ref_n": len(pairs), "ref_correct": ref_correct,
                     "ref_fused_correct": sum(a for a, _ in pairs), "ref_discordant": sum(a != b for a, b in pairs)}
     return best
+
+
+def _counts(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))

@@ -617,3 +617,55 @@ def test_a_baseline_without_room_for_the_margin_is_refused_for_that_modality_onl
                        MonitorSettings(degradation_margin=0.15))
     core.set_baselines({"image": {"top1": 0.1, "macro_f1": 0.1}, "audio": {"top1": 0.7, "macro_f1": 0.7}})
     assert core.baselines["image"]["top1"] == 0.9 and core.baselines["audio"]["top1"] == 0.7
+
+
+def test_a_window_of_the_class_a_model_finds_hard_is_not_a_degradation() -> None:
+    """Series is right 99 % on "ok" but 51 % on "bad" (validation recall). A window that is
+    80 % "bad" expects 0.61, not the 0.83 of the whole split: 60 % right is healthy there;
+    28 % right is a degradation."""
+    base = {"series": {"top1": 0.83, "macro_f1": 0.8, "recall": {"ok": 0.99, "bad": 0.51}}}
+    core = MonitorCore(base, MonitorSettings(kpi_window_ms=1000, label_grace_ms=0, detect_scopes=("global",)))
+
+    def windows(first: int, count: int, right_on_bad: float) -> list:
+        alerts = []
+        for w in range(first, first + count):
+            for i in range(200):
+                truth = "bad" if i < 160 else "ok"
+                right = truth == "ok" or i < 160 * right_on_bad
+                answer = truth if right else ("ok" if truth == "bad" else "bad")
+                sid, t = f"w{w}-{i}", w * 1000 + i * 5
+                probs = (0.9, 0.1) if answer == "ok" else (0.1, 0.9)
+                alerts += core.on_prediction(pred(sid, t, probs, modality_probs={"series": probs})).alerts
+                core.on_label(Label(sid, "a1", t, truth, line_id="L1"))
+        return alerts
+
+    assert windows(0, 4, right_on_bad=0.5) == []  # 0.60 right: the Top-1 rule would fire (upper bound 0.67 < 0.68)
+    fired = [a for a in windows(4, 4, right_on_bad=0.1) if a.status == "firing"]
+    assert [(a.kind, a.modality) for a in fired] == [("degradation", "series")]
+    assert fired[0].threshold == pytest.approx(0.606 - 0.15) and "expected 0.61" in fired[0].summary
+
+
+def test_a_flat_sensor_is_a_sensor_fault_within_a_few_readings_and_masks_its_asset() -> None:
+    """At 2 readings/s, series on asset a2 goes flat at 10 s and comes back at 20 s: the
+    fault fires on the third flat reading (1 s), masks series on a2 only, and resolves after
+    six good readings. A frozen image (the same bytes again and again) is a stuck sensor."""
+    core = MonitorCore({"series": {"top1": 0.9, "macro_f1": 0.9}, "image": {"top1": 0.9, "macro_f1": 0.9}},
+                       MonitorSettings(kpi_window_ms=5000))
+    alerts, commands = [], []
+    for i in range(60):
+        t = i * 500
+        for asset in ("a1", "a2"):
+            flat = asset == "a2" and 10_000 <= t < 20_000
+            frozen = asset == "a1" and t >= 25_000
+            out = core.on_prediction(pred(f"{asset}-{i}", t, asset=asset, modality_probs={
+                "series": (0.9, 0.1), "image": (0.9, 0.1)},
+                signal_std={"series": 0.0 if flat else 1.0, "image": 40.0},
+                digest={"image": 7 if frozen else 1000 * i + len(asset), "series": i}))
+            alerts += out.alerts
+            commands += out.commands
+    seen = [(a.status, a.labels["fault"], a.modality, a.scope_id, a.event_ms) for a in alerts]
+    assert seen == [("firing", "flatline", "series", "a2", 11_000), ("resolved", "flatline", "series", "a2", 22_500),
+                    ("firing", "stuck", "image", "a1", 26_500)], seen  # the first frozen reading is new
+    assert [(c.action, c.modality, c.scope, c.scope_id) for c in commands] == [
+        ("mask_modality", "series", "asset", "a2"), ("unmask_modality", "series", "asset", "a2"),
+        ("mask_modality", "image", "asset", "a1")]
