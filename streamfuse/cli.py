@@ -198,7 +198,7 @@ def worker(
     """Run an inference worker: samples → per-modality models + fusion → predictions."""
     import signal
 
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
     from streamfuse.inference.worker import InferenceWorker
 
     settings = _settings(verbose)

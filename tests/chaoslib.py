@@ -145,7 +145,7 @@ class ChaosRun:
         self.thread = threading.Thread(target=self.sim.run, kwargs={"duration_s": duration_s}, daemon=True)
 
     def spawn(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        from streamfuse.demo import child_env
+        from streamfuse.procs import child_env
 
         args = {"worker": ["worker"], "monitor": ["monitor"], "dispatcher": ["alerts", "dispatch", "-v"],
                 "sync": ["sync"]}[name]

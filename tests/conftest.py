@@ -37,7 +37,7 @@ def broker():
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
     """A small but meaningful bundle: the demo recipe on fewer samples and epochs."""
-    from streamfuse.demo import ensure_demo_bundle
+    from streamfuse.models.bootstrap import ensure_demo_bundle
 
     root = tmp_path_factory.mktemp("models")
     settings = Settings(model_dir=root, bundle="test")
@@ -60,7 +60,7 @@ def settings(broker, trained_bundle) -> Settings:
         worker={"group": f"workers-{tag}", "max_batch": 16, "max_delay_ms": 20, "device": "cpu"},
         monitor={"app_id": f"monitor-{tag}", "kpi_window_ms": 5000, "label_grace_ms": 15000},
     )
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
 
     ensure_models(s)  # imports the trained bundle into this test's registry namespace
     yield s

@@ -89,7 +89,7 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
             namespace, bad option, a pipeline process died or stalled.
             RegistryError / ModelError: an unknown or broken model version.
     """
-    from streamfuse.demo import spawn, stop_children
+    from streamfuse.procs import spawn, stop_children
     from streamfuse.kafka import make_rd_producer
     from streamfuse.replay.collect import Collector
     from streamfuse.replay.lockstep import Lockstep

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from streamfuse.cli import app as cli_app
 from streamfuse.control import ControlError, ProposalStore, operator_command, parse_scope
-from streamfuse.demo import child_env, spawn, stop_children
+from streamfuse.procs import child_env, spawn, stop_children
 from streamfuse.events import Alert, Command
 from streamfuse.monitor.policy import RollbackPolicy
 from streamfuse.store import connect

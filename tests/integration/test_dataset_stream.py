@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from conftest import add_image_version
 from streamfuse.cli import app
-from streamfuse.demo import Observer, child_env, serve_models
+from streamfuse.demo import Observer, serve_models
+from streamfuse.procs import child_env
 from streamfuse.events import Label, SensorEvent, decode
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer

@@ -20,7 +20,8 @@ from ingest_helpers import Outputs, Runner, drop_session, metric, mqtt_client, p
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.ingest.mapping import load_mapping
 from streamfuse.ingest.mqtt import MqttGateway
 from streamfuse.sim.plant import Plant, PlantConfig

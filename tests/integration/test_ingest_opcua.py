@@ -17,7 +17,8 @@ from opcua_plant import MODALITIES, PlantServer, free_port, make_certificates, n
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.errors import ConfigError
 from streamfuse.ingest.mapping import parse_mapping
 from streamfuse.ingest.opcua import OpcuaGateway

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import delete_topics
 from streamfuse.config import Settings
-from streamfuse.demo import ensure_models, spawn, stop_children
+from streamfuse.models.bootstrap import ensure_models
+from streamfuse.procs import spawn, stop_children
 from streamfuse.events import BATCH_END
 from streamfuse.kafka import make_consumer
 from streamfuse.replay import Recording, decisions, fault_annotations, record, replay
@@ -291,7 +292,7 @@ def test_cli_compare_two_image_versions_on_part_of_the_recording(live, tmp_path,
     from typer.testing import CliRunner
 
     from conftest import add_image_version
-    from streamfuse.demo import child_env
+    from streamfuse.procs import child_env
     from streamfuse.replay.cli import replay as replay_cmd
 
     s = live["settings"]

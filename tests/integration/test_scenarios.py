@@ -13,7 +13,8 @@ import pytest
 
 from conftest import add_image_version
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.sim.faults import parse_fault
 from streamfuse.sim.publish import SimPublisher
 from streamfuse.topics import ensure_topics
