@@ -230,7 +230,7 @@ def sync(
     from prometheus_client import CollectorRegistry
 
     from streamfuse.metrics import serve
-    from streamfuse.sync_app import run_sync
+    from streamfuse.sync.app import run_sync
 
     settings = _settings(verbose)
     stop, registry = threading.Event(), CollectorRegistry()

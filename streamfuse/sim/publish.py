@@ -9,7 +9,7 @@ With ``per_modality_topics`` the plant behaves like separate sensor gateways: ea
 reading goes to ``sensor.<modality>`` as a :class:`SensorEvent` (``start_ms`` is aligned
 to a slot time), with event-time jitter, reordering, duplicates, drops and stragglers
 (:class:`ReadingDisorder`), and the synchronizer (``streamfuse sync``) rebuilds the
-samples. Labels carry the id the synchronizer gives the slot (:func:`~streamfuse.sync.slot_id`),
+samples. Labels carry the id the synchronizer gives the slot (:func:`~streamfuse.sync.core.slot_id`),
 and :class:`SimStats` records the ground truth: which modalities each sample will have.
 """
 
@@ -33,7 +33,7 @@ from streamfuse.sends import TrackedProducer
 from streamfuse.sim.dataset_plant import DatasetPlant, DatasetRows
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.sim.plant import Plant, PlantConfig
-from streamfuse.sync import SyncConfig, slot_id
+from streamfuse.sync.core import SyncConfig, slot_id
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)

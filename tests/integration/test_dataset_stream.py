@@ -25,7 +25,7 @@ from streamfuse.kafka import make_consumer
 from streamfuse.models.dataset import UnknownLabelError, export_sim
 from streamfuse.registry import Registry
 from streamfuse.sim.dataset_plant import DatasetPlant, load_rows
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ from streamfuse.procs import spawn, stop_children
 from streamfuse.errors import ConfigError
 from streamfuse.ingest.mapping import parse_mapping
 from streamfuse.ingest.opcua import OpcuaGateway
-from streamfuse.sync import SyncConfig, slot_id
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.core import SyncConfig, slot_id
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
