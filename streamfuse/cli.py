@@ -248,7 +248,7 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the monitor (faust): KPIs, degradation alerts, rollback commands."""
     from streamfuse.monitor.app import run_monitor
 
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
     from streamfuse.store import RedisLink, connect
 
     settings = _settings(verbose)
@@ -265,7 +265,7 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the latest KPIs, open alerts, active model versions, workers' masks, pending proposals (from Redis)."""
     from streamfuse.control import ProposalStore
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
     from streamfuse.store import StatusStore, connect
 
     settings = _settings()

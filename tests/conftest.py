@@ -89,7 +89,7 @@ def add_image_version(settings: Settings, tmp_path: Path, *, corrupt: bool = Fal
     from streamfuse.models.bundle_io import write_weights
     from streamfuse.models.encoders import create_model
     from streamfuse.models.units import UNIT_WEIGHTS, read_unit_manifest, write_unit
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     registry = Registry(settings)
     good = registry.active()["image"]

@@ -141,7 +141,7 @@ class CommandHandler:
     def _rollback_target(self, cmd: Command, unit: str) -> str:
         """The version a rollback without an explicit version goes to, decided once per
         command for all workers (the first to ask claims it in Redis)."""
-        from streamfuse.registry import RegistryError
+        from streamfuse.models.registry import RegistryError
 
         key = f"{self.registry.prefix}command:{cmd.command_id}"
         claimed = self.registry.redis.get(key)

@@ -54,7 +54,7 @@ def ensure_models(settings: Settings, console=None, *, fresh: bool = False):
         ModelError: nothing is active and there is no bundle to import.
     """
     from streamfuse.errors import ModelError
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     registry = Registry(settings)
     if registry.active() and not fresh:

@@ -143,7 +143,7 @@ def train(
         console.print(f"comparison saved to {out / JSON_FILE} and {out / MD_FILE}")
     console.print(f"bundle written to {out} in {seconds:.1f} s")
     if register:
-        from streamfuse.registry import Registry
+        from streamfuse.models.registry import Registry
 
         units = Registry(settings).import_bundle(out, activate=True)
         console.print(f"imported and activated: {units}")
@@ -204,7 +204,7 @@ def export_real_cmd(
 
 def _registry() -> Any:
     from streamfuse.config import Settings
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     return Registry(Settings())
 
@@ -213,7 +213,7 @@ def _registry() -> Any:
 @_friendly
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every unit's versions on disk, the active one marked, with validation baselines."""
-    from streamfuse.registry import UNITS
+    from streamfuse.models.registry import UNITS
 
     reg = _registry()
     active = reg.active()

@@ -42,7 +42,7 @@ from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
 

@@ -23,7 +23,7 @@ from streamfuse.events import Label, SensorEvent, decode
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer
 from streamfuse.models.dataset import UnknownLabelError, export_sim
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.sim.dataset_plant import DatasetPlant, load_rows
 from streamfuse.sync.app import run_sync
 from streamfuse.topics import Topics, ensure_topics

@@ -152,7 +152,7 @@ def test_monitor_killed_and_restarted_mid_fault_same_outcome(settings, tmp_path)
 
 
 def test_bad_model_version_is_rolled_back_for_that_modality_only(settings, tmp_path):
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     settings = scenario_settings(settings)
     registry = Registry(settings)

@@ -30,7 +30,7 @@ from streamfuse.events import (
 )
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer, make_producer
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.sim.plant import Plant, PlantConfig
 from streamfuse.topics import Topics, ensure_topics
 
