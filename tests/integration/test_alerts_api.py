@@ -14,9 +14,9 @@ from streamfuse.alerts.api import make_app
 from streamfuse.alerts.config import AlertSettings
 from streamfuse.alerts.cli import alerts_app
 from streamfuse.alerts.intake import Intake, Record
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.subscriptions import AlertKeys
-from streamfuse.alerts.testing import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved
+from alertlib import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved
 from streamfuse.config import Settings
 from streamfuse.events import encode, headers
 from streamfuse.store import connect

@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamfuse.alerts.outbox import delivery_stats
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.signing import verify_signature
 from streamfuse.alerts.subscriptions import SilenceStore, SubscriptionStore
-from streamfuse.alerts.testing import (
+from alertlib import (
     DispatcherThread,
     cleanup,
     isolated_settings,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.sealing import generate_key
 from streamfuse.procs import stop_children
 from streamfuse.embedded import free_port

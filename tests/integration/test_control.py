@@ -30,7 +30,7 @@ def audit(settings) -> list[dict[str, str]]:
 
 
 def commands_on_topic(settings, n: int) -> list[str]:
-    from streamfuse.alerts.testing import read_events
+    from alertlib import read_events
 
     return [c.command_id for c in read_events(settings, Topics(settings.topic_prefix).control, n, 10)]
 
