@@ -12,13 +12,13 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import time
 from typing import Optional
 
 import typer
 from rich.console import Console
 
 from streamfuse.alerts.cli import cli_errors
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings, load_settings
 
 control_app = typer.Typer(
@@ -37,9 +37,6 @@ AS_JSON = typer.Option(False, "--json", help="Print JSON.")
 def _operator(given: Optional[str]) -> str:
     return given or os.environ.get("USER") or getpass.getuser()
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _issue(settings: Settings, cmd, operator: str, workers: int, timeout_s: float, as_json: bool) -> None:
@@ -78,7 +75,7 @@ def _run(action: str, reason: str, operator: Optional[str], workers: int, timeou
         if "scope" in fields:
             fields["scope"] = parse_scope(fields["scope"])
         who = _operator(operator)
-        cmd = operator_command(action, new_command_id(), _now_ms(), reason=reason, operator=who, **fields)
+        cmd = operator_command(action, new_command_id(), now_ms(), reason=reason, operator=who, **fields)
         _issue(settings, cmd, who, workers, timeout_s, as_json)
 
 
@@ -131,7 +128,7 @@ def approve(command_id: str = typer.Argument(..., metavar="ID", help="A proposal
         settings = load_settings()
         who = _operator(operator)
         proposal = ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, APPROVED, who,
-                                                                                  reason, _now_ms())
+                                                                                  reason, now_ms())
         _issue(settings, proposal.command, who, workers, timeout, as_json)
 
 
@@ -145,7 +142,7 @@ def reject(command_id: str = typer.Argument(..., metavar="ID", help="A proposal'
     with cli_errors():
         settings = load_settings()
         ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, REJECTED, _operator(operator),
-                                                                       reason, _now_ms())
+                                                                       reason, now_ms())
     console.print(f"rejected {command_id}", markup=False)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, decode
 from streamfuse.models.bootstrap import ensure_models
@@ -231,7 +232,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         settings = serve_models(settings, console, dataset, models)
         procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir),
                  spawn("alerts", settings, log_dir, "dispatch")]
-        start_ms = int(time.time() * 1000)
+        start_ms = now_ms()
         sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
                            run_id=f"demo{start_ms}", dataset=dataset)
         observer = Observer(settings, start_ms)

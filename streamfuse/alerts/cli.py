@@ -10,13 +10,13 @@ import contextlib
 import json
 import signal
 import threading
-import time
 from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings, load_settings
 from streamfuse.errors import StreamfuseError
 
@@ -49,9 +49,6 @@ def _stores(settings: Settings):
     return (SubscriptionStore(client, settings.redis_prefix, settings.alerts),
             SilenceStore(client, settings.redis_prefix))
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @alerts_app.command()
@@ -107,7 +104,7 @@ def subscribe(
     """Subscribe a receiver to the alerts that match (a --secret needs STREAMFUSE_ALERTS__SECRET_KEY)."""
     with cli_errors():
         subs, _ = _stores(_settings())
-        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
+        sub = subs.create(url, now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
     if as_json:
         print(json.dumps(sub.public()))
         return
@@ -138,7 +135,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> 
     """List subscriptions (secrets are never shown) and active silences."""
     with cli_errors():
         subs, silences = _stores(_settings())
-        now = _now_ms()
+        now = now_ms()
         all_subs, active = subs.list(), silences.list(now)
     if as_json:
         print(json.dumps({"subscriptions": [s.public() for s in all_subs],
@@ -176,8 +173,8 @@ def silence(
     with cli_errors():
         _, silences = _stores(_settings())
         if expire is not None:
-            silences.expire(expire, _now_ms())
+            silences.expire(expire, now_ms())
             console.print(f"silence {expire} expired", markup=False)
             return
-        s = silences.create(match, parse_duration(for_), _now_ms(), comment, by)
+        s = silences.create(match, parse_duration(for_), now_ms(), comment, by)
     console.print(f"silence {s.id}: {', '.join(str(m) for m in s.matchers)} for {for_}", markup=False)

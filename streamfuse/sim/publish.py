@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.events import JSON, MSGPACK, Label, Sample, SensorEvent, encode, encode_json, headers
@@ -186,7 +187,7 @@ class SimPublisher:
         self._sends: TrackedProducer | None = None
         self.topics = Topics(settings.topic_prefix)
         s = settings.sim
-        self.start_ms = int(time.time() * 1000) if start_ms is None else start_ms
+        self.start_ms = now_ms() if start_ms is None else start_ms
         cfg = PlantConfig(assets=s.assets, lines=s.lines, rate_hz=s.rate_hz, seed=s.seed, faults=faults)
         self.per_modality_topics = per_modality_topics
         self.disorder = disorder or ReadingDisorder()

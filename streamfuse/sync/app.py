@@ -28,6 +28,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import MSGPACK, DeadLetter, Sample, encode, headers
 from streamfuse.metrics import ProducerMetrics, SyncMetrics
@@ -120,7 +121,7 @@ class SyncProcess:
             # so that one topic's batch far ahead in event time does not outrun the others'.
             for msg in heapq.merge(*lists, key=lambda r: r.timestamp):
                 self._dirty = True
-                samples, dead = task.feed(msg, time.monotonic(), int(time.time() * 1000))
+                samples, dead = task.feed(msg, time.monotonic(), now_ms())
                 self._count(task)
                 self._emit(samples, dead)
         now = time.monotonic()
