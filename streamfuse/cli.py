@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from streamfuse.cli_errors import new_typer
 from streamfuse.config import Settings, load_settings
-from streamfuse.errors import ModelError, StreamfuseError
+from streamfuse.errors import ModelError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
-                       "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
-topics_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Create or list the Kafka topics.")
+app = new_typer(rich_markup_mode=None,
+                help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
+                     "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
+topics_app = new_typer(rich_markup_mode=None, help="Create or list the Kafka topics.")
 app.add_typer(topics_app, name="topics")
 
 
@@ -330,10 +331,4 @@ def health(
 
 
 def main() -> None:
-    try:
-        app()
-    except StreamfuseError as exc:
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(str(exc))}")  # the message may hold [brackets]
-        raise SystemExit(2) from None
+    app()  # a StreamfuseError ends as `error: ...` on stderr, exit status 2 (streamfuse.cli_errors)

@@ -21,7 +21,7 @@ from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, decode
 from streamfuse.models.bootstrap import ensure_models
-from streamfuse.procs import spawn, stop_children
+from streamfuse.procs import ChildExited, spawn, stop_children
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.topics import Topics
 
@@ -246,7 +246,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                 live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
                 for p, name in zip(procs, ("worker", "monitor", "alerts")):
                     if p.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {p.returncode}; see {log_dir / name}.log")
+                        raise ChildExited(name, p.returncode, log_dir / f"{name}.log")
         for _ in range(5):  # pick up the last acks and snapshots
             observer.poll(200)
         observer.consumer.close()

@@ -15,6 +15,21 @@ import time
 from pathlib import Path
 
 from streamfuse.config import Settings
+from streamfuse.errors import StreamfuseError
+
+
+class ChildExited(StreamfuseError):
+    """A child process that should still run has exited; its log says why.
+
+    Attributes:
+        component: the ``streamfuse`` command it ran.
+        returncode: its exit status.
+        log: its log file.
+    """
+
+    def __init__(self, component: str, returncode: int, log: Path) -> None:
+        super().__init__(f"{component} exited with {returncode}; see {log}")
+        self.component, self.returncode, self.log = component, returncode, log
 
 
 def child_env(settings: Settings) -> dict[str, str]:
