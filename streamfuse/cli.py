@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 
 from streamfuse.cli_errors import new_typer
-from streamfuse.config import Settings, load_settings
-from streamfuse.errors import ModelError
+from streamfuse.config import SimSettings, Settings, load_settings
+from streamfuse.errors import ConfigError, ModelError
 
 app = new_typer(rich_markup_mode=None,
                 help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
@@ -46,6 +46,24 @@ def _settings(verbose: bool = False) -> Settings:
     return load_settings(verbose)
 
 
+def _with_plant(settings: Settings, assets: int | None, rate: float | None) -> Settings:
+    """``settings`` with the ``--assets`` / ``--rate`` overrides, checked like the environment's
+    values (0 is refused, not ignored).
+
+    Raises:
+        ConfigError: an override out of range; the message names the option and the limit.
+    """
+    given = {"assets": assets, "rate_hz": rate}
+    over = {k: v for k, v in given.items() if v is not None}
+    try:
+        sim = SimSettings.model_validate({**settings.sim.model_dump(), **over})
+    except ValueError as exc:  # pydantic's ValidationError
+        option = {"assets": "--assets", "rate_hz": "--rate"}
+        raise ConfigError("; ".join(f"{option[e['loc'][0]]} {given[e['loc'][0]]:g}: {e['msg'].lower()}"
+                                    for e in exc.errors())) from None
+    return settings.model_copy(update={"sim": sim})
+
+
 def _parse_faults(specs: list[str]):
     from streamfuse.sim.faults import parse_fault
 
@@ -71,8 +89,10 @@ def demo(
     fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable; "
                                              "e.g. image:fog@40."),
     summary: Optional[Path] = typer.Option(None, help="Write a JSON summary here."),
-    assets: Optional[int] = typer.Option(None, help="Simulated assets (default 4)."),
-    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default 2)."),
+    assets: Optional[int] = typer.Option(None, help="Simulated assets (default STREAMFUSE_SIM__ASSETS, "
+                                                    f"{SimSettings().assets})."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default STREAMFUSE_SIM__RATE_HZ, "
+                                                    f"{SimSettings().rate_hz:g})."),
     logs: Path = typer.Option(Path(".cache/streamfuse/demo-logs"), help="Child process logs."),
     record: Optional[Path] = typer.Option(None, help="Record the run (every topic, with the faults "
                                                      "annotated) into this new directory, for `streamfuse replay`."),
@@ -86,9 +106,7 @@ def demo(
     """Run the whole pipeline locally: embedded broker, plant, worker, monitor, alert dispatcher, live KPIs."""
     from streamfuse.demo import run_demo
 
-    settings = _settings(verbose)
-    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
-    settings = settings.model_copy(update={"sim": sim})
+    settings = _with_plant(_settings(verbose), assets, rate)
     faults = _parse_faults(fault)
     rows = _dataset_rows(settings, dataset, split, faults)
     result = run_demo(settings, duration, faults, summary, console, logs, record_dir=record, dataset=rows,
@@ -148,8 +166,10 @@ def topics_list() -> None:
 
 @app.command()
 def simulate(
-    assets: Optional[int] = typer.Option(None, help="Number of assets."),
-    rate: Optional[float] = typer.Option(None, help="Samples per second per asset."),
+    assets: Optional[int] = typer.Option(None, help="Number of assets (default STREAMFUSE_SIM__ASSETS, "
+                                                    f"{SimSettings().assets})."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default STREAMFUSE_SIM__RATE_HZ, "
+                                                    f"{SimSettings().rate_hz:g})."),
     duration: Optional[float] = typer.Option(None, help="Seconds of event time (default: until Ctrl-C)."),
     fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable."),
     speed: float = typer.Option(1.0, help="Event-time seconds per wall-clock second (1 = real time)."),
@@ -168,11 +188,10 @@ def simulate(
     """Run the simulated plant (or a labelled dataset as the plant): samples (or per-modality readings) and, late, labels."""
     from streamfuse.sim.publish import ReadingDisorder, SimPublisher
 
-    settings = _settings()
+    settings = _with_plant(_settings(), assets, rate)
+    sim = settings.sim
     faults = _parse_faults(fault)
     rows = _dataset_rows(settings, dataset, split, faults)
-    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
-    settings = settings.model_copy(update={"sim": sim})
     disorder = ReadingDisorder(jitter_ms=jitter_ms, reorder_prob=reorder,
                                reorder_ms=int(500 / sim.rate_hz), drop_prob=drop) if per_modality_topics else None
     pub = SimPublisher(settings, faults, speed=None if max_speed else speed,
@@ -235,12 +254,10 @@ def sync(
 
     settings = _settings(verbose)
     stop, registry = threading.Event(), CollectorRegistry()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: stop after this poll, flushed and committed
+        signal.signal(sig, lambda *_: stop.set())
     serve(registry, metrics_port)
-    try:
-        n = run_sync(settings, stop=stop, max_samples=max_samples, registry=registry)
-    except KeyboardInterrupt:
-        n = 0
+    n = run_sync(settings, stop=stop, max_samples=max_samples, registry=registry)
     console.print(f"sync stopped after {n} samples")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -55,6 +56,38 @@ def test_ingest_without_a_mapping_file_is_a_clear_error(monkeypatch):
     result = CliRunner().invoke(app, ["ingest", "mqtt"])
     assert result.exit_code == 2
     assert "error: no mapping file: pass --mapping FILE or set STREAMFUSE_INGEST__MAPPING" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["simulate", "--assets", "0"], "error: --assets 0: input should be greater than or equal to 1"),
+    (["simulate", "--rate", "0"], "error: --rate 0: input should be greater than 0"),
+    (["demo", "--assets", "0", "--rate", "-1"], "error: --assets 0: input should be greater than or equal to 1; "
+                                                "--rate -1: input should be greater than 0"),
+])
+def test_zero_assets_or_rate_is_refused_not_ignored(args, words):
+    result = CliRunner().invoke(app, [*args, "--duration", "1"])
+    assert result.exit_code == 2 and result.stderr.strip() == words
+
+
+def test_sync_reports_the_samples_it_produced_when_interrupted(monkeypatch):
+    import signal
+
+    import streamfuse.sync.app
+
+    def interrupted_run(settings, *, stop, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while it runs
+        assert stop.wait(5)
+        return 7
+
+    monkeypatch.setattr(streamfuse.sync.app, "run_sync", interrupted_run)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = CliRunner().invoke(app, ["sync"])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert result.exit_code == 0, result.output
+    assert "sync stopped after 7 samples" in result.stdout
 
 
 def test_every_command_group_has_the_one_error_path():
