@@ -38,7 +38,6 @@ RUN python deploy/requirements_from_pyproject.py > /tmp/requirements.txt \
 # The project itself; its dependencies are already satisfied, `pip check` fails the
 # build if the torch index and PyPI disagree.
 COPY streamfuse ./streamfuse
-COPY workers ./workers
 RUN pip install --no-cache-dir . \
     && pip check
 

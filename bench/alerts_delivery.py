@@ -5,17 +5,20 @@ Usage: python bench/alerts_delivery.py [--n 1000] [--out out/alerts.json]
 from __future__ import annotations
 
 import argparse, asyncio, json, platform, statistics, sys, time
+from pathlib import Path
 
 import aiohttp
 
-from streamfuse.alerts.outbox import delivery_stats
-from streamfuse.alerts.receiver import WebhookReceiver
-from streamfuse.alerts.subscriptions import SubscriptionStore
-from streamfuse.alerts.testing import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved
-from streamfuse.embedded import EmbeddedBroker
-from streamfuse.kafka import make_consumer
-from streamfuse.store import connect
-from streamfuse.topics import Topics, ensure_topics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the alert test harness
+
+from alertlib import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved  # noqa: E402
+from streamfuse.alerts.outbox import delivery_stats  # noqa: E402
+from streamfuse.alerts.subscriptions import SubscriptionStore  # noqa: E402
+from streamfuse.embedded import EmbeddedBroker  # noqa: E402
+from streamfuse.kafka import make_consumer  # noqa: E402
+from streamfuse.store import connect  # noqa: E402
+from streamfuse.topics import Topics, ensure_topics  # noqa: E402
+from webhook_receiver import WebhookReceiver  # noqa: E402
 
 
 def raw_post_rate(url: str, n: int, body: bytes) -> float:

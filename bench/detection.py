@@ -319,7 +319,7 @@ def _aggregate(configs: list[dict], fa: dict, hours: float) -> dict:
 
 def load_bundle_for(args) -> object:
     from streamfuse.config import Settings
-    from streamfuse.demo import ensure_demo_bundle
+    from streamfuse.models.bootstrap import ensure_demo_bundle
     from streamfuse.models.bundle_io import load_bundle
 
     settings = Settings(model_dir=args.models)

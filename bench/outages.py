@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the chaos harness is shared with the 
 
 from chaoslib import ChaosRun, RedisServer, Timed, chaos_settings, freeze, thaw  # noqa: E402
 from streamfuse.config import Settings  # noqa: E402
-from streamfuse.demo import ensure_demo_bundle, ensure_models  # noqa: E402
+from streamfuse.models.bootstrap import ensure_demo_bundle, ensure_models  # noqa: E402
 from streamfuse.embedded import EmbeddedBroker  # noqa: E402
 
 

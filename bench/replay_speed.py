@@ -30,7 +30,8 @@ import uuid
 from pathlib import Path
 
 from streamfuse.config import Settings
-from streamfuse.demo import ensure_models, spawn, stop_children
+from streamfuse.models.bootstrap import ensure_models
+from streamfuse.procs import spawn, stop_children
 from streamfuse.embedded import EmbeddedBroker
 from streamfuse.replay import fault_annotations, record, replay
 from streamfuse.replay.collect import Collector

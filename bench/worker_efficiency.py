@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from streamfuse.config import Settings
-from streamfuse.demo import ensure_demo_bundle
+from streamfuse.models.bootstrap import ensure_demo_bundle
 from streamfuse.embedded import EmbeddedBroker
 from streamfuse.events import MSGPACK, Prediction, decode, encode, headers
 from streamfuse.inference.worker import InferenceWorker

@@ -113,7 +113,7 @@ def problems(result: dict, min_plots: int = 5) -> list[str]:
 def make_report(out_dir: Path, duration_s: float, fault: str) -> Path:
     """Simulate a plant with ``fault``, record it, replay it; returns the report path."""
     from streamfuse.config import Settings
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
     from streamfuse.embedded import EmbeddedBroker
     from streamfuse.replay import fault_annotations, record, replay
     from streamfuse.sim.faults import parse_fault

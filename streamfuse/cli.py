@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from streamfuse.config import Settings, load_settings
-from streamfuse.errors import ModelError, StreamfuseError
+from streamfuse.cli_errors import new_typer
+from streamfuse.config import SimSettings, Settings, load_settings
+from streamfuse.errors import ConfigError, ModelError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
-                       "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
-topics_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Create or list the Kafka topics.")
+app = new_typer(rich_markup_mode=None,
+                help="Streaming monitor for multi-sensor ML: per-modality KPIs, dominance and "
+                     "degradation alerts, per-unit rollback. Settings: env STREAMFUSE_* (see README).")
+topics_app = new_typer(rich_markup_mode=None, help="Create or list the Kafka topics.")
 app.add_typer(topics_app, name="topics")
 
 
@@ -45,6 +46,24 @@ def _settings(verbose: bool = False) -> Settings:
     return load_settings(verbose)
 
 
+def _with_plant(settings: Settings, assets: int | None, rate: float | None) -> Settings:
+    """``settings`` with the ``--assets`` / ``--rate`` overrides, checked like the environment's
+    values (0 is refused, not ignored).
+
+    Raises:
+        ConfigError: an override out of range; the message names the option and the limit.
+    """
+    given = {"assets": assets, "rate_hz": rate}
+    over = {k: v for k, v in given.items() if v is not None}
+    try:
+        sim = SimSettings.model_validate({**settings.sim.model_dump(), **over})
+    except ValueError as exc:  # pydantic's ValidationError
+        option = {"assets": "--assets", "rate_hz": "--rate"}
+        raise ConfigError("; ".join(f"{option[e['loc'][0]]} {given[e['loc'][0]]:g}: {e['msg'].lower()}"
+                                    for e in exc.errors())) from None
+    return settings.model_copy(update={"sim": sim})
+
+
 def _parse_faults(specs: list[str]):
     from streamfuse.sim.faults import parse_fault
 
@@ -70,8 +89,10 @@ def demo(
     fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable; "
                                              "e.g. image:fog@40."),
     summary: Optional[Path] = typer.Option(None, help="Write a JSON summary here."),
-    assets: Optional[int] = typer.Option(None, help="Simulated assets (default 4)."),
-    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default 2)."),
+    assets: Optional[int] = typer.Option(None, help="Simulated assets (default STREAMFUSE_SIM__ASSETS, "
+                                                    f"{SimSettings().assets})."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default STREAMFUSE_SIM__RATE_HZ, "
+                                                    f"{SimSettings().rate_hz:g})."),
     logs: Path = typer.Option(Path(".cache/streamfuse/demo-logs"), help="Child process logs."),
     record: Optional[Path] = typer.Option(None, help="Record the run (every topic, with the faults "
                                                      "annotated) into this new directory, for `streamfuse replay`."),
@@ -85,9 +106,7 @@ def demo(
     """Run the whole pipeline locally: embedded broker, plant, worker, monitor, alert dispatcher, live KPIs."""
     from streamfuse.demo import run_demo
 
-    settings = _settings(verbose)
-    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
-    settings = settings.model_copy(update={"sim": sim})
+    settings = _with_plant(_settings(verbose), assets, rate)
     faults = _parse_faults(fault)
     rows = _dataset_rows(settings, dataset, split, faults)
     result = run_demo(settings, duration, faults, summary, console, logs, record_dir=record, dataset=rows,
@@ -147,8 +166,10 @@ def topics_list() -> None:
 
 @app.command()
 def simulate(
-    assets: Optional[int] = typer.Option(None, help="Number of assets."),
-    rate: Optional[float] = typer.Option(None, help="Samples per second per asset."),
+    assets: Optional[int] = typer.Option(None, help="Number of assets (default STREAMFUSE_SIM__ASSETS, "
+                                                    f"{SimSettings().assets})."),
+    rate: Optional[float] = typer.Option(None, help="Samples per second per asset (default STREAMFUSE_SIM__RATE_HZ, "
+                                                    f"{SimSettings().rate_hz:g})."),
     duration: Optional[float] = typer.Option(None, help="Seconds of event time (default: until Ctrl-C)."),
     fault: list[str] = typer.Option([], help="Sensor fault MODALITY:KIND@START[-END][/ASSET], repeatable."),
     speed: float = typer.Option(1.0, help="Event-time seconds per wall-clock second (1 = real time)."),
@@ -167,11 +188,10 @@ def simulate(
     """Run the simulated plant (or a labelled dataset as the plant): samples (or per-modality readings) and, late, labels."""
     from streamfuse.sim.publish import ReadingDisorder, SimPublisher
 
-    settings = _settings()
+    settings = _with_plant(_settings(), assets, rate)
+    sim = settings.sim
     faults = _parse_faults(fault)
     rows = _dataset_rows(settings, dataset, split, faults)
-    sim = settings.sim.model_copy(update={k: v for k, v in (("assets", assets), ("rate_hz", rate)) if v})
-    settings = settings.model_copy(update={"sim": sim})
     disorder = ReadingDisorder(jitter_ms=jitter_ms, reorder_prob=reorder,
                                reorder_ms=int(500 / sim.rate_hz), drop_prob=drop) if per_modality_topics else None
     pub = SimPublisher(settings, faults, speed=None if max_speed else speed,
@@ -198,7 +218,7 @@ def worker(
     """Run an inference worker: samples → per-modality models + fusion → predictions."""
     import signal
 
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
     from streamfuse.inference.worker import InferenceWorker
 
     settings = _settings(verbose)
@@ -230,16 +250,14 @@ def sync(
     from prometheus_client import CollectorRegistry
 
     from streamfuse.metrics import serve
-    from streamfuse.sync_app import run_sync
+    from streamfuse.sync.app import run_sync
 
     settings = _settings(verbose)
     stop, registry = threading.Event(), CollectorRegistry()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C too: stop after this poll, flushed and committed
+        signal.signal(sig, lambda *_: stop.set())
     serve(registry, metrics_port)
-    try:
-        n = run_sync(settings, stop=stop, max_samples=max_samples, registry=registry)
-    except KeyboardInterrupt:
-        n = 0
+    n = run_sync(settings, stop=stop, max_samples=max_samples, registry=registry)
     console.print(f"sync stopped after {n} samples")
 
 
@@ -248,7 +266,7 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the monitor (faust): KPIs, degradation alerts, rollback commands."""
     from streamfuse.monitor.app import run_monitor
 
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
     from streamfuse.store import RedisLink, connect
 
     settings = _settings(verbose)
@@ -265,7 +283,7 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the latest KPIs, open alerts, active model versions, workers' masks, pending proposals (from Redis)."""
     from streamfuse.control import ProposalStore
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
     from streamfuse.store import StatusStore, connect
 
     settings = _settings()
@@ -330,10 +348,4 @@ def health(
 
 
 def main() -> None:
-    try:
-        app()
-    except StreamfuseError as exc:
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(str(exc))}")  # the message may hold [brackets]
-        raise SystemExit(2) from None
+    app()  # a StreamfuseError ends as `error: ...` on stderr, exit status 2 (streamfuse.cli_errors)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamfuse.alerts.config import AlertSettings
+from streamfuse.events import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 MASK = "**********"  # how pydantic shows a SecretStr; URL passwords are shown the same way
@@ -208,7 +209,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "streamfuse:"
     model_dir: Path = Path(".cache/streamfuse/models")
     bundle: str = "demo"  # the bundle under model_dir that workers serve
-    max_payload_bytes: int = Field(2_000_000, ge=1024)
+    max_payload_bytes: int = Field(MAX_PAYLOAD_BYTES, ge=1024)
     worker: WorkerSettings = WorkerSettings()
     monitor: MonitorSettings = MonitorSettings()
     sim: SimSettings = SimSettings()

@@ -29,7 +29,6 @@ from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent, StreamfuseError
 from streamfuse.events import JSON, Ack, Command, decode, to_map
 
-SCOPES = ("global", "line", "asset")
 FUSION_UNIT = "fusion"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 

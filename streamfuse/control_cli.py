@@ -12,17 +12,17 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import time
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from streamfuse.alerts.cli import cli_errors
+from streamfuse.cli_errors import new_typer
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings, load_settings
 
-control_app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+control_app = new_typer(
+    rich_markup_mode=None,
     help="Operator commands (mask, unmask, rollback, fusion-mode) with a reason, acked by the workers and "
          "audited; approve or reject the monitor's proposals (STREAMFUSE_MONITOR__APPROVAL=true).")
 console = Console(highlight=False)
@@ -37,9 +37,6 @@ AS_JSON = typer.Option(False, "--json", help="Print JSON.")
 def _operator(given: Optional[str]) -> str:
     return given or os.environ.get("USER") or getpass.getuser()
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _issue(settings: Settings, cmd, operator: str, workers: int, timeout_s: float, as_json: bool) -> None:
@@ -73,13 +70,12 @@ def _run(action: str, reason: str, operator: Optional[str], workers: int, timeou
          **fields) -> None:
     from streamfuse.control import new_command_id, operator_command, parse_scope
 
-    with cli_errors():
-        settings = load_settings()
-        if "scope" in fields:
-            fields["scope"] = parse_scope(fields["scope"])
-        who = _operator(operator)
-        cmd = operator_command(action, new_command_id(), _now_ms(), reason=reason, operator=who, **fields)
-        _issue(settings, cmd, who, workers, timeout_s, as_json)
+    settings = load_settings()
+    if "scope" in fields:
+        fields["scope"] = parse_scope(fields["scope"])
+    who = _operator(operator)
+    cmd = operator_command(action, new_command_id(), now_ms(), reason=reason, operator=who, **fields)
+    _issue(settings, cmd, who, workers, timeout_s, as_json)
 
 
 def _mask_command(action: str, doc: str):
@@ -127,12 +123,11 @@ def approve(command_id: str = typer.Argument(..., metavar="ID", help="A proposal
     from streamfuse.control import APPROVED, ProposalStore
     from streamfuse.store import connect
 
-    with cli_errors():
-        settings = load_settings()
-        who = _operator(operator)
-        proposal = ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, APPROVED, who,
-                                                                                  reason, _now_ms())
-        _issue(settings, proposal.command, who, workers, timeout, as_json)
+    settings = load_settings()
+    who = _operator(operator)
+    proposal = ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, APPROVED, who,
+                                                                              reason, now_ms())
+    _issue(settings, proposal.command, who, workers, timeout, as_json)
 
 
 @control_app.command()
@@ -142,10 +137,9 @@ def reject(command_id: str = typer.Argument(..., metavar="ID", help="A proposal'
     from streamfuse.control import REJECTED, ProposalStore
     from streamfuse.store import connect
 
-    with cli_errors():
-        settings = load_settings()
-        ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, REJECTED, _operator(operator),
-                                                                       reason, _now_ms())
+    settings = load_settings()
+    ProposalStore(connect(settings), settings.redis_prefix).decide(command_id, REJECTED, _operator(operator),
+                                                                   reason, now_ms())
     console.print(f"rejected {command_id}", markup=False)
 
 
@@ -156,9 +150,8 @@ def proposals(all_: bool = typer.Option(False, "--all", help="Also approved and 
     from streamfuse.control import ProposalStore
     from streamfuse.store import connect
 
-    with cli_errors():
-        settings = load_settings()
-        props = ProposalStore(connect(settings), settings.redis_prefix).list(None if all_ else "pending")
+    settings = load_settings()
+    props = ProposalStore(connect(settings), settings.redis_prefix).list(None if all_ else "pending")
     if as_json:
         print(json.dumps([p.to_dict() for p in props], indent=2))
         return

@@ -1,4 +1,4 @@
-"""``streamfuse demo``: the whole pipeline on one machine, and the demo's models.
+"""``streamfuse demo``: the whole pipeline on one machine.
 
 Starts the embedded broker (unless ``STREAMFUSE_KAFKA_BOOTSTRAP`` is set), checks Redis,
 creates the topics, trains the demo bundle on simulator data at first run (cached under
@@ -10,125 +10,23 @@ the ``--models`` bundle) in real time, shows a live KPI table and writes a JSON 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import Ack, Alert, Command, KpiSnapshot, decode
+from streamfuse.models.bootstrap import ensure_models
+from streamfuse.procs import ChildExited, spawn, stop_children
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.topics import Topics
 
 if TYPE_CHECKING:
     from streamfuse.sim.dataset_plant import DatasetRows
-
-log = logging.getLogger(__name__)
-
-DEMO_TRAIN, DEMO_VAL, DEMO_TEST = 800, 240, 240
-
-
-def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
-                       sizes: tuple[int, int, int] = (DEMO_TRAIN, DEMO_VAL, DEMO_TEST)) -> Path:
-    """The demo bundle at ``settings.bundle_dir``, trained on simulator data if absent.
-
-    The models are produced by the project's own training code (stage 1 per modality,
-    UME fusion) on clean simulated data, so they are meaningful, not random.
-    """
-    from streamfuse.models.bundle import MANIFEST
-
-    out = settings.bundle_dir
-    if (out / MANIFEST).is_file():
-        return out
-    from streamfuse.models.stage2 import FusionOptions
-    from streamfuse.models.train import train_bundle
-    from streamfuse.sim.plant import Plant, PlantConfig
-
-    say = console.print if console is not None else log.info
-    plant = Plant(PlantConfig(seed=settings.sim.seed), run_id="train")
-    n_train, n_val, n_test = sizes
-    t0 = time.monotonic()
-    say(f"training the demo bundle on {n_train} simulated samples (first run only) ...")
-    manifest = train_bundle(plant.dataset(n_train, seed=1), plant.dataset(n_val, seed=2),
-                            plant.dataset(n_test, seed=3), out, epochs=epochs, seed=settings.sim.seed,
-                            device=settings.worker.device, fusion="quality",
-                            # quality-aware: a fogged camera counts little before any mask
-                            fusion_options=FusionOptions(min_gain=0.01))
-    base = ", ".join(f"{m} {v['top1']:.2f}" for m, v in manifest["baselines"].items())
-    say(f"demo bundle ready in {time.monotonic() - t0:.0f} s at {out} (validation top-1: {base})")
-    return out
-
-
-def ensure_models(settings: Settings, console=None, *, fresh: bool = False):
-    """The model registry, with active versions: imports ``settings.bundle_dir`` when the
-    registry has none, or always with ``fresh`` (training the demo bundle first when the
-    bundle is ``demo``).
-
-    Raises:
-        ModelError: nothing is active and there is no bundle to import.
-    """
-    from streamfuse.errors import ModelError
-    from streamfuse.registry import Registry
-
-    registry = Registry(settings)
-    if registry.active() and not fresh:
-        return registry
-    if settings.bundle == "demo":
-        ensure_demo_bundle(settings, console)
-    if not (settings.bundle_dir / "manifest.json").is_file():
-        raise ModelError(f"the model registry has no active versions and there is no bundle at "
-                         f"{settings.bundle_dir}: run `streamfuse train --data DIR --out MODELS` and "
-                         "`streamfuse models import MODELS`", settings.bundle_dir)
-    registry.import_bundle(settings.bundle_dir, actor="startup")
-    return registry
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """Environment that gives a child process the same effective settings."""
-    env = dict(os.environ)
-    env.update({
-        "STREAMFUSE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "STREAMFUSE_BROKER": settings.broker_kind,
-        "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix,
-        "STREAMFUSE_PARTITIONS": str(settings.partitions),
-        "STREAMFUSE_REDIS_URL": settings.redis_url,
-        "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix,
-        "STREAMFUSE_MODEL_DIR": str(Path(settings.model_dir).resolve()),
-        "STREAMFUSE_BUNDLE": settings.bundle,
-        "STREAMFUSE_MONITOR": settings.monitor.model_dump_json(),
-        "STREAMFUSE_WORKER": settings.worker.model_dump_json(),
-        "STREAMFUSE_ALERTS": settings.alerts.model_dump_json(),
-        "STREAMFUSE_SIM": settings.sim.model_dump_json(),
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(settings.secret_env())  # the JSON dumps above mask secrets; these set them
-    return env
-
-
-def spawn(component: str, settings: Settings, log_dir: Path, *args: str) -> subprocess.Popen:
-    """Start ``streamfuse <component>`` as a child process logging to ``log_dir``."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(log_dir / f"{component}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "streamfuse", component, *args], env=child_env(settings),
-                            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def stop_children(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @dataclass
@@ -334,7 +232,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         settings = serve_models(settings, console, dataset, models)
         procs = [spawn("worker", settings, log_dir), spawn("monitor", settings, log_dir),
                  spawn("alerts", settings, log_dir, "dispatch")]
-        start_ms = int(time.time() * 1000)
+        start_ms = now_ms()
         sim = SimPublisher(settings, faults, start_ms=start_ms, speed=1.0, malformed_every=malformed_every,
                            run_id=f"demo{start_ms}", dataset=dataset)
         observer = Observer(settings, start_ms)
@@ -348,7 +246,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
                 live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
                 for p, name in zip(procs, ("worker", "monitor", "alerts")):
                     if p.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {p.returncode}; see {log_dir / name}.log")
+                        raise ChildExited(name, p.returncode, log_dir / f"{name}.log")
         for _ in range(5):  # pick up the last acks and snapshots
             observer.poll(200)
         observer.consumer.close()

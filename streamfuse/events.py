@@ -30,6 +30,8 @@ from streamfuse.errors import InvalidEvent
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 MODALITIES: tuple[str, ...] = ("image", "audio", "series")
+SCOPES: tuple[str, ...] = ("global", "line", "asset")  # what a KPI, an alert or a command is about
+MAX_PAYLOAD_BYTES = 2_000_000  # a value larger than this is ``oversize`` (STREAMFUSE_MAX_PAYLOAD_BYTES)
 IMAGE_ENCODINGS = ("jpeg", "png")
 MAX_IMAGE_SIDE = 8192
 SAMPLE_RATE_RANGE = (1_000, 384_000)
@@ -355,7 +357,7 @@ def decode(
     content_type: str = "",
     *,
     expect: type | tuple[type, ...] | None = None,
-    max_bytes: int = 2_000_000,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
     check_payloads: bool = True,
 ) -> Event:
     """Decode and validate one Kafka value.

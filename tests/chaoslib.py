@@ -125,7 +125,7 @@ class ChaosRun:
     def __init__(self, settings, log_dir: Path, faults: list[str], duration_s: float, speed: float = 4.0,
                  processes: tuple[str, ...] = ("worker", "monitor", "dispatcher"), run_id: str = "ch",
                  env: dict[str, dict[str, str]] | None = None, sim_options: dict | None = None) -> None:
-        from streamfuse.alerts.receiver import WebhookReceiver
+        from webhook_receiver import WebhookReceiver
         from streamfuse.alerts.subscriptions import SubscriptionStore
         from streamfuse.demo import Observer
         from streamfuse.sim.faults import parse_fault
@@ -145,7 +145,7 @@ class ChaosRun:
         self.thread = threading.Thread(target=self.sim.run, kwargs={"duration_s": duration_s}, daemon=True)
 
     def spawn(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        from streamfuse.demo import child_env
+        from streamfuse.procs import child_env
 
         args = {"worker": ["worker"], "monitor": ["monitor"], "dispatcher": ["alerts", "dispatch", "-v"],
                 "sync": ["sync"]}[name]

@@ -37,7 +37,7 @@ def broker():
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
     """A small but meaningful bundle: the demo recipe on fewer samples and epochs."""
-    from streamfuse.demo import ensure_demo_bundle
+    from streamfuse.models.bootstrap import ensure_demo_bundle
 
     root = tmp_path_factory.mktemp("models")
     settings = Settings(model_dir=root, bundle="test")
@@ -60,7 +60,7 @@ def settings(broker, trained_bundle) -> Settings:
         worker={"group": f"workers-{tag}", "max_batch": 16, "max_delay_ms": 20, "device": "cpu"},
         monitor={"app_id": f"monitor-{tag}", "kpi_window_ms": 5000, "label_grace_ms": 15000},
     )
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
 
     ensure_models(s)  # imports the trained bundle into this test's registry namespace
     yield s
@@ -89,7 +89,7 @@ def add_image_version(settings: Settings, tmp_path: Path, *, corrupt: bool = Fal
     from streamfuse.models.bundle_io import write_weights
     from streamfuse.models.encoders import create_model
     from streamfuse.models.units import UNIT_WEIGHTS, read_unit_manifest, write_unit
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     registry = Registry(settings)
     good = registry.active()["image"]

@@ -1,10 +1,16 @@
-"""Process entry point: `python -m workers.inference [OPTIONS]` is `streamfuse worker [OPTIONS]`
-(for process managers and container images that start modules rather than scripts)."""
+#!/usr/bin/env python3
+"""Process entry point: ``python workers/inference.py [OPTIONS]`` is ``streamfuse worker [OPTIONS]``, for
+process managers that start a script. Installed, ``python -m streamfuse worker`` is the same."""
 
 import sys
+from pathlib import Path
 
-from streamfuse.cli import main
+# The checkout beside this folder, not the folder itself: its sync.py, monitor.py, ... would
+# shadow top-level modules of those names.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from streamfuse.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.argv[1:1] = ['worker']
+    sys.argv[1:1] = ["worker"]
     main()

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import ssl
-import time
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +31,7 @@ from streamfuse.alerts.errors import AlertError, SubscriptionExists, UnknownSile
 from streamfuse.alerts.matchers import parse_duration
 from streamfuse.alerts.openapi import SPEC
 from streamfuse.alerts.subscriptions import AlertKeys, SilenceStore, SubscriptionStore
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError, StreamfuseError
 from streamfuse.redislink import redis_errors
@@ -48,9 +48,6 @@ OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
 JSON_TYPE = "application/json"
 KEEPALIVE_S = 15.0
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _error(status: int, exc: Exception | str) -> web.Response:
@@ -156,7 +153,7 @@ async def create_subscription(request: web.Request) -> web.Response:
         return _error(400, "url (a string) is required")
     secret = body.get("secret")
     sub = await asyncio.to_thread(
-        request.app[SUBS].create, body["url"], _now_ms(), str(body.get("receiver", "webhook")),
+        request.app[SUBS].create, body["url"], now_ms(), str(body.get("receiver", "webhook")),
         _list(body, "matchers"), str(body.get("min_severity", "info")), None if secret is None else str(secret),
         None if body.get("id") is None else str(body["id"]))
     log.info("subscription %s created via the API", sub.describe())
@@ -174,7 +171,7 @@ async def delete_subscription(request: web.Request) -> web.Response:
 
 
 async def list_silences(request: web.Request) -> web.Response:
-    silences = await asyncio.to_thread(request.app[SILENCES].list, _now_ms())
+    silences = await asyncio.to_thread(request.app[SILENCES].list, now_ms())
     return web.json_response([s.to_dict() for s in silences])
 
 
@@ -184,13 +181,13 @@ async def create_silence(request: web.Request) -> web.Response:
         duration = parse_duration(str(body["duration_s"]))
     else:
         duration = parse_duration(str(body.get("duration", "")))
-    silence = await asyncio.to_thread(request.app[SILENCES].create, _list(body, "matchers"), duration, _now_ms(),
+    silence = await asyncio.to_thread(request.app[SILENCES].create, _list(body, "matchers"), duration, now_ms(),
                                       str(body.get("comment", "")), str(body.get("created_by", "")))
     return web.json_response(silence.to_dict(), status=201)
 
 
 async def expire_silence(request: web.Request) -> web.Response:
-    silence = await asyncio.to_thread(request.app[SILENCES].expire, request.match_info["id"], _now_ms())
+    silence = await asyncio.to_thread(request.app[SILENCES].expire, request.match_info["id"], now_ms())
     return web.json_response(silence.to_dict())
 
 

@@ -6,39 +6,26 @@ is ``STREAMFUSE_REDIS_URL`` and keys live under ``STREAMFUSE_REDIS_PREFIX``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import threading
-import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from streamfuse.cli_errors import new_typer
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings, load_settings
-from streamfuse.errors import StreamfuseError
 
-alerts_app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+alerts_app = new_typer(
     help="Alert subscriptions and silences, the dispatcher (webhooks, Alertmanager, Redis pub/sub) and its HTTP API.")
 console = Console(highlight=False)
-err = Console(stderr=True)
 
 
 def _settings(verbose: bool = False) -> Settings:
     return load_settings(verbose)
-
-
-@contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """A StreamfuseError becomes ``error: ...`` on stderr and exit status 2 (bad input or setup)."""
-    try:
-        yield
-    except StreamfuseError as exc:
-        err.print(Text.assemble(("error: ", "red"), str(exc)))
-        raise typer.Exit(2) from None
 
 
 def _stores(settings: Settings):
@@ -50,9 +37,6 @@ def _stores(settings: Settings):
             SilenceStore(client, settings.redis_prefix))
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 @alerts_app.command()
 def serve(
@@ -63,8 +47,7 @@ def serve(
     """Serve the JSON API: /subscriptions, /silences, /alerts, /stats, /events (SSE), /openapi.json."""
     from streamfuse.alerts.api import serve as run_api
 
-    with cli_errors():
-        run_api(_settings(verbose), host, port)
+    run_api(_settings(verbose), host, port)
 
 
 @alerts_app.command()
@@ -75,15 +58,14 @@ def dispatch(
     """Consume <prefix>alerts and notify every subscription (runs until Ctrl-C / SIGTERM)."""
     from streamfuse.alerts.dispatcher import run_dispatcher
 
-    with cli_errors():
-        settings = _settings(verbose)
-        if metrics_port is not None:
-            settings = settings.model_copy(
-                update={"alerts": settings.alerts.model_copy(update={"metrics_port": metrics_port})})
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        stats = run_dispatcher(settings, stop)
+    settings = _settings(verbose)
+    if metrics_port is not None:
+        settings = settings.model_copy(
+            update={"alerts": settings.alerts.model_copy(update={"metrics_port": metrics_port})})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = run_dispatcher(settings, stop)
     console.print(f"dispatcher stopped: {stats['sent']} notifications sent in {stats['requests']} requests, "
                   f"{stats['dead']} dead-lettered, {stats['pending']} pending")
 
@@ -105,9 +87,8 @@ def subscribe(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Subscribe a receiver to the alerts that match (a --secret needs STREAMFUSE_ALERTS__SECRET_KEY)."""
-    with cli_errors():
-        subs, _ = _stores(_settings())
-        sub = subs.create(url, _now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
+    subs, _ = _stores(_settings())
+    sub = subs.create(url, now_ms(), receiver, match, min_severity, secret, sub_id, replace=replace)
     if as_json:
         print(json.dumps(sub.public()))
         return
@@ -127,19 +108,17 @@ def keygen() -> None:
 @alerts_app.command()
 def unsubscribe(sub_id: str = typer.Argument(..., metavar="ID", help="The subscription id.")) -> None:
     """Delete a subscription and whatever is still queued for it."""
-    with cli_errors():
-        subs, _ = _stores(_settings())
-        subs.delete(sub_id)
+    subs, _ = _stores(_settings())
+    subs.delete(sub_id)
     console.print(f"unsubscribed {sub_id}", markup=False)
 
 
 @alerts_app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List subscriptions (secrets are never shown) and active silences."""
-    with cli_errors():
-        subs, silences = _stores(_settings())
-        now = _now_ms()
-        all_subs, active = subs.list(), silences.list(now)
+    subs, silences = _stores(_settings())
+    now = now_ms()
+    all_subs, active = subs.list(), silences.list(now)
     if as_json:
         print(json.dumps({"subscriptions": [s.public() for s in all_subs],
                           "silences": [s.to_dict() for s in active]}, indent=2))
@@ -173,11 +152,10 @@ def silence(
     """Mute matching alerts for a while, e.g. `silence --match modality=audio --for 2h`."""
     from streamfuse.alerts.matchers import parse_duration
 
-    with cli_errors():
-        _, silences = _stores(_settings())
-        if expire is not None:
-            silences.expire(expire, _now_ms())
-            console.print(f"silence {expire} expired", markup=False)
-            return
-        s = silences.create(match, parse_duration(for_), _now_ms(), comment, by)
+    _, silences = _stores(_settings())
+    if expire is not None:
+        silences.expire(expire, now_ms())
+        console.print(f"silence {expire} expired", markup=False)
+        return
+    s = silences.create(match, parse_duration(for_), now_ms(), comment, by)
     console.print(f"silence {s.id}: {', '.join(str(m) for m in s.matchers)} for {for_}", markup=False)

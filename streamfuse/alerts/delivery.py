@@ -24,6 +24,7 @@ from streamfuse.alerts.formats import alertmanager_alerts, webhook_body
 from streamfuse.alerts.signing import NOTIFICATION_HEADER, signed_headers
 from streamfuse.alerts.subscriptions import Subscription
 from streamfuse.alerts.targets import check_address, validate_url
+from streamfuse.clock import now_ms
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 425, 429})
@@ -90,7 +91,7 @@ class Senders:
         if sub.receiver == "alertmanager":
             latest = {n["fingerprint"]: n for n in notices}  # Alertmanager only needs each alert's last state
             hold_ms = int(3 * self.settings.repeat_interval_s * 1000)
-            payload: Any = alertmanager_alerts(latest.values(), int(time.time() * 1000), hold_ms,
+            payload: Any = alertmanager_alerts(latest.values(), now_ms(), hold_ms,
                                                self.settings.external_url)
             url = sub.url.rstrip("/") + "/api/v2/alerts"
         else:

@@ -25,7 +25,6 @@ import os
 import random
 import socket
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -38,6 +37,7 @@ from streamfuse.alerts.intake import Intake, consume
 from streamfuse.alerts.outbox import DeliveryStore, async_redis, delivery_stats
 from streamfuse.alerts.sealing import SecretBox
 from streamfuse.alerts.subscriptions import AlertKeys, Subscription
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import DeadLetter, encode, headers
 from streamfuse.metrics import AlertMetrics, ProducerMetrics, RedisMetrics
@@ -47,9 +47,6 @@ from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ReceiverPool:

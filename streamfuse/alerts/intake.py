@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -23,6 +22,7 @@ from streamfuse.alerts.lifecycle import AlertTracker, Notice, group_key, group_l
 from streamfuse.alerts.matchers import InhibitRule
 from streamfuse.alerts.outbox import IntakeStore
 from streamfuse.alerts.subscriptions import AlertKeys, SilenceStore, Subscription, SubscriptionStore
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import Alert, DeadLetter, content_type_of, decode, encode, headers
@@ -203,7 +203,7 @@ def consume(settings: Settings, intake: Intake, producer, stop: threading.Event,
                 ready.set()
             records = [Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
                        for recs in batch.values() for r in recs]
-            now = int(time.time() * 1000)
+            now = now_ms()
             if records:
                 woken = intake.process(records, now, dead_letter)
                 try:

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamfuse.errors import StreamfuseError
-from streamfuse.events import Command, Sample
+from streamfuse.events import SCOPES, Command, Sample
 from streamfuse.models.bundle import LoadedUnit, warm_up
 from streamfuse.models.encoders import SensorModel
 from streamfuse.redislink import RedisLink
 
 log = logging.getLogger(__name__)
 MODEL_ACTIONS = ("rollback_model", "activate_model", "rollback_fusion")
-SCOPES = ("global", "line", "asset")
 
 
 def mask_label(modality: str, scope: str, scope_id: str) -> str:
@@ -141,7 +140,7 @@ class CommandHandler:
     def _rollback_target(self, cmd: Command, unit: str) -> str:
         """The version a rollback without an explicit version goes to, decided once per
         command for all workers (the first to ask claims it in Redis)."""
-        from streamfuse.registry import RegistryError
+        from streamfuse.models.registry import RegistryError
 
         key = f"{self.registry.prefix}command:{cmd.command_id}"
         claimed = self.registry.redis.get(key)

@@ -21,6 +21,7 @@ from collections import deque
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import BrokerError, InvalidEvent
 from streamfuse.events import Ack, Command, encode
@@ -41,9 +42,6 @@ RECONCILE_S = 2.0  # how often a worker compares what it serves with the registr
 # batches are uncommitted at any time: what a crash can make the next owner predict twice.
 MAX_BATCHES_IN_FLIGHT = 2
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class InferenceWorker:

@@ -9,11 +9,12 @@ from typing import Optional
 
 import typer
 
+from streamfuse.cli_errors import new_typer
 from streamfuse.config import load_settings
 from streamfuse.errors import ConfigError
 
-ingest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                         help="Plant gateways: MQTT / OPC-UA readings -> sensor topics, by a mapping file.")
+ingest_app = new_typer(rich_markup_mode=None,
+                       help="Plant gateways: MQTT / OPC-UA readings -> sensor topics, by a mapping file.")
 
 
 def _setup(mapping: Optional[Path], metrics_port: Optional[int], verbose: bool, section: str, **over):

@@ -28,6 +28,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import MqttSettings, Settings
 from streamfuse.errors import ConfigError, InvalidEvent
 from streamfuse.events import DeadLetter
@@ -180,7 +181,7 @@ class MqttGateway:
         self.received += 1
         self.metrics.messages.inc()
         token = self.acks.add(msg.mid) if msg.qos > 0 else None
-        arrival_ms = int(time.time() * 1000)
+        arrival_ms = now_ms()
         match = self.mapping.match_topic(msg.topic)
         try:
             if match is None:

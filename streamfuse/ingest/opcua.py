@@ -23,6 +23,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import OpcuaSettings, Settings
 from streamfuse.errors import ConfigError, InvalidEvent
 from streamfuse.events import DeadLetter
@@ -175,7 +176,7 @@ class OpcuaGateway:
         self.received += 1
         self.metrics.messages.inc()
         rule = self.rules.get(node_id)
-        arrival_ms = int(time.time() * 1000)
+        arrival_ms = now_ms()
         device_ms, server_ms = epoch_ms(data_value.SourceTimestamp), epoch_ms(data_value.ServerTimestamp)
         status = data_value.StatusCode
         if rule is None:
@@ -210,7 +211,7 @@ class OpcuaGateway:
               ts_ms: int | None = None) -> None:
         key = rule.asset.encode() if rule is not None else None
         d = DeadLetter(exc.reason, exc.detail, node_id, original, COMPONENT,
-                       ts_ms if ts_ms is not None else int(time.time() * 1000), key=key, modality=exc.modality)
+                       ts_ms if ts_ms is not None else now_ms(), key=key, modality=exc.modality)
         self.sink.dead(d, None, received)
 
 

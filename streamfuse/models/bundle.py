@@ -8,7 +8,7 @@ modality's model or the fusion) swapped, so a worker swaps atomically by reassig
 
 Bundles are written and read by :mod:`streamfuse.models.bundle_io` (``save_bundle``,
 ``load_bundle``) and assembled from registry units by
-:mod:`streamfuse.registry`.
+:mod:`streamfuse.models.registry`.
 """
 
 from __future__ import annotations

@@ -7,15 +7,14 @@ The main ``streamfuse`` app mounts them::
     app.add_typer(models_app, name="models")
 
 They read :class:`~streamfuse.config.Settings` from the environment (``STREAMFUSE_*``).
-A :class:`~streamfuse.errors.StreamfuseError` is printed (with its fix) and exits with 2.
+A :class:`~streamfuse.errors.StreamfuseError` is printed (with its fix) to stderr and exits
+with 2 (:mod:`streamfuse.cli_errors`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,24 +22,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from streamfuse.errors import StreamfuseError
+from streamfuse.cli_errors import cli_errors, new_typer
 
 __all__ = ["dataset_app", "models_app", "train"]
 console = Console()
-dataset_app = typer.Typer(no_args_is_help=True, help="Datasets for training: metadata.csv + one file per reading.")
-models_app = typer.Typer(no_args_is_help=True, help="The model registry: versions per unit, active versions, history.")
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except StreamfuseError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-
-    return wrapper
+dataset_app = new_typer(help="Datasets for training: metadata.csv + one file per reading.")
+models_app = new_typer(help="The model registry: versions per unit, active versions, history.")
 
 
 def _fmt(x: Any) -> str:
@@ -71,7 +58,7 @@ class _Bars:
             self.progress.update(self.last, completed=self.progress.tasks[self.last].total)
 
 
-@_friendly
+@cli_errors()  # mounted on its own, outside the groups
 def train(
     data: Path = typer.Option(..., "--data", help="Dataset folder with metadata.csv."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
@@ -143,7 +130,7 @@ def train(
         console.print(f"comparison saved to {out / JSON_FILE} and {out / MD_FILE}")
     console.print(f"bundle written to {out} in {seconds:.1f} s")
     if register:
-        from streamfuse.registry import Registry
+        from streamfuse.models.registry import Registry
 
         units = Registry(settings).import_bundle(out, activate=True)
         console.print(f"imported and activated: {units}")
@@ -175,7 +162,6 @@ def _overrides(arch: list[str], image_size: Any, series_len: Any, sample_rate: A
 
 
 @dataset_app.command("export-sim")
-@_friendly
 def export_sim_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to create."),
     samples: int = typer.Option(1000, "--samples", help="Total samples (70 / 15 / 15 % train / val / test)."),
@@ -189,7 +175,6 @@ def export_sim_cmd(
 
 
 @dataset_app.command("export-real")
-@_friendly
 def export_real_cmd(
     name: str = typer.Argument(..., help="digits | basicmotions | gunpoint | arrowhead"),
     out: Path = typer.Option(..., "--out", help="Folder to create."),
@@ -204,16 +189,15 @@ def export_real_cmd(
 
 def _registry() -> Any:
     from streamfuse.config import Settings
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     return Registry(Settings())
 
 
 @models_app.command("list")
-@_friendly
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every unit's versions on disk, the active one marked, with validation baselines."""
-    from streamfuse.registry import UNITS
+    from streamfuse.models.registry import UNITS
 
     reg = _registry()
     active = reg.active()
@@ -237,7 +221,6 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
 
 
 @models_app.command("import")
-@_friendly
 def import_cmd(
     path: Path = typer.Argument(..., help="Bundle directory (from `streamfuse train`)."),
     activate: bool = typer.Option(True, "--activate/--no-activate", help="Activate its units."),
@@ -248,7 +231,6 @@ def import_cmd(
 
 
 @models_app.command("import-unit")
-@_friendly
 def import_unit_cmd(
     modality: str = typer.Argument(..., help="image | audio | series"),
     arch: str = typer.Option(..., "--arch", help="Architecture of the weights (a timm name or an sf_* backbone)."),
@@ -263,7 +245,6 @@ def import_unit_cmd(
 
 
 @models_app.command("activate")
-@_friendly
 def activate_cmd(unit: str, version: str, reason: str = typer.Option("", help="Why (kept in the history).")) -> None:
     """Make VERSION the active version of UNIT (after checking it loads)."""
     _registry().activate(unit, version, reason=reason, actor="cli")
@@ -271,7 +252,6 @@ def activate_cmd(unit: str, version: str, reason: str = typer.Option("", help="W
 
 
 @models_app.command("rollback")
-@_friendly
 def rollback_cmd(unit: str, reason: str = typer.Option("", help="Why (kept in the history).")) -> None:
     """Re-activate the version of UNIT that was active before the current one."""
     version = _registry().rollback(unit, reason=reason, actor="cli")
@@ -279,7 +259,6 @@ def rollback_cmd(unit: str, reason: str = typer.Option("", help="Why (kept in th
 
 
 @models_app.command("history")
-@_friendly
 def history_cmd(unit: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Every activation and rollback of UNIT, oldest first."""
     entries = _registry().history(unit)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from streamfuse.clock import now_ms
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle_io import weights_digest, write_weights
@@ -177,7 +177,7 @@ def import_unit(root: Path, modality: str, arch: str, weights: str | Path, prepr
         manifest = {
             "format": UNIT_FORMAT, "unit": modality, "kind": "modality", "version": cfg.version,
             "classes": list(cfg.classes), "config": cfg.to_dict(),
-            "created_ms": created_ms if created_ms is not None else int(time.time() * 1000),
+            "created_ms": created_ms if created_ms is not None else now_ms(),
             "source": {"imported": str(Path(weights).resolve()), "preprocessing": str(Path(preprocessing).resolve())},
             "baseline": baseline, "test": {}, "weights": {"file": UNIT_WEIGHTS, **entry},
         }

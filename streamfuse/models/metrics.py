@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamfuse.errors import ModelError
+from streamfuse.monitor.stats import macro_f1 as _macro_f1
 
 ArrayLike = Sequence[int] | np.ndarray
 
@@ -16,6 +17,13 @@ def _pair(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]
     p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
     if t.shape != p.shape:
         raise ModelError(f"y_true has {t.size} labels but y_pred has {p.size}")
+    return t, p
+
+
+def _ids(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    t, p = _pair(y_true, y_pred)
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= n_classes):
+        raise ModelError(f"class ids must be in 0..{n_classes - 1}")
     return t, p
 
 
@@ -48,16 +56,15 @@ def confusion(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> np.ndarra
         >>> confusion([0, 1, 1], [0, 1, 0], 2).tolist()
         [[1, 0], [1, 1]]
     """
-    t, p = _pair(y_true, y_pred)
-    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= n_classes):
-        raise ModelError(f"class ids must be in 0..{n_classes - 1}")
+    t, p = _ids(y_true, y_pred, n_classes)
     out = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(out, (t, p), 1)
     return out
 
 
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> float:
-    """Unweighted mean of the per-class F1 scores.
+    """Unweighted mean of the per-class F1 scores, on class ids checked against
+    ``n_classes``; the rule is the monitor's, :func:`streamfuse.monitor.stats.macro_f1`.
 
     Classes that occur neither in ``y_true`` nor in ``y_pred`` are left out of the mean
     (their F1 is undefined): a window in which a rare fault never happened is not
@@ -65,7 +72,7 @@ def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> float:
     predicted, counts with F1 = 0.
 
     Returns:
-        A float in [0, 1]; NaN when there are no labels.
+        A float in [0, 1]; 0.0 when there are no labels.
 
     Raises:
         ModelError: on a length mismatch or a class id outside ``0..n_classes-1``.
@@ -77,11 +84,8 @@ def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> float:
         0.7333
         >>> macro_f1([0, 0], [0, 2], 3)  # class 2 predicted, never true: F1 0
         0.3333333333333333
+        >>> macro_f1([], [], 3)
+        0.0
     """
-    cm = confusion(y_true, y_pred, n_classes)
-    if not cm.sum():
-        return float("nan")
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1) + cm.sum(axis=0)  # = 2 tp + fp + fn
-    seen = support > 0
-    return float(np.mean(2 * tp[seen] / support[seen]))
+    t, p = _ids(y_true, y_pred, n_classes)
+    return _macro_f1(t.tolist(), p.tolist())

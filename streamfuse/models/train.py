@@ -21,6 +21,7 @@ from typing import Any
 import timm
 import torch
 
+from streamfuse.clock import now_ms
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle_io import save_bundle, weights_digest
@@ -193,7 +194,7 @@ def train_bundle(
     units_val, units_test = (base.units_val, base.units_test) if adapters else (chosen.units_val, chosen.units_test)
     manifest = {
         "version": bundle_version(versions, classes),
-        "created_ms": created_ms if created_ms is not None else int(time.time() * 1000),
+        "created_ms": created_ms if created_ms is not None else now_ms(),
         "fusion": fusion_section,
         "baselines": {**units_val, "fused": chosen.val},
         "test": {**units_test, "fused": chosen.test} if test else {},

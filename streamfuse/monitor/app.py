@@ -27,11 +27,11 @@ shows the outage; it is logged once when it starts and once when it ends).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import (
@@ -42,7 +42,7 @@ from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
 
@@ -51,9 +51,6 @@ HEADERS = {"content-type": MSGPACK.encode()}
 GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
           "est_accuracy")
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class ClaimedPublisher:

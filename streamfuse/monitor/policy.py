@@ -13,9 +13,8 @@ from typing import Any, NamedTuple
 
 from streamfuse.config import MonitorSettings
 from streamfuse.errors import ConfigError
-from streamfuse.events import Alert, Command
+from streamfuse.events import SCOPES, Alert, Command
 
-SCOPES = ("global", "line", "asset")
 _DEFAULTS = MonitorSettings.model_fields  # one source for the policy's defaults: the monitor's settings
 FUSION_ACTIONS = ("set_fusion_mode", "rollback_fusion")
 MASKING_KINDS = ("degradation", "sensor_fault")  # kinds whose firing masks the modality

@@ -25,11 +25,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def macro_f1(y_true: list[str], y_pred: list[str]) -> float:
-    """Macro-averaged F1 over the classes that occur in either list.
+    """Macro-averaged F1 over the classes that occur in either list (any hashable,
+    sortable labels); 0.0 when both are empty.
 
     Examples:
         >>> round(macro_f1(["a", "a", "b", "b"], ["a", "b", "b", "b"]), 3)
         0.733
+        >>> macro_f1([], [])
+        0.0
     """
     classes = sorted(set(y_true) | set(y_pred))
     if not classes:

@@ -4,7 +4,8 @@
     app.command()(replay)
 
 They read :class:`~streamfuse.config.Settings` from the environment (``STREAMFUSE_*``);
-a :class:`~streamfuse.errors.StreamfuseError` is printed with its fix and exits with 2.
+a :class:`~streamfuse.errors.StreamfuseError` is printed with its fix to stderr and exits
+with 2 (:mod:`streamfuse.cli_errors`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from streamfuse.cli_errors import cli_errors
 from streamfuse.config import load_settings
-from streamfuse.errors import StreamfuseError
 from streamfuse.replay.errors import RecordingError, ReplayError
 
 __all__ = ["record", "replay"]
@@ -55,6 +56,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+@cli_errors()  # mounted on its own: the main app, or a test's
 def record(
     out: Path = typer.Option(..., "--out", help="New directory for the recording."),
     topics: list[str] = typer.Option([], "--topics", help="Topics without the prefix (samples, labels, sensor.image, "
@@ -73,25 +75,22 @@ def record(
     """Record topics (key, value, headers, partition, offset, timestamp) into DIR; Ctrl-C stops."""
     from streamfuse.replay.recorder import fault_annotations, record as do_record
 
-    try:
-        settings = load_settings(verbose)
-        if annotate and annotate_start is None:
-            raise RecordingError("--annotate needs --annotate-start (the event time its seconds count from)")
-        notes = fault_annotations(annotate, parse_time_ms(annotate_start)) if annotate else None
-        stop = None if snapshot else _stop_on_signals()
-        if stop is not None and duration is None and until is None:
-            console.print("recording until Ctrl-C ...")
-        manifest = do_record(settings, out, topics or None, duration_s=duration,
-                             until_ms=parse_time_ms(until) if until else None, stop=stop, annotations=notes,
-                             from_now=from_now, compression=compression)
-    except StreamfuseError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    settings = load_settings(verbose)
+    if annotate and annotate_start is None:
+        raise RecordingError("--annotate needs --annotate-start (the event time its seconds count from)")
+    notes = fault_annotations(annotate, parse_time_ms(annotate_start)) if annotate else None
+    stop = None if snapshot else _stop_on_signals()
+    if stop is not None and duration is None and until is None:
+        console.print("recording until Ctrl-C ...")
+    manifest = do_record(settings, out, topics or None, duration_s=duration,
+                         until_ms=parse_time_ms(until) if until else None, stop=stop, annotations=notes,
+                         from_now=from_now, compression=compression)
     total = sum(manifest["counts"].values())
     console.print(f"recorded {total} records from {len(manifest['counts'])} topics into {out} "
                   f"({', '.join(f'{k} {v}' for k, v in manifest['counts'].items())})")
 
 
+@cli_errors()
 def replay(
     recording: Path = typer.Argument(..., help="A directory written by `streamfuse record`."),
     speed: Optional[float] = typer.Option(None, "--speed", help="Event-time seconds per wall second."),
@@ -142,9 +141,6 @@ def replay(
                 console.print(f"report: {report / 'compare.html'}")
             return
         summary = do_replay(recording, settings, namespace=namespace, report_dir=report, **opts)
-    except StreamfuseError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     finally:
         if broker is not None:
             broker.stop()

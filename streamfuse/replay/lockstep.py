@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import BATCH_END, MSGPACK, Ack, Label, Prediction, Sample, content_type_of, decode, encode, headers
@@ -250,7 +251,7 @@ class Lockstep:
             readings = {m: dataclasses.replace(r, ts_ms=end) for m, r in sample.readings.items()}
             copy = dataclasses.replace(sample, sample_id=f"{FLUSH_PREFIX}{p}", ts_ms=end, readings=readings)
             self._publish(flush, {"key": key, "value": encode(copy), "headers": headers(MSGPACK), "partition": p,
-                                  "timestamp_ms": int(time.time() * 1000)}, end, count=False)
+                                  "timestamp_ms": now_ms()}, end, count=False)
         self._resolve()
         self._await_commands()
 

@@ -193,8 +193,8 @@ def setup_models(ns: Namespace, models: dict[str, str] | None = None, bundle: st
     Raises:
         RegistryError: an unknown unit or version. ModelError: a version does not load.
     """
-    from streamfuse.demo import ensure_models
-    from streamfuse.registry import UNITS, Registry
+    from streamfuse.models.bootstrap import ensure_models
+    from streamfuse.models.registry import UNITS, Registry
 
     reg = Registry(ns.settings)
     live = Registry(ns.live).active()

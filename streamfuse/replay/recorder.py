@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import content_type_of
 from streamfuse.replay.errors import RecordingError
@@ -124,7 +125,7 @@ def record(settings: Settings, out_dir: str | Path, topics: Iterable[str] | None
     writer = RecordingWriter(out_dir, compression)
     consumer = make_consumer(settings, None, "streamfuse-recorder")
     stats: dict[str, dict[str, Any]] = {}
-    started_ms = int(time.time() * 1000)
+    started_ms = now_ms()
     try:
         tps = []
         for name in names:
@@ -147,7 +148,7 @@ def record(settings: Settings, out_dir: str | Path, topics: Iterable[str] | None
                 break
             if duration_s is not None and time.monotonic() - t0 >= duration_s:
                 break
-            if until_ms is not None and ends is None and time.time() * 1000 >= until_ms:
+            if until_ms is not None and ends is None and now_ms() >= until_ms:
                 ends = consumer.end_offsets(tps)  # catch up to what was there at the deadline
             if ends is not None and all(consumer.position(tp) >= ends[tp] for tp in tps):
                 break
@@ -191,7 +192,7 @@ def _manifest(settings: Settings, stats: dict[str, dict[str, Any]], notes: list[
 
     return {
         "created_ms": started_ms,
-        "finished_ms": int(time.time() * 1000),
+        "finished_ms": now_ms(),
         "source": {"topic_prefix": settings.topic_prefix, "broker": settings.broker_kind,
                    "partitions": settings.partitions, "start": "now" if from_now else "beginning",
                    "since_ms": since_ms, "until_ms": until_ms},

@@ -89,13 +89,13 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
             namespace, bad option, a pipeline process died or stalled.
             RegistryError / ModelError: an unknown or broken model version.
     """
-    from streamfuse.demo import spawn, stop_children
     from streamfuse.kafka import make_rd_producer
+    from streamfuse.models.registry import Registry
+    from streamfuse.procs import spawn, stop_children
     from streamfuse.replay.collect import Collector
     from streamfuse.replay.lockstep import Lockstep
     from streamfuse.replay.namespace import make_namespace, setup_models
     from streamfuse.replay.summary import recorded_outputs, summarize
-    from streamfuse.registry import Registry
     from streamfuse.replay.syncstage import run_sync_stage
     from streamfuse.store import StatusStore, connect
     from streamfuse.topics import ensure_topics

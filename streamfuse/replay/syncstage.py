@@ -10,8 +10,6 @@ at the end of the stage, never in the middle of the pipeline's event time.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,17 +22,6 @@ from streamfuse.replay.namespace import Namespace
 from streamfuse.replay.plan import SENSOR_TOPICS, Stream, Streams
 
 
-def _spawn_sync(settings, log_dir: Path) -> subprocess.Popen:
-    from streamfuse.demo import child_env
-
-    env = child_env(settings)
-    env["STREAMFUSE_SIM"] = settings.sim.model_dump_json()  # the sync's period comes from sim.rate_hz
-    log_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(log_dir / "sync.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "streamfuse", "sync"], env=env, stdout=logf,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
 def run_sync_stage(ns: Namespace, streams: Streams, log_dir: Path, stall_s: float = 120.0,
                    on_progress: Callable[[int, int], None] | None = None) -> Streams:
     """Synchronize the recorded readings; returns ``streams`` with the sensor streams
@@ -45,14 +32,14 @@ def run_sync_stage(ns: Namespace, streams: Streams, log_dir: Path, stall_s: floa
     """
     from kafka import TopicPartition
 
-    from streamfuse.demo import stop_children
     from streamfuse.kafka import make_consumer, make_producer
+    from streamfuse.procs import spawn, stop_children
     from streamfuse.topics import Topics, ensure_topics
 
     stage = ns.settings.model_copy(update={"topic_prefix": ns.prefix + "sync."})
     ensure_topics(stage)
     t = Topics(stage.topic_prefix)
-    proc = _spawn_sync(stage, log_dir)
+    proc = spawn("sync", stage, log_dir)  # its slot period comes from the plant rate, sim.rate_hz
     producer = make_producer(stage, "streamfuse-replay-sync")
     consumer = make_consumer(stage, None, "streamfuse-replay-sync")
     tps = [TopicPartition(n, p) for n in (t.samples, t.deadletter) for p in range(stage.partitions)]

@@ -166,9 +166,10 @@ class DatasetPlant:
         True
     """
 
-    def __init__(self, source: str | Path | DatasetRows, split: str = "test", *, assets: int = 4, lines: int = 2,
-                 rate_hz: float = 2.0, seed: int = 0, faults: Sequence[str | FaultSpec] = (), start_ms: int = 0,
-                 run_id: str = "ds", config: PlantConfig | None = None) -> None:
+    def __init__(self, source: str | Path | DatasetRows, split: str = "test", *, assets: int = PlantConfig.assets,
+                 lines: int = PlantConfig.lines, rate_hz: float = PlantConfig.rate_hz, seed: int = PlantConfig.seed,
+                 faults: Sequence[str | FaultSpec] = (), start_ms: int = 0, run_id: str = "ds",
+                 config: PlantConfig | None = None) -> None:
         self.config = config or PlantConfig(assets=assets, lines=lines, rate_hz=rate_hz, seed=seed,
                                             faults=tuple(faults))
         self.data = source if isinstance(source, DatasetRows) else load_rows(source, split)

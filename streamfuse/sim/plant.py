@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamfuse.config import SimSettings
 from streamfuse.errors import ConfigError, StreamfuseError
 from streamfuse.events import MODALITIES, Label, Sample, SensorEvent
 from streamfuse.sim import signals
 from streamfuse.sim.faults import FaultSpec, parse_fault
 
+_SIM = SimSettings.model_fields  # one source for the plant's shape defaults: the simulator's settings
 CLASSES: tuple[str, ...] = ("normal", "imbalance", "bearing", "overheat")
 
 # modality -> state -> (the generator's cue argument, probability that a reading shows it)
@@ -82,10 +84,10 @@ class PlantConfig:
         ConfigError: for an out-of-range value or a bad fault spec; the message says which.
     """
 
-    assets: int = 4
-    lines: int = 2
-    rate_hz: float = 2.0
-    seed: int = 0
+    assets: int = _SIM["assets"].default
+    lines: int = _SIM["lines"].default
+    rate_hz: float = _SIM["rate_hz"].default
+    seed: int = _SIM["seed"].default
     image_size: int = 32
     audio_rate: int = 8000
     series_len: int = 256

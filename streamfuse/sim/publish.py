@@ -9,7 +9,7 @@ With ``per_modality_topics`` the plant behaves like separate sensor gateways: ea
 reading goes to ``sensor.<modality>`` as a :class:`SensorEvent` (``start_ms`` is aligned
 to a slot time), with event-time jitter, reordering, duplicates, drops and stragglers
 (:class:`ReadingDisorder`), and the synchronizer (``streamfuse sync``) rebuilds the
-samples. Labels carry the id the synchronizer gives the slot (:func:`~streamfuse.sync.slot_id`),
+samples. Labels carry the id the synchronizer gives the slot (:func:`~streamfuse.sync.core.slot_id`),
 and :class:`SimStats` records the ground truth: which modalities each sample will have.
 """
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import ConfigError
 from streamfuse.events import JSON, MSGPACK, Label, Sample, SensorEvent, encode, encode_json, headers
@@ -33,7 +34,7 @@ from streamfuse.sends import TrackedProducer
 from streamfuse.sim.dataset_plant import DatasetPlant, DatasetRows
 from streamfuse.sim.faults import FaultSpec
 from streamfuse.sim.plant import Plant, PlantConfig
-from streamfuse.sync import SyncConfig, slot_id
+from streamfuse.sync.core import SyncConfig, slot_id
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class SimPublisher:
         self._sends: TrackedProducer | None = None
         self.topics = Topics(settings.topic_prefix)
         s = settings.sim
-        self.start_ms = int(time.time() * 1000) if start_ms is None else start_ms
+        self.start_ms = now_ms() if start_ms is None else start_ms
         cfg = PlantConfig(assets=s.assets, lines=s.lines, rate_hz=s.rate_hz, seed=s.seed, faults=faults)
         self.per_modality_topics = per_modality_topics
         self.disorder = disorder or ReadingDisorder()

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from streamfuse.alerts.subscriptions import SubscriptionStore
-from streamfuse.alerts.testing import (
+from alertlib import (
     DispatcherThread,
     cleanup,
     isolated_settings,

@@ -14,9 +14,10 @@ from streamfuse.alerts.api import make_app
 from streamfuse.alerts.config import AlertSettings
 from streamfuse.alerts.cli import alerts_app
 from streamfuse.alerts.intake import Intake, Record
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.subscriptions import AlertKeys
-from streamfuse.alerts.testing import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved
+from alertlib import DispatcherThread, cleanup, isolated_settings, make_alert, publish, resolved
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.events import encode, headers
 from streamfuse.store import connect
@@ -166,7 +167,7 @@ def test_intake_is_idempotent_across_restarts(redis_settings):
     records = [Record("t.alerts", 0, i, b"k", encode(e), headers()) for i, e in enumerate([a, resolved(a)])]
     records.append(Record("t.alerts", 0, 2, b"k", b"\xc1 not msgpack", []))
     dead: list = []
-    now = int(time.time() * 1000)
+    now = now_ms()
     assert Intake(s, r).process(records, now, dead.extend) == {"ops"}
     assert [d.reason for d in dead] == ["undecodable"]
     # A restarted dispatcher that re-reads the batch (crash before the Kafka commit) adds nothing.

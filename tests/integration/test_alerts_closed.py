@@ -31,7 +31,7 @@ TOKEN = "t0k-closed-by-default"
 
 
 @pytest.fixture
-def s(redis_settings):
+def s(redis_settings):  # noqa: F811 (the fixture imported above)
     return redis_settings  # settings for Redis without a broker; keys deleted afterwards
 
 

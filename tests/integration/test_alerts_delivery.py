@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamfuse.alerts.outbox import delivery_stats
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.signing import verify_signature
 from streamfuse.alerts.subscriptions import SilenceStore, SubscriptionStore
-from streamfuse.alerts.testing import (
+from alertlib import (
     DispatcherThread,
     cleanup,
     isolated_settings,
@@ -23,6 +23,7 @@ from streamfuse.alerts.testing import (
     resolved,
     wait_until,
 )
+from streamfuse.clock import now_ms
 from streamfuse.events import DeadLetter
 from streamfuse.store import connect
 from streamfuse.topics import Topics
@@ -59,7 +60,7 @@ def receivers():
 
 def subscribe(settings, url, **kwargs):
     return SubscriptionStore(connect(settings), settings.redis_prefix, settings.alerts).create(
-        url, int(time.time() * 1000), **kwargs)
+        url, now_ms(), **kwargs)
 
 
 def test_filters_route_each_alert_to_the_right_receivers_signed(make_settings, receivers):
@@ -143,7 +144,7 @@ def test_inhibition_and_silence(make_settings, receivers):
     rx = receivers()
     subscribe(s, rx.url, sub_id="all")
     silences = SilenceStore(connect(s), s.redis_prefix)
-    mute_audio = silences.create(["modality=audio"], 3600, int(time.time() * 1000), "maintenance", "test")
+    mute_audio = silences.create(["modality=audio"], 3600, now_ms(), "maintenance", "test")
     fault = make_alert(kind="sensor_fault", modality="image", scope_id="a1")
     explained = make_alert(modality="image", scope_id="a1")  # inhibited by the sensor fault
     unrelated = make_alert(modality="image", scope_id="a2")
@@ -156,7 +157,7 @@ def test_inhibition_and_silence(make_settings, receivers):
         publish(s, [resolved(fault)])  # the fault is gone: the degradation it explained is news now
         rx.wait_for(lambda r: (explained.fingerprint, "firing") in r.alerts(), 20, "the formerly inhibited alert")
         assert (audio.fingerprint, "firing") not in rx.alerts()
-        silences.expire(mute_audio.id, int(time.time() * 1000))
+        silences.expire(mute_audio.id, now_ms())
         rx.wait_for(lambda r: (audio.fingerprint, "firing") in r.alerts(), 20, "the alert whose silence expired")
     assert Counter(rx.alerts()) == Counter([(fault.fingerprint, "firing"), (unrelated.fingerprint, "firing"),
                                             (fault.fingerprint, "resolved"), (explained.fingerprint, "firing"),

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from chaoslib import RedisServer
 from streamfuse.alerts.api import make_app
-from streamfuse.alerts.testing import isolated_settings
+from alertlib import isolated_settings
 
 pytestmark = pytest.mark.integration
 

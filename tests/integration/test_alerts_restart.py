@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from streamfuse.alerts.outbox import delivery_stats
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.subscriptions import SubscriptionStore
-from streamfuse.alerts.testing import cleanup, isolated_settings, make_alert, publish, resolved, wait_until
+from alertlib import cleanup, isolated_settings, make_alert, publish, resolved, wait_until
 from streamfuse.config import Settings
 from streamfuse.kafka import make_producer
 from streamfuse.store import connect
@@ -103,7 +103,7 @@ def test_dispatcher_killed_and_restarted_mid_stream_loses_and_repeats_nothing(se
 
 
 def test_two_dispatchers_in_one_group_notify_once(settings):
-    from streamfuse.alerts.testing import DispatcherThread
+    from alertlib import DispatcherThread
 
     # Both instances see each group fall due at the same moment and the receiver is slowish:
     # without the per-group delivery lock they would both send it.

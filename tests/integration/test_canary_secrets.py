@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
 from streamfuse.alerts.api import make_app
-from streamfuse.alerts.receiver import WebhookReceiver
-from streamfuse.alerts.testing import DispatcherThread, isolated_settings, make_alert, publish, wait_until
+from webhook_receiver import WebhookReceiver
+from alertlib import DispatcherThread, isolated_settings, make_alert, publish, wait_until
 from streamfuse.cli import app as cli_app
 from streamfuse.config import Settings
 from streamfuse.embedded import free_port

@@ -73,7 +73,7 @@ def test_broker_frozen_10s(chaos, settings):
 
 
 def test_redis_stopped_10s(chaos, settings, tmp_path):
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
 
     with RedisServer(tmp_path / "redis") as server:
         s = chaos_settings(settings, redis_url=server.url)

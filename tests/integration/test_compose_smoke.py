@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.sealing import generate_key
-from streamfuse.demo import stop_children
+from streamfuse.procs import stop_children
 from streamfuse.embedded import free_port
 from test_compose import COMPOSE_FILE, ONE_SHOT, _env, _load_yaml
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from streamfuse.cli import app as cli_app
 from streamfuse.control import ControlError, ProposalStore, operator_command, parse_scope
-from streamfuse.demo import child_env, spawn, stop_children
+from streamfuse.procs import child_env, spawn, stop_children
 from streamfuse.events import Alert, Command
 from streamfuse.monitor.policy import RollbackPolicy
 from streamfuse.store import connect
@@ -30,7 +30,7 @@ def audit(settings) -> list[dict[str, str]]:
 
 
 def commands_on_topic(settings, n: int) -> list[str]:
-    from streamfuse.alerts.testing import read_events
+    from alertlib import read_events
 
     return [c.command_id for c in read_events(settings, Topics(settings.topic_prefix).control, n, 10)]
 

@@ -17,14 +17,15 @@ from typer.testing import CliRunner
 
 from conftest import add_image_version
 from streamfuse.cli import app
-from streamfuse.demo import Observer, child_env, serve_models
+from streamfuse.demo import Observer, serve_models
+from streamfuse.procs import child_env
 from streamfuse.events import Label, SensorEvent, decode
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer
 from streamfuse.models.dataset import UnknownLabelError, export_sim
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.sim.dataset_plant import DatasetPlant, load_rows
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamfuse.alerts.receiver import WebhookReceiver
+from webhook_receiver import WebhookReceiver
 from streamfuse.alerts.sealing import generate_key
 from streamfuse.store import StatusStore, connect
 from streamfuse.config import Settings

@@ -20,12 +20,13 @@ from ingest_helpers import Outputs, Runner, drop_session, metric, mqtt_client, p
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.ingest.mapping import load_mapping
 from streamfuse.ingest.mqtt import MqttGateway
 from streamfuse.sim.plant import Plant, PlantConfig
-from streamfuse.sync import SyncConfig, slot_id
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.core import SyncConfig, slot_id
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -17,12 +17,13 @@ from opcua_plant import MODALITIES, PlantServer, free_port, make_certificates, n
 from prometheus_client import CollectorRegistry
 
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.errors import ConfigError
 from streamfuse.ingest.mapping import parse_mapping
 from streamfuse.ingest.opcua import OpcuaGateway
-from streamfuse.sync import SyncConfig, slot_id
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.core import SyncConfig, slot_id
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from streamfuse.config import Settings
-from streamfuse.demo import child_env, stop_children
+from streamfuse.procs import child_env, stop_children
 from streamfuse.embedded import broker_binary, free_port
-from streamfuse.alerts.testing import read_events, wait_until
+from alertlib import read_events, wait_until
 from streamfuse.kafka import faust_config, make_producer
 from streamfuse.topics import Topics, ensure_topics
 from test_alerts_closed import _write_pki

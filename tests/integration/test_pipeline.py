@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.sim.faults import parse_fault
 from streamfuse.sim.publish import SimPublisher
 from streamfuse.store import StatusStore, connect

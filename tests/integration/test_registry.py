@@ -21,7 +21,7 @@ from streamfuse.models.config import default_config
 from streamfuse.models.encoders import create_model
 from streamfuse.models.fusion import FusionConfig, FusionSet, fusion_version
 from streamfuse.models.manifest import bundle_version
-from streamfuse.registry import Registry, RegistryError
+from streamfuse.models.registry import Registry, RegistryError
 from streamfuse.sim.plant import CLASSES, Plant
 from streamfuse.store import connect
 

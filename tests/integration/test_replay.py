@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import delete_topics
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
-from streamfuse.demo import ensure_models, spawn, stop_children
+from streamfuse.models.bootstrap import ensure_models
+from streamfuse.procs import spawn, stop_children
 from streamfuse.events import BATCH_END
 from streamfuse.kafka import make_consumer
 from streamfuse.replay import Recording, decisions, fault_annotations, record, replay
@@ -150,7 +152,7 @@ def live(broker, trained_bundle, tmp_path_factory):
     ensure_models(s)
     ensure_topics(s)
     root = tmp_path_factory.mktemp("replay")
-    wall0 = int(time.time() * 1000)
+    wall0 = now_ms()
     stats = SimPublisher(s, tuple(map(parse_fault, FAULTS)), start_ms=START_MS, speed=None, run_id="rt",
                          malformed_every=150).run(duration_s=30)
     record(s, root / "rec", annotations=fault_annotations(FAULTS, START_MS), meta={"sim": s.sim.model_dump()})
@@ -276,7 +278,7 @@ def test_record_demo_takes_inputs_and_outputs_since_the_start(live, tmp_path):
     assert man["counts"]["samples"] == Recording(live["root"] / "rec").topics["samples"]["records"]
     assert man["counts"]["predictions"] >= live["stats"].samples and man["counts"]["alerts"] > 0
     assert [a["fault"] for a in man["annotations"]] == FAULTS and man["meta"]["sim"]["rate_hz"] == 5.0
-    assert record_demo(s, tmp_path / "later", start_ms=int(time.time() * 1000) + 60_000)["counts"]["samples"] == 0
+    assert record_demo(s, tmp_path / "later", start_ms=now_ms() + 60_000)["counts"]["samples"] == 0
     # Following from now for a second records nothing (the live topics are quiet); a set stop returns at once.
     assert sum(record(s, tmp_path / "now", from_now=True, duration_s=1.0)["counts"].values()) == 0
     stop = threading.Event()
@@ -291,7 +293,7 @@ def test_cli_compare_two_image_versions_on_part_of_the_recording(live, tmp_path,
     from typer.testing import CliRunner
 
     from conftest import add_image_version
-    from streamfuse.demo import child_env
+    from streamfuse.procs import child_env
     from streamfuse.replay.cli import replay as replay_cmd
 
     s = live["settings"]

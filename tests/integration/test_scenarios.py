@@ -13,7 +13,8 @@ import pytest
 
 from conftest import add_image_version
 from streamfuse.config import Settings
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.sim.faults import parse_fault
 from streamfuse.sim.publish import SimPublisher
 from streamfuse.topics import ensure_topics
@@ -151,7 +152,7 @@ def test_monitor_killed_and_restarted_mid_fault_same_outcome(settings, tmp_path)
 
 
 def test_bad_model_version_is_rolled_back_for_that_modality_only(settings, tmp_path):
-    from streamfuse.registry import Registry
+    from streamfuse.models.registry import Registry
 
     settings = scenario_settings(settings)
     registry = Registry(settings)

@@ -15,8 +15,8 @@ from streamfuse.config import Settings
 from streamfuse.events import DeadLetter, Sample, SensorEvent, decode
 from streamfuse.kafka import make_consumer
 from streamfuse.sim.publish import ReadingDisorder, SimPublisher
-from streamfuse.sync import SyncConfig
-from streamfuse.sync_app import run_sync
+from streamfuse.sync.core import SyncConfig
+from streamfuse.sync.app import run_sync
 from streamfuse.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration

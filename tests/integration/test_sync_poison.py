@@ -85,7 +85,7 @@ def publish_poison(settings, templates: dict[str, SensorEvent]) -> dict[tuple[st
     return out
 
 
-def test_poison_on_sensor_topics_goes_to_the_dead_letter_topic(sync_settings):
+def test_poison_on_sensor_topics_goes_to_the_dead_letter_topic(sync_settings):  # noqa: F811 (the fixture)
     sim = SimPublisher(sync_settings, start_ms=START_MS, speed=None, run_id="px", per_modality_topics=True)
     sample, _ = sim.plant.sample(0, 0, START_MS)
     templates = dict(sample.readings)

@@ -30,7 +30,7 @@ from streamfuse.events import (
 )
 from streamfuse.inference.worker import InferenceWorker
 from streamfuse.kafka import make_consumer, make_producer
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.sim.plant import Plant, PlantConfig
 from streamfuse.topics import Topics, ensure_topics
 
@@ -187,7 +187,7 @@ class OwnRedis:
 
 
 def test_the_worker_serves_through_a_redis_outage_and_catches_up(settings, tmp_path: Path, caplog):
-    from streamfuse.demo import ensure_models
+    from streamfuse.models.bootstrap import ensure_models
 
     redis_server = OwnRedis(tmp_path)
     redis_server.start()

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import add_image_version
-from streamfuse.demo import Observer, spawn, stop_children
+from streamfuse.demo import Observer
+from streamfuse.procs import spawn, stop_children
 from streamfuse.events import Command, encode, headers
 from streamfuse.inference.worker import MAX_BATCHES_IN_FLIGHT
 from streamfuse.kafka import make_producer
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 from streamfuse.sim.publish import SimPublisher
 from streamfuse.topics import Topics, ensure_topics
 

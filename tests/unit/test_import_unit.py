@@ -17,7 +17,7 @@ from streamfuse.models.bundle_io import write_weights
 from streamfuse.models.config import default_config
 from streamfuse.models.encoders import create_model
 from streamfuse.models.preprocess import example_input
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 
 CLASSES = ["ok", "fault"]
 

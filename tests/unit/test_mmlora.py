@@ -16,7 +16,7 @@ from streamfuse.models.mmlora import MMLoRAOptions
 from streamfuse.models.preprocess import example_input
 from streamfuse.models.stage2 import FusionOptions
 from streamfuse.models.train import TrainOptions, train_bundle
-from streamfuse.registry import Registry
+from streamfuse.models.registry import Registry
 
 from test_models import dataset  # noqa: E402  (tests/unit is on sys.path under pytest)
 

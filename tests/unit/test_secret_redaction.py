@@ -64,7 +64,7 @@ def test_redis_connection_error_names_the_url_without_its_password() -> None:
 
 
 def test_a_child_process_gets_the_secrets_the_settings_dumps_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamfuse.demo import child_env
+    from streamfuse.procs import child_env
 
     parent = _settings_with_canaries()
     env = child_env(parent)

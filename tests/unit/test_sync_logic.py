@@ -17,8 +17,8 @@ from streamfuse.config import Settings
 from streamfuse.errors import ConfigError, StreamfuseError
 from streamfuse.events import JSON, MSGPACK, REASONS, Label, SensorEvent, decode, encode, encode_json, headers
 from streamfuse.sim.publish import ReadingDisorder, SimPublisher
-from streamfuse.sync import OUTCOMES, SyncConfig, SyncError, Synchronizer, slot_id, slot_time
-from streamfuse.sync_app import DEAD_REASONS, SyncTask, checkpoint_metadata, parse_checkpoint
+from streamfuse.sync.core import OUTCOMES, SyncConfig, SyncError, Synchronizer, slot_id, slot_time
+from streamfuse.sync.task import DEAD_REASONS, SyncTask, checkpoint_metadata, parse_checkpoint
 from streamfuse.topics import Topics
 
 CFG = SyncConfig(period_ms=1000, tolerance_ms=100, grace_ms=500)  # slot n closes when watermark > n + 600
@@ -257,10 +257,13 @@ class Feed:
         return self.rec(m, encode(valid(m, ts, asset)), asset.encode())
 
 
-def feed_all(task: SyncTask, recs) -> tuple[list, list]:
+NOW_MS = 1_800_000_000_000  # wall time stamped on dead letters
+
+
+def feed_all(task: SyncTask, recs, now: float = 0.0) -> tuple[list, list]:
     samples, dead = [], []
     for r in recs:
-        s, d = task.feed(r)
+        s, d = task.feed(r, now, NOW_MS)
         samples += s
         dead += d
     return samples, dead
@@ -281,7 +284,8 @@ def test_task_dead_letters_bad_records_and_keeps_going() -> None:
     samples, dead = feed_all(task, recs)
     assert [d.reason for d in dead] == ["undecodable", "unexpected_schema", "bad_field", "bad_field",
                                         "outside_tolerance", "late_reading"]
-    assert all(d.component == "sync" and d.original == r.value for d, r in zip(dead, [*recs[:4], recs[5], recs[8]]))
+    assert all(d.component == "sync" and d.original == r.value and d.ts_ms == NOW_MS
+               for d, r in zip(dead, [*recs[:4], recs[5], recs[8]]))
     assert dead[-1].modality == "series" and dead[-1].offset == 2 and "a1-series-1000" in dead[-1].detail
     assert [(s.sample_id, s.missing) for s in samples] == [("a1-1000", ("audio", "series"))]
     assert task.outcomes == [("late", "series")]
@@ -334,11 +338,12 @@ def test_task_tick_applies_lagging_and_idle_advance() -> None:
     task, f = SyncTask(SyncConfig(period_ms=1000, tolerance_ms=100, grace_ms=500, idle_ms=500), TOPICS, 100_000), Feed()
     caught_up = {"image": False, "audio": False, "series": False}
     assert task.tick(caught_up, 0.0) == []  # nothing read yet: no idle advance
-    feed_all(task, [f.reading("image", 2000)])  # the inputs start lagging: nothing closes while they do
-    assert task.tick({**caught_up, "audio": True}, task.last_input + 60) == []
-    assert task.tick(caught_up, task.last_input + 0.4) == []  # quiet for less than idle_ms
-    assert task.tick(caught_up, task.last_input + 0.6) == []  # event time 2000 + 600: not past 2600
-    (s,) = task.tick(caught_up, task.last_input + 0.65)  # well past: float seconds round
+    feed_all(task, [f.reading("image", 2000)], now=100.0)  # the inputs start lagging: nothing closes while they do
+    assert task.last_input == 100.0
+    assert task.tick({**caught_up, "audio": True}, 160.0) == []
+    assert task.tick(caught_up, 100.4) == []  # quiet for less than idle_ms
+    assert task.tick(caught_up, 100.6) == []  # event time 2000 + 600: not past 2600
+    (s,) = task.tick(caught_up, 100.65)  # well past: float seconds round
     assert s.sample_id == "a1-2000" and s.missing == ("audio", "series")
 
 
@@ -419,8 +424,9 @@ def test_sim_per_modality_malformed_readings() -> None:
     _, stats, sent = simulate(ReadingDisorder(seed=1), seconds=1, malformed_every=5)
     assert stats.malformed == 4 * 3
     task, offsets = SyncTask(SyncConfig.for_rate(5.0), TOPICS, 1_000_000), itertools.count()
-    reasons = [d.reason for t, k, v in sent if t != "t.labels"
-               for d in task.feed(Rec(t, 0, next(offsets), k, v, headers(JSON if v[:1] == b"{" else MSGPACK)))[1]]
+    recs = [Rec(t, 0, next(offsets), k, v, headers(JSON if v[:1] == b"{" else MSGPACK))
+            for t, k, v in sent if t != "t.labels"]
+    reasons = [d.reason for d in feed_all(task, recs)[1]]
     assert sorted(reasons) == sorted(["undecodable", "unexpected_schema", "non_finite", "bad_field"] * 3)
 
 

@@ -1,6 +1,6 @@
 """A small webhook receiver that checks signatures and records what it gets.
 
-For tests and demos, and a reference for writing your own receiver: read the raw body,
+For the tests and benchmarks, and a reference for writing your own receiver: read the raw body,
 call :func:`~streamfuse.alerts.signing.verify_signature`, answer 2xx quickly (the
 dispatcher retries anything else), and drop repeats by ``X-Streamfuse-Notification-Id``
 if a repeat would hurt.

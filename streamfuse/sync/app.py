@@ -1,8 +1,9 @@
-"""The ``streamfuse sync`` process: ``sensor.<modality>`` topics → :class:`Synchronizer` → ``samples``.
+"""The ``streamfuse sync`` process: ``sensor.<modality>`` topics → synchronizer → ``samples``.
 
 One consumer group reads the three sensor topics. Partition ``p`` of every sensor topic
 forms task ``p`` (key = asset_id, so an asset's readings are all in one task) with its
-own :class:`~streamfuse.sync.Synchronizer`; the range assignor keeps a task's partitions
+own :class:`~streamfuse.sync.task.SyncTask` and
+:class:`~streamfuse.sync.core.Synchronizer`; the range assignor keeps a task's partitions
 on one member. Input partitions with unread records (position < high watermark) hold the
 task's watermark back, so a backlog is caught up without spurious late readings. When a
 task's inputs have been quiet for ``idle_ms`` of wall time, event time moves on with the
@@ -21,158 +22,28 @@ the same ``sample_id``.
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import threading
 import time
 
 from prometheus_client import CollectorRegistry
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
-from streamfuse.errors import InvalidEvent
-from streamfuse.events import (
-    MSGPACK, DeadLetter, Sample, SensorEvent, content_type_of, dead_letter_original, decode, encode, headers,
-)
+from streamfuse.events import MSGPACK, DeadLetter, Sample, encode, headers
 from streamfuse.metrics import ProducerMetrics, SyncMetrics
 from streamfuse.sends import TrackedProducer
-from streamfuse.sync import OUTCOMES, SyncConfig, Synchronizer
+from streamfuse.sync.core import OUTCOMES, SyncConfig
+from streamfuse.sync.task import DEAD_REASONS, SyncTask, checkpoint_metadata, parse_checkpoint
 from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HDRS = headers(MSGPACK)
-# sync outcome -> dead-letter reason; "joined" and "duplicate" are not dead letters
-DEAD_REASONS = {"late": "late_reading", "extra": "extra_reading", "outside_tolerance": "outside_tolerance",
-                "unknown_modality": "unknown_modality"}
 
 
 def default_config(settings: Settings) -> SyncConfig:
     """The sync configuration for the plant's sample rate (``settings.sim.rate_hz``)."""
     return SyncConfig.for_rate(settings.sim.rate_hz)
-
-
-def checkpoint_metadata(watermark: int | None, position: int) -> str:
-    """Commit metadata: the task's watermark and the partition's read position.
-
-    Examples:
-        >>> checkpoint_metadata(1500, 42)
-        '{"w":1500,"pos":42}'
-        >>> parse_checkpoint('{"w":1500,"pos":42}'), parse_checkpoint(None), parse_checkpoint("junk")
-        ((1500, 42), None, None)
-    """
-    return json.dumps({"w": watermark, "pos": position}, separators=(",", ":"))
-
-
-def parse_checkpoint(metadata: str | None) -> tuple[int | None, int] | None:
-    """``(watermark, position)`` from :func:`checkpoint_metadata`, or None if absent or foreign."""
-    try:
-        raw = json.loads(metadata) if metadata else None
-        w, pos = raw["w"], raw["pos"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if not isinstance(pos, int) or not (w is None or isinstance(w, int)):
-        return None
-    return w, pos
-
-
-class SyncTask:
-    """One task: partition ``p`` of every sensor topic and its synchronizer. No Kafka inside:
-    :meth:`feed` takes a consumer record and returns what to produce.
-
-    Args:
-        config: the sync configuration.
-        topics: topic names (to map a record's topic to its modality).
-        max_bytes: readings larger than this are dead-lettered as ``oversize``.
-    """
-
-    def __init__(self, config: SyncConfig, topics: Topics, max_bytes: int) -> None:
-        self.config = config
-        self.sync = Synchronizer(config)
-        self.modality_of = {topics.sensor(m): m for m in config.modalities}
-        self.max_bytes = max_bytes
-        self.held: dict[tuple[str, str, int], int] = {}  # (modality, event_id, ts) -> offset, in open slots
-        self.resume: dict[str, int] = {}  # modality -> offset below which records are replays
-        self.last_input: float | None = None  # monotonic seconds of the last reading
-        self.last_seen: dict[str, float] = {}  # modality -> monotonic seconds of its last valid reading
-        self.outcomes: list[tuple[str, str]] = []  # (outcome, modality) of the last feed, for metrics
-        for m in config.modalities:
-            self.sync.set_lagging(m, True)  # until the consumer knows the partition's end
-
-    def restore(self, checkpoints: dict[str, tuple[int | None, int]]) -> None:
-        """Resume from commit metadata (modality -> (watermark, position))."""
-        for m, (w, pos) in checkpoints.items():
-            self.resume[m] = max(pos, self.resume.get(m, 0))
-            if w is not None:
-                self.sync.advance(w)
-
-    def feed(self, msg) -> tuple[list[Sample], list[DeadLetter]]:
-        """Decode, validate and synchronize one consumer record (``topic``, ``partition``,
-        ``offset``, ``key``, ``value``, ``headers``)."""
-        m = self.modality_of[msg.topic]
-        replay = msg.offset < self.resume.get(m, -1)
-        self.outcomes = []
-        try:
-            ev = decode(msg.value, content_type_of(msg.headers), expect=SensorEvent, max_bytes=self.max_bytes)
-            if ev.modality != m:
-                raise InvalidEvent("bad_field", f"a {ev.modality!r} reading on {msg.topic}, which carries {m}", m)
-            if msg.key != ev.asset_id.encode():
-                raise InvalidEvent("bad_field", f"record key {msg.key!r} is not the asset_id {ev.asset_id!r}: "
-                                   "produce with key = asset_id so that an asset's readings share a partition", m)
-        except InvalidEvent as exc:
-            if replay:
-                return [], []  # dead-lettered before the restart
-            self.outcomes.append((exc.reason, exc.modality or m))
-            return [], [_dead(msg, exc.reason, exc.detail, exc.modality or m)]
-        self.last_input = self.last_seen[m] = time.monotonic()
-        res = self.sync.add(ev, source=m)
-        if res.outcome == "joined":
-            self.held[(m, ev.event_id, ev.ts_ms)] = msg.offset
-        samples = self._release(res.samples)
-        if replay and res.outcome != "joined":
-            return samples, []  # handled before the restart: its outputs were flushed then
-        self.outcomes.append((res.outcome, m))
-        reason = DEAD_REASONS.get(res.outcome)
-        if reason is None:
-            return samples, []
-        detail = f"{res.outcome}: {ev.event_id} at {ev.ts_ms} (watermark {self.sync.watermark})"
-        return samples, [_dead(msg, reason, detail, m)]
-
-    def tick(self, lagging: dict[str, bool], now: float) -> list[Sample]:
-        """Update which inputs hold the watermark, then apply the idle advance; returns
-        samples released.
-
-        An input holds the watermark while records wait unread in it (``lagging``) and
-        also while it is live: it delivered a reading within ``idle_ms`` of wall time. A
-        live input is never outrun by another that the consumer happens to fetch further
-        ahead (after a broker outage, or a backlog: a fetch of small series readings
-        spans far more event time than one of images), so its readings are not late; an
-        input that went silent (a dead camera) stops holding after ``idle_ms``.
-        """
-        out = []
-        idle_s = self.config.idle_ms / 1000
-        for m, lag in lagging.items():
-            live = m in self.last_seen and now - self.last_seen[m] < idle_s
-            out += self._release(self.sync.set_lagging(m, lag or live))
-        quiet = self.last_input is not None and now - self.last_input >= self.config.idle_ms / 1000
-        if quiet and not any(lagging.values()) and self.sync.latest_ms is not None:
-            out += self._release(self.sync.advance(self.sync.latest_ms + int((now - self.last_input) * 1000)))
-        return out
-
-    def commit_offset(self, modality: str, position: int) -> int:
-        """Where a restart must resume this partition: its oldest held reading, else ``position``."""
-        held = [o for (m, _, _), o in self.held.items() if m == modality]
-        return min(held, default=position)
-
-    def _release(self, samples) -> list[Sample]:
-        for s in samples:
-            for m, ev in s.readings.items():
-                self.held.pop((m, ev.event_id, ev.ts_ms), None)
-        return list(samples)
-
-
-def _dead(msg, reason: str, detail: str, modality: str | None) -> DeadLetter:
-    original, note = dead_letter_original(msg.value)  # an oversized record keeps its size and a prefix
-    return DeadLetter(reason, detail + note, msg.topic, original, "sync", int(time.time() * 1000),
-                      msg.partition, msg.offset, msg.key, content_type_of(msg.headers), modality)
 
 
 class SyncProcess:
@@ -250,7 +121,7 @@ class SyncProcess:
             # so that one topic's batch far ahead in event time does not outrun the others'.
             for msg in heapq.merge(*lists, key=lambda r: r.timestamp):
                 self._dirty = True
-                samples, dead = task.feed(msg)
+                samples, dead = task.feed(msg, time.monotonic(), now_ms())
                 self._count(task)
                 self._emit(samples, dead)
         now = time.monotonic()

@@ -17,11 +17,11 @@ transaction (WATCH/MULTI), so concurrent switches cannot interleave.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
+from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import StreamfuseError
 from streamfuse.events import MODALITIES
@@ -229,7 +229,7 @@ class Registry:
                     if version == cur:
                         pipe.unwatch()
                         return version
-                    entry = {"ts_ms": int(time.time() * 1000), "unit": unit, "action": action, "version": version,
+                    entry = {"ts_ms": now_ms(), "unit": unit, "action": action, "version": version,
                              "previous": cur, "reason": reason, "actor": actor}
                     pipe.multi()
                     pipe.hset(active, unit, version)
@@ -308,7 +308,7 @@ class Registry:
         unit = fusion.module if fusion else FusionUnit.ume_only()
         versions = {m: active[m] for m in mods} | {"fusion": unit.version}
         manifest = {
-            "format": FORMAT, "version": bundle_version(versions, classes), "created_ms": int(time.time() * 1000),
+            "format": FORMAT, "version": bundle_version(versions, classes), "created_ms": now_ms(),
             "classes": classes, "modalities": mods,
             "configs": {m: u.manifest["config"] for m, u in loaded.items()},
             "weights": {m: u.manifest["weights"] for m, u in loaded.items()},

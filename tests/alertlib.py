@@ -1,5 +1,5 @@
-"""Helpers for tests and demos of alert delivery: make and publish alert events, run a
-dispatcher in a thread, wait for conditions with deadlines, clean up topics and keys."""
+"""Helpers for the tests and benchmarks of alert delivery: make and publish alert events,
+run a dispatcher in a thread, wait for conditions with deadlines, clean up topics and keys."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Event-time synchronizer: per-modality sensor readings → multi-modal samples.
+"""Event-time synchronizer: per-modality sensor readings → multi-modal samples (pure logic).
 
 Slots. Every asset has one sample slot per ``period_ms``. Slot times are the multiples
 of ``period_ms`` (since the epoch); a reading belongs to the slot whose time is nearest
