@@ -152,6 +152,7 @@ class KpiSnapshot:
     n_correct: int = 0
     n_truth_classes: int = 0  # distinct true classes among the labelled samples
     truth_counts: dict[str, int] = field(default_factory=dict)  # labelled samples per true class
+    n_right_classes: int = 0  # distinct true classes it answered right (a stuck model: at most one)
     accuracy: float | None = None
     accuracy_low: float | None = None  # Wilson bound
     accuracy_high: float | None = None

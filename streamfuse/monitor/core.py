@@ -41,7 +41,7 @@ from streamfuse.monitor import detectors as d
 from streamfuse.monitor.evidence import Calibration, sample_evidence
 from streamfuse.monitor.kpis import FUSED, UME, KpiEngine, Sink
 from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
-from streamfuse.monitor.sequential import SequentialDetection, Transition
+from streamfuse.monitor.sequential import SeqKey, SequentialDetection, Transition
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class MonitorCore:
         self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
         self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
                                               max(1, len(self.baselines)), self._llr,
-                                              min(3, len(self.baselines))) if self.calibration else None
+                                              min(3, len(self.baselines)), self._measured_broken) \
+            if self.calibration else None
         self._detectors: dict[DetKey, Any] = {}
         self._saved_detectors: dict[DetKey, dict[str, Any]] = {}  # restored state, applied when one is made
         self._episodes: dict[str, Episode] = {}  # fingerprint -> open episode
@@ -306,11 +307,40 @@ class MonitorCore:
     def _flagged(self, line_id: str, unit: str, ts: int) -> bool:
         return self.sequential is not None and self.sequential.flagged(line_id, unit, ts)
 
-    def _on_sequential(self, out: Outputs, t: Transition) -> None:
+    def _measured_broken(self, line_id: str, modality: str) -> bool:
+        """An open labelled degradation of ``modality`` on ``line_id`` or fleet-wide."""
+        for e in self._episodes.values():
+            lab = e.labels
+            if (lab["kind"] == "degradation" and "evidence" not in lab and lab["modality"] == modality
+                    and (lab["scope"] == "global" or (lab["scope"] == "line" and lab["scope_id"] == line_id))):
+                return True
+        return False
+
+    def _labels_overrule(self, out: Outputs, k: KpiSnapshot, det: Any) -> None:
+        """The labels are the ground truth: a label-free alarm on a modality whose labelled
+        accuracy met its expectation for ``resolve_windows`` windows in a row is resolved.
+        (Two broken sensors stuck on the same answer can make a healthy third one look like
+        the odd one out; its labels clear it.)"""
+        if self.sequential is None or k.scope not in ("global", "line"):
+            return
+        good = det.state_dict()["good"]
+        if det.firing or good < self.settings.resolve_windows:
+            return
+        episode = self._episodes.get(fingerprint({"kind": "degradation", "modality": k.modality, "scope": k.scope,
+                                                  "scope_id": k.scope_id, **AGREEMENT}))
+        streak_start = k.window_start_ms - (good - 1) * self.settings.kpi_window_ms
+        if episode is None or streak_start < episode.start:
+            return  # the good windows must all come after the alarm
+        t = self.sequential.clear(SeqKey(k.scope, k.scope_id, k.modality), max(k.window_end_ms, self.kpis.watermark or 0))
+        if t is not None:
+            acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
+            self._on_sequential(out, t, f"labels show it healthy (accuracy {acc} in the last window)")
+
+    def _on_sequential(self, out: Outputs, t: Transition, why: str = "") -> None:
         k = t.key
         how = "attributed from the fleet-wide evidence" if t.attributed else "label-free CUSUM"
-        what = (f"disagrees with the other sensors: {t.statistic:.1f} >= {t.threshold:.1f} nats of evidence "
-                f"({how}, budget {self.settings.false_alarms_per_day:g} false alarms/day)")
+        what = why or (f"disagrees with the other sensors: {t.statistic:.1f} >= {t.threshold:.1f} nats of evidence "
+                       f"({how}, budget {self.settings.false_alarms_per_day:g} false alarms/day)")
         self._emit(out, "degradation", "firing" if t.firing else "resolved", k.modality, k.scope, k.scope_id,
                    t.at_ms, round(t.statistic, 3), round(t.threshold, 3), what, AGREEMENT)
 
@@ -400,11 +430,12 @@ class MonitorCore:
             # (a line that stays in the state the model finds hardest is no degradation).
             expected = expected_accuracy(base, k.truth_counts)
             threshold = expected - s.degradation_margin
-            # A window whose labels are all one class cannot tell a classifier from a
-            # constant guess (a fogged camera looks perfect while the machine is
-            # normal): its good accuracy is no evidence; a bad one still is.
-            informative = k.n_truth_classes >= 2 or (k.accuracy is not None and k.accuracy < threshold)
+            # A window in which the model was right on one class only cannot tell a
+            # classifier from a constant guess (a fogged camera looks perfect while the
+            # machine is normal): its good accuracy is no evidence; a bad one still is.
+            informative = k.n_right_classes >= 2 or (k.accuracy is not None and k.accuracy < threshold)
             det.update(k.n_correct if informative else 0, k.n_labelled if informative else 0, expected)
+            self._labels_overrule(out, k, det)
             acc = "-" if k.accuracy is None else f"{k.accuracy:.2f}"
             why = (f"expected {expected:.2f} for this window's classes, baseline {base['top1']:.2f}"
                    if expected != base["top1"] else f"baseline {base['top1']:.2f}")
@@ -513,7 +544,8 @@ class MonitorCore:
                       labels=labels, value=value, threshold=threshold)
         out.alerts.append(alert)
         if decide:
-            out.commands.extend(self.policy.decide(alert, PolicyContext(at_ms, dict(self._version_changes))))
+            out.commands.extend(self.policy.decide(alert, PolicyContext(at_ms, dict(self._version_changes),
+                                                                        tuple(sorted(self.baselines)))))
 
     # ------------------------------------------------------------------ persistence
 

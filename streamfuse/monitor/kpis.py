@@ -329,6 +329,7 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         n_correct=correct,
         n_truth_classes=len({t for _, t in labelled}),
         truth_counts=_counts(t for _, t in labelled),
+        n_right_classes=len({t for p, t in labelled if p == t}),
         accuracy=correct / len(labelled) if labelled else None,
         accuracy_low=low,
         accuracy_high=high,

@@ -87,6 +87,7 @@ class PolicyContext:
 
     now_ms: int
     version_changes: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    modalities: tuple[str, ...] = ()  # the served modalities (a mask never takes the last one out)
 
 
 class Suppressed(NamedTuple):
@@ -96,6 +97,7 @@ class Suppressed(NamedTuple):
     action: str
     modality: str
     reason: str  # "cooldown" | "rate_cap" | "dry_run" | "modality_masked" | "model_version_changed" | "rollback_in_flight"
+    # | "last_modality"
 
 
 class RollbackPolicy:
@@ -112,6 +114,8 @@ class RollbackPolicy:
       between versions.
     * ``sensor_fault`` → ``mask_modality`` for the alert's scope (never a rollback: the
       model is not at fault).
+    * Never a mask that would leave no modality in a scope's fusion (reason
+      ``"last_modality"``, with ``ctx.modalities``): the alert stays open for an operator.
     * ``fusion_regression`` → ``config.fusion_action`` (``set_fusion_mode`` to
       ``config.fusion_mode``, or ``rollback_fusion``), fleet-wide; but not while this
       policy holds a mask (reason ``"modality_masked"``): a broken modality drags the
@@ -159,6 +163,7 @@ class RollbackPolicy:
         self._last_action: dict[tuple[str, str, str, str], int] = {}  # (action, modality, scope, id) -> ms
         self._recent: list[int] = []  # event times of the capped commands of the last hour
         self._masks: dict[tuple[str, str, str], list[str]] = {}  # (modality, scope, id) -> holding alert ids
+        self._inferred: set[str] = set()  # alerts from label-free evidence that hold masks
         self._rolled_back: dict[str, list[str]] = {}  # modality -> versions rolled back from
         self._suppressed: list[Suppressed] = []
 
@@ -206,8 +211,18 @@ class RollbackPolicy:
         if not exempt:
             self._last_action[key] = now
             self._recent.append(now)
+        released = []
+        for other in extra.get("release", ()):
+            del self._masks[(other, scope, scope_id)]
+            released.append(Command(
+                command_id=f"{alert.alert_id}:unmask_modality:{other}", action="unmask_modality",
+                issued_ms=alert.event_ms, modality=other, alert_id=alert.alert_id, scope=scope, scope_id=scope_id,
+                reason=f"{alert.kind} {alert.status}: {alert.summary} (measured: releases the mask of {other} "
+                       "that only label-free evidence held, so the fusion keeps a modality)"))
         if action == "mask_modality":
             self._masks[(alert.modality, scope, scope_id)] = [alert.alert_id]
+            if alert.labels.get("evidence") == "agreement":
+                self._inferred.add(alert.alert_id)
         elif action == "unmask_modality":
             del self._masks[(alert.modality, scope, scope_id)]
         elif action == "rollback_model":
@@ -228,7 +243,7 @@ class RollbackPolicy:
             scope=scope,
             scope_id=scope_id,
         )
-        return [command]
+        return released + [command]
 
     def _plan_firing(self, alert: Alert, ctx: PolicyContext) -> tuple[str, str, str, dict[str, Any]] | None:
         if alert.kind == "fusion_regression":
@@ -265,7 +280,23 @@ class RollbackPolicy:
             if alert.alert_id not in holders:
                 holders.append(alert.alert_id)
             return None
+        others = [m for m in ctx.modalities if m != alert.modality]
+        if others and all(self._masked_at(m, alert.scope, alert.scope_id) for m in others):
+            # Measured beats inferred: a labelled (or sensor) fault releases masks that only
+            # label-free alerts hold here; otherwise fusing nothing is worse than anything.
+            inferred = [m for m in others if self._inferred_only(m, alert.scope, alert.scope_id)]
+            if alert.labels.get("evidence") == "agreement" or len(inferred) != len(others):
+                self._suppress(alert, "mask_modality", "last_modality")
+                return None
+            return "mask_modality", alert.scope, alert.scope_id, {"release": inferred}
         return "mask_modality", alert.scope, alert.scope_id, {}
+
+    def _inferred_only(self, modality: str, scope: str, scope_id: str) -> bool:
+        holders = self._masks.get((modality, scope, scope_id))
+        return bool(holders) and all(h in self._inferred for h in holders)
+
+    def _masked_at(self, modality: str, scope: str, scope_id: str) -> bool:
+        return (modality, "global", "") in self._masks or (modality, scope, scope_id) in self._masks
 
     def _plan_resolved(self, alert: Alert) -> tuple[str, str, str, dict[str, Any]] | None:
         if alert.kind not in MASKING_KINDS:
@@ -295,6 +326,7 @@ class RollbackPolicy:
             "recent": list(self._recent),
             "masks": [[*k, list(v)] for k, v in sorted(self._masks.items())],
             "rolled_back": {m: list(v) for m, v in sorted(self._rolled_back.items())},
+            "inferred": sorted(self._inferred & {h for v in self._masks.values() for h in v}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,4 +335,5 @@ class RollbackPolicy:
         self._last_action = {(a, m, s, i): int(t) for a, m, s, i, t in state.get("last_action", [])}
         self._recent = [int(t) for t in state.get("recent", [])]
         self._masks = {(m, s, i): list(v) for m, s, i, v in state.get("masks", [])}
+        self._inferred = set(state.get("inferred", []))
         self._rolled_back = {m: list(v) for m, v in state.get("rolled_back", {}).items()}

@@ -211,6 +211,8 @@ class SequentialDetection:
         modalities_hint: how many modalities count toward ``D`` before they are seen.
         evidence: ``(labels, confidences) -> {modality: LLR}`` of one sample (the
             calibration's, see :func:`streamfuse.monitor.evidence.sample_evidence`).
+        measured_broken: ``(line, modality) -> bool``: judged broken by other means there
+            (its labelled accuracy); left out of the others' evidence like a firing one.
         min_answers: a sample with fewer answers is no evidence (with three modalities,
             3: when one is missing or dead, a disagreement of the other two cannot say
             which of them is at fault).
@@ -235,7 +237,7 @@ class SequentialDetection:
 
     def __init__(self, false_alarms_per_day: float = 1.0, step_ms: int = 1000, attribution_alpha: float = 0.01,
                  modalities_hint: int = 3, evidence: Callable[[dict, dict], dict[str, float]] | None = None,
-                 min_answers: int = 2) -> None:
+                 min_answers: int = 2, measured_broken: Callable[[str, str], bool] | None = None) -> None:
         self.false_alarms_per_day = check_budget(false_alarms_per_day)
         if isinstance(step_ms, bool) or not isinstance(step_ms, int) or step_ms < 1:
             raise ConfigError(f"step_ms must be an integer >= 1, got {step_ms!r}")
@@ -244,6 +246,7 @@ class SequentialDetection:
         self.attribution_alpha = attribution_alpha
         self.modalities_hint = modalities_hint
         self.min_answers = max(2, min_answers)
+        self.measured_broken = measured_broken or (lambda line_id, modality: False)
         self.evidence = evidence or (lambda labels, conf: {})
         self.reset()
 
@@ -256,6 +259,7 @@ class SequentialDetection:
         self._buffer: dict[str, tuple[int, str, dict[str, str], dict[str, float]]] = {}  # id -> (ts, line, labels, conf)
         self._next_tick: int | None = None
         self._answers: dict[SeqKey, dict[str, int]] = {}  # firing detector -> its modality's answers since
+        self._vetoed: set[SeqKey] = set()  # lines the labels cleared: no attribution until the fleet resolves
 
     # ------------------------------------------------------------------ input
 
@@ -296,7 +300,8 @@ class SequentialDetection:
         return det
 
     def _llr(self, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
-        broken = {m for m in labels if self.firing("line", line_id, m) or self.firing("global", "", m)}
+        broken = {m for m in labels if self.firing("line", line_id, m) or self.firing("global", "", m)
+                  or self.measured_broken(line_id, m)}
         if not broken:
             return self.evidence(labels, conf)
         out = {}
@@ -336,6 +341,23 @@ class SequentialDetection:
             return None
         label, n = max(sorted(answers.items()), key=lambda kv: kv[1])
         return label if 2 * n >= total else None
+
+    def clear(self, key: SeqKey, at_ms: int) -> Transition | None:
+        """Resolve a firing detector from outside (the labels showed the modality healthy
+        there): both statistics restart from zero, and a line is not alerted again by
+        attribution while the fleet alarm of that modality lasts (its own threshold still
+        counts). None when it was not firing."""
+        det = self._det.get(key)
+        if det is None or not det.firing:
+            return None
+        out = Transition(key, False, at_ms, det.statistic, det.threshold)
+        det.load_state_dict({"s": 0.0, "r": 0.0, "n": det.n, "firing": False})
+        self._reported[key] = False
+        if key.scope == "line":  # not attributed again while this fleet alarm lasts
+            self._vetoed.add(key)
+        self._answers.pop(key, None)
+        self._episode(key, False, at_ms)
+        return out
 
     def threshold(self, key: SeqKey) -> float:
         """``h`` of one detector from the budget, the number of detectors and its rate."""
@@ -381,10 +403,14 @@ class SequentialDetection:
         # Attribution: a firing fleet detector alerts every line with enough evidence of its own.
         h_attr = self.attribution_threshold()
         for k, d in sorted(self._det.items()):
-            if k.scope != "global" or not d.firing:
+            if k.scope != "global":
+                continue
+            if not d.firing:
+                self._vetoed -= {v for v in self._vetoed if v.modality == k.modality}
                 continue
             for lk, ld in sorted(self._det.items()):
-                if lk.scope == "line" and lk.modality == k.modality and not ld.firing and ld.statistic >= h_attr:
+                if (lk.scope == "line" and lk.modality == k.modality and not ld.firing and ld.statistic >= h_attr
+                        and lk not in self._vetoed):
                     ld.fire()
                     self._reported[lk] = True
                     self._episode(lk, True, tick)
@@ -402,6 +428,7 @@ class SequentialDetection:
             "zero_at": [[*k.to_list(), t] for k, t in sorted(self._zero_at.items())],
             "episodes": [[*k.to_list(), eps] for k, eps in sorted(self._episodes.items())],
             "answers": [[*k.to_list(), dict(a)] for k, a in sorted(self._answers.items())],
+            "vetoed": [k.to_list() for k in sorted(self._vetoed)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -417,3 +444,4 @@ class SequentialDetection:
         self._episodes = {SeqKey(a, b, c): [list(e) for e in eps] for a, b, c, eps in state.get("episodes", [])}
         self._answers = {SeqKey(a, b, c): {str(y): int(n) for y, n in ans.items()}
                          for a, b, c, ans in state.get("answers", [])}
+        self._vetoed = {SeqKey(*k) for k in state.get("vetoed", [])}

@@ -14,7 +14,7 @@ from streamfuse.events import Label, Prediction
 from streamfuse.monitor.base import DetectorValueError
 from streamfuse.monitor.core import MonitorCore
 from streamfuse.monitor.evidence import Calibration, estimate_errors
-from streamfuse.monitor.sequential import Cusum, SequentialDetection, budget_threshold
+from streamfuse.monitor.sequential import Cusum, SeqKey, SequentialDetection, budget_threshold
 
 CLASSES = ("normal", "imbalance", "bearing", "overheat")
 MODS = ("image", "audio", "series")
@@ -241,3 +241,26 @@ def test_single_line_fault_alerts_that_line_only() -> None:
 def test_sequential_detection_validates_its_arguments() -> None:
     with pytest.raises(ConfigError, match="step_ms must be an integer >= 1, got 0"):
         SequentialDetection(1.0, step_ms=0)
+
+
+def test_a_line_the_labels_cleared_is_not_attributed_again_while_the_fleet_alarm_lasts() -> None:
+    def evidence(labels, conf):
+        return {m: 2.5 if y == "fog" else -0.9 for m, y in labels.items()}
+
+    seq = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000, evidence=evidence, min_answers=2)
+    for i in range(80):
+        t = i * 125
+        seq.add(t, f"s{i}", f"line-{i % 2}", {"image": "fog" if t >= 5000 else "ok", "audio": "ok"}, {})
+    fired = seq.advance(10_000)
+    assert {(x.key.scope_id, x.firing) for x in fired} >= {("line-0", True), ("line-1", True), ("", True)}
+    cleared = seq.clear(SeqKey("line", "line-0", "image"), 10_000)
+    assert cleared is not None and not cleared.firing and not seq.firing("line", "line-0", "image")
+    assert seq.clear(SeqKey("line", "line-0", "image"), 10_000) is None  # not firing any more
+    for i in range(80, 96):  # the fleet alarm goes on; line-0's own statistic restarts from zero
+        t = i * 125
+        seq.add(t, f"s{i}", f"line-{i % 2}", {"image": "fog", "audio": "ok"}, {})
+    again = seq.advance(12_000)
+    assert not any(x.key.scope_id == "line-0" and x.attributed for x in again)
+    restored = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000, evidence=evidence, min_answers=2)
+    restored.load_state_dict(seq.state_dict())
+    assert restored.state_dict() == seq.state_dict()

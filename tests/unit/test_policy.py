@@ -3,6 +3,7 @@ activation, fusion actions, cooldowns, the hourly cap, dry runs and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -359,3 +360,34 @@ def test_one_rollback_per_release_even_when_several_lines_degrade() -> None:
     assert [(c.action, c.version) for c in first] == [("rollback_model", "good")]
     assert policy.decide(alert(scope="line", scope_id="line-1"), change) == []
     assert [(s.action, s.reason) for s in policy.suppressed] == [("rollback_model", "rollback_in_flight")]
+
+
+def inferred(modality: str, scope_id: str = "L1") -> Alert:
+    a = alert(modality=modality, scope="line", scope_id=scope_id, fp=f"lf-{modality}")
+    return dataclasses.replace(a, labels={**a.labels, "evidence": "agreement"})
+
+
+def test_a_mask_never_takes_the_last_modality_out_of_a_scope() -> None:
+    policy, c = RollbackPolicy(), ctx(10 * MIN)
+    c = dataclasses.replace(c, modalities=("audio", "image", "series"))
+    assert actions(policy.decide(inferred("image"), c)) == [("mask_modality", "image", "line", "L1")]
+    assert actions(policy.decide(inferred("series"), c)) == [("mask_modality", "series", "line", "L1")]
+    last = inferred("audio")
+    assert policy.decide(last, c) == []
+    assert policy.suppressed == [Suppressed(last.alert_id, "mask_modality", "audio", "last_modality")]
+
+
+def test_a_measured_fault_releases_masks_held_only_by_label_free_evidence() -> None:
+    """A stuck microphone can make its healthy partners look like the odd ones out; when
+    the labels then show the microphone broken, its mask replaces theirs."""
+    policy = RollbackPolicy()
+    c = dataclasses.replace(ctx(10 * MIN), modalities=("audio", "image", "series"))
+    policy.decide(inferred("image"), c)
+    policy.decide(inferred("series"), c)
+    labelled = alert(modality="audio", scope="line", scope_id="L1", fp="lab-audio")
+    cmds = policy.decide(labelled, c)
+    assert actions(cmds) == [("unmask_modality", "image", "line", "L1"), ("unmask_modality", "series", "line", "L1"),
+                             ("mask_modality", "audio", "line", "L1")]
+    assert len({x.command_id for x in cmds}) == 3 and policy.masks == {("audio", "line", "L1"): [labelled.alert_id]}
+    # the released label-free alerts resolve later: nothing left to unmask for them
+    assert policy.decide(dataclasses.replace(inferred("image"), status="resolved", ends_ms=11 * MIN), c) == []
