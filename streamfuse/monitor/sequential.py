@@ -213,9 +213,8 @@ class SequentialDetection:
             calibration's, see :func:`streamfuse.monitor.evidence.sample_evidence`).
         measured_broken: ``(line, modality) -> bool``: judged broken by other means there
             (its labelled accuracy); left out of the others' evidence like a firing one.
-        min_answers: a sample with fewer answers is no evidence (with three modalities,
-            3: when one is missing or dead, a disagreement of the other two cannot say
-            which of them is at fault).
+        min_answers: a sample with fewer answers is no evidence (the monitor uses 3: when
+            only two answers are left, a disagreement cannot say which of them is wrong).
 
     A modality already judged broken on a line (or fleet-wide) is left out of the others'
     evidence there: a fogged camera must not make the microphone look like the odd one out.
