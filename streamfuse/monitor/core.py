@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,6 +55,7 @@ SEVERITY = {"sensor_fault": "warning", "degradation": "critical", "drift": "warn
 # healthy sensor under a confident fault, and cost fused accuracy). Bundles with two
 # modalities rely on the labels and the per-reading sensor checks.
 MIN_ANSWERS = 3
+LLR_CACHE = 8192  # samples whose evidence is kept from the estimate for the sequential detector
 AGREEMENT = {"evidence": "agreement"}  # the extra label of the label-free degradation alert
 SENSOR_CHECKS = ("flatline", "stuck", "dropout")
 
@@ -139,6 +141,7 @@ class MonitorCore:
         self.baselines_of = baselines_of
         self._baseline_versions: dict[str, str] | None = None  # the unit versions the baselines belong to
         self._evidence: tuple[str, dict[str, tuple]] = ("", {})
+        self._llr_cache: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()  # (labels, conf) -> evidence
         estimator = self._estimate if self.calibration is not None else None
         self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator,
                               self._flagged if estimator is not None else None)
@@ -209,6 +212,7 @@ class MonitorCore:
         if calibration is not None:
             self.calibration = calibration
             self._evidence = ("", {})
+            self._llr_cache.clear()
 
     def on_prediction(self, pred: Prediction, source: str = "") -> Outputs:
         self._follow_versions(pred.versions)
@@ -301,13 +305,20 @@ class MonitorCore:
             labels = {m: _argmax_label(pred.classes, p) for m, p in pred.modality_probs.items()}
             conf = {m: max(p) for m, p in pred.modality_probs.items()}
             self._evidence = (pred.sample_id, sample_evidence(self.calibration, labels, pred.fused_label, conf))
+            self._llr_cache[(tuple(sorted(labels.items())), tuple(sorted(conf.items())))] = self._evidence[1]
+            if len(self._llr_cache) > LLR_CACHE:
+                self._llr_cache.popitem(last=False)
         return self._evidence[1]
 
     def _estimate(self, pred: Prediction) -> dict[str, list]:
         return {u: [v[0], v[2]] for u, v in self._sample_evidence(pred).items() if v[0] is not None}
 
     def _llr(self, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
-        return {m: v[1] for m, v in sample_evidence(self.calibration, labels, None, conf).items() if v[1] is not None}
+        key = (tuple(sorted(labels.items())), tuple(sorted(conf.items())))
+        ev = self._llr_cache.get(key)  # computed with the estimate when nothing was left out
+        if ev is None:
+            ev = sample_evidence(self.calibration, labels, None, conf)
+        return {m: v[1] for m, v in ev.items() if m != FUSED and v[1] is not None}
 
     def _flagged(self, line_id: str, unit: str, ts: int) -> bool:
         return self.sequential is not None and self.sequential.flagged(line_id, unit, ts)

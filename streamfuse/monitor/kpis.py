@@ -251,7 +251,7 @@ class KpiEngine:
             if self._provisioned is not None and start <= self._provisioned:
                 continue
             self._provisioned = start
-            out += [k for k in self._snapshots(self._windows[start]) if k.scope != "asset"]
+            out += self._snapshots(self._windows[start], scopes=("global", "line"))
         return out
 
     def _record(self, pred: Prediction, start: int) -> _Record:
@@ -278,11 +278,12 @@ class KpiEngine:
             self.estimator(pred) if self.estimator is not None else {}, pred.ts_ms,
         )
 
-    def _snapshots(self, window: _Window) -> list[KpiSnapshot]:
+    def _snapshots(self, window: _Window, scopes: tuple[str, ...] = ("global", "line", "asset")) -> list[KpiSnapshot]:
         groups: dict[tuple[str, str], list[_Record]] = {}
         for r in window.records.values():
             for key in (("global", ""), ("line", r.line_id), ("asset", r.asset_id)):
-                groups.setdefault(key, []).append(r)
+                if key[0] in scopes:
+                    groups.setdefault(key, []).append(r)
         out = []
         end = window.start + self.window_ms
         for (scope, scope_id), recs in sorted(groups.items()):

@@ -377,6 +377,8 @@ class SequentialDetection:
     def flagged(self, line_id: str, modality: str, ts: int) -> bool:
         """Whether ``modality`` was judged broken on ``line_id`` (or fleet-wide) at event time
         ``ts``: from the CUSUM's change-point estimate (its last zero) until it resolved."""
+        if not self._episodes:
+            return False
         for key in (SeqKey("line", line_id, modality), SeqKey("global", "", modality)):
             for start, end in self._episodes.get(key, ()):
                 if start <= ts and (end is None or ts < end):
