@@ -17,7 +17,9 @@ fault on every line crosses its threshold ``L`` times sooner than one line alone
 it fires, every line whose own statistic already holds ``ln(L / α)`` nats of evidence
 (α = ``attribution_alpha``) is alerted at the same moment (attribution: conditional on a
 fleet alarm, which the budget already pays for). A line also fires on its own
-threshold, for a fault on one line only.
+threshold, for a fault on one line only. While a fleet alarm lasts and its modality is
+stuck on one answer, a line's statistic counts only what tells that fault apart: that
+answer against the others (up) and agreement in other answers (down).
 
 **Deterministic order.** Evidence is buffered and consumed in event-time steps of
 ``step_ms``: when the watermark passes ``T``, every buffered sample with ``ts < T`` is
@@ -317,8 +319,11 @@ class SequentialDetection:
         self._rates.setdefault(("global", ""), _Rate()).add(ts)
         self._rates.setdefault(("line", line_id), _Rate()).add(ts)
         for m, value in sorted(self._llr(line_id, labels, conf).items()):
-            for key in (SeqKey("global", "", m), SeqKey("line", line_id, m)):
+            fleet = SeqKey("global", "", m)
+            for key in (fleet, SeqKey("line", line_id, m)):
                 det = self._cusum(key)
+                if key.scope == "line" and not det.firing and self._unrelated(fleet, labels[m], value):
+                    continue
                 if det.firing:
                     answers = self._answers.setdefault(key, {})
                     if value < 0 and self._stuck_on(answers) == labels[m]:
@@ -331,6 +336,18 @@ class SequentialDetection:
                     self._answers.pop(key, None)
                     if det.statistic == 0.0:
                         self._zero_at[key] = ts
+
+    def _unrelated(self, fleet: SeqKey, answer: str, value: float) -> bool:
+        """Whether a sample says nothing about a line having the fault of its modality's
+        firing fleet alarm, which is stuck on one answer ``y``: agreeing in ``y`` happens
+        whether the line's model is stuck or right (the machine is in state ``y``), and a
+        disagreement in another answer is not that fault. Counting them would hide the
+        fault on a line whose machine sits in ``y`` (and attribute it to a healthy line
+        whose model errs there), so the line's statistic skips them while the fleet fires."""
+        if not self.firing(fleet.scope, fleet.scope_id, fleet.modality):
+            return False
+        stuck = self._stuck_on(self._answers.get(fleet, {}))
+        return stuck is not None and (value < 0) == (answer == stuck)
 
     @staticmethod
     def _stuck_on(answers: dict[str, int]) -> str | None:

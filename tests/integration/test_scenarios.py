@@ -160,7 +160,9 @@ def test_bad_model_version_is_rolled_back_for_that_modality_only(settings, tmp_p
     registry = Registry(settings)
     good = registry.active()["image"]
     bad = add_image_version(settings, tmp_path)
-    run = run_scenario(settings, tmp_path, [], duration_s=60,
+    # 90 s of plant time (22 s wall): on a loaded machine the monitor and the worker lag,
+    # and the rolled-back version must still have samples left to serve.
+    run = run_scenario(settings, tmp_path, [], duration_s=90,
                        # release the bad version once the good one has served a while
                        trigger=(lambda o: len(o.prediction_counts) > 150,
                                 lambda: registry.activate("image", bad, reason="test: a bad release")),

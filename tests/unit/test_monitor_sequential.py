@@ -264,3 +264,58 @@ def test_a_line_the_labels_cleared_is_not_attributed_again_while_the_fleet_alarm
     restored = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000, evidence=evidence, min_answers=2)
     restored.load_state_dict(seq.state_dict())
     assert restored.state_dict() == seq.state_dict()
+
+
+def _stuck_camera_plant(line0_states: list[str], line0_broken: bool, seconds: int = 60, seed: int = 2):
+    """Samples of a 2-line plant (2 assets per line, 2 Hz) with a camera stuck on "normal"
+    on line-1 from 10 s (and on line-0 too when ``line0_broken``); line-0's machine walks
+    through ``line0_states``, line-1's through every state. A healthy camera errs 10 % of
+    the time. -> [(ts, sample id, line, labels)]"""
+    rng = random.Random(seed)
+    out = []
+    for step in range(seconds * 2):
+        ts = step * 500
+        for a in range(4):
+            line = f"line-{a % 2}"
+            states = line0_states if line == "line-0" else list(CLASSES)
+            truth = states[(step // 6 + a) % len(states)]
+            stuck = ts >= 10_000 and (line == "line-1" or line0_broken)
+            labels = {"image": "normal" if stuck else answer(rng, truth, "image", False), "audio": truth,
+                      "series": truth}
+            out.append((ts, f"s{step}-{a}", line, labels))
+    return out
+
+
+def _agreement_evidence(labels: dict, conf: dict) -> dict:
+    out = {}
+    for m, y in labels.items():
+        others = [v for o, v in labels.items() if o != m]
+        out[m] = -0.9 if all(v == y for v in others) else 1.7 if len(set(others)) == 1 else 0.0
+    return out
+
+
+def _first_image_alarms(samples) -> dict[str, int]:
+    seq = SequentialDetection(false_alarms_per_day=1.0, step_ms=1000, evidence=_agreement_evidence, min_answers=3)
+    first: dict[str, int] = {}
+    for ts, sid, line, labels in samples:
+        seq.add(ts, sid, line, labels, {})
+        for t in seq.advance(ts):
+            if t.firing and t.key.modality == "image":
+                first.setdefault(t.key.scope_id or "fleet", t.at_ms)
+    return first
+
+
+def test_a_line_whose_machine_sits_in_the_stuck_answer_is_still_attributed() -> None:
+    # Line-0's machine is "normal" 5 steps in 6: its stuck camera agrees most of the time,
+    # which would keep its statistic at zero; counting only the stuck answer against the
+    # others (and agreement in other answers) attributes the fleet's fault to it too.
+    first = _first_image_alarms(_stuck_camera_plant(["normal"] * 5 + ["bearing"], line0_broken=True))
+    assert {"fleet", "line-0", "line-1"} <= first.keys(), first
+    assert first["line-0"] - 10_000 <= 10_000, first  # 20 s counting every sample
+
+
+def test_a_healthy_line_in_the_stuck_answer_is_not_attributed() -> None:
+    # The same plant with a healthy camera on line-0: its errors are other answers than the
+    # fault's, and must not add up to an attribution while its agreements are skipped.
+    first = _first_image_alarms(_stuck_camera_plant(["normal"] * 5 + ["bearing"], line0_broken=False))
+    assert "line-1" in first and "line-0" not in first, first
