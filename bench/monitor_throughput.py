@@ -77,7 +77,9 @@ async def count(stream):
     async for event in stream.events():
         events.inc()
 from faust.worker import Worker
-Worker(app, loglevel="warn").execute_from_commandline()
+worker = Worker(app, loglevel="warn")
+worker.spinner = None  # as the monitor: no DEBUG root logger for the spinner
+worker.execute_from_commandline()
 """
 
 

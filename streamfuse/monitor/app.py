@@ -218,4 +218,8 @@ def run_monitor(settings: Settings, baselines: dict[str, dict[str, float]], logl
     from faust.worker import Worker
 
     app = create_app(settings, baselines)
-    Worker(app, loglevel=loglevel).execute_from_commandline()
+    worker = Worker(app, loglevel=loglevel)
+    # faust's terminal spinner sets the root logger to DEBUG (each record spins it): every
+    # aiokafka debug message then becomes a LogRecord, about a tenth of the monitor's CPU.
+    worker.spinner = None
+    worker.execute_from_commandline()

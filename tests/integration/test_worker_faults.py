@@ -112,7 +112,7 @@ def test_poison_records_are_dead_lettered_and_every_valid_sample_is_predicted(se
     ensure_topics(settings)
     valid = [s for s, _ in Plant(PlantConfig(), run_id=f"p{uuid.uuid4().hex[:4]}").dataset(200, seed=4)]
     raw = [encode(s) for s in valid]
-    bad = malformed_records(raw, 1000, seed=9, oversize_to=settings.max_payload_bytes)
+    bad = malformed_records(raw, 2500, seed=9, oversize_to=settings.max_payload_bytes)
     bad += [(b"\x00" * 5_000_000, True, "oversize"), (b"\x00" * 8_000_000, True, "oversize")]
     records, kinds = [], {}
     for i, (value, _, kind) in enumerate(bad):  # valid samples spread among the bad records
