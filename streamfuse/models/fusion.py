@@ -77,10 +77,17 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
 
     _check_shapes(probs, use)
     use = use.to(device=probs.device, dtype=torch.bool)
-    conf, labels = (t.tolist() for t in probs.float().max(dim=-1))
-    used = use.tolist()
-    weights = torch.zeros(use.shape, dtype=torch.float32)
-    for i, row in enumerate(used):
+    conf_t, labels_t = probs.float().max(dim=-1)
+    # A row whose used modalities all agree has no odd one out: every weight stays 1 (most
+    # rows of a healthy plant), so only the others are judged one by one.
+    some = torch.where(use, labels_t, -1).max(dim=1, keepdim=True).values
+    split = (~((labels_t == some) | ~use).all(dim=1)).nonzero().flatten().tolist()
+    weights = torch.ones(use.shape, dtype=torch.float32)
+    if not split:
+        return _weighted(probs, use, weights)
+    conf, labels, used = conf_t.tolist(), labels_t.tolist(), use.tolist()
+    for i in split:
+        row = used[i]
         present = {modalities[j]: classes[labels[i][j]] for j, u in enumerate(row) if u}
         cats = categories(present)
         for j, u in enumerate(row):
@@ -92,6 +99,10 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
             odd = k_cat is not None and k_cat[1] == "odd"
             p = calibration.reliability(modalities[j], *k_cat, conf[i][j]) if odd else None
             weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
+    return _weighted(probs, use, weights)
+
+
+def _weighted(probs: torch.Tensor, use: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w = weights.to(probs.device).unsqueeze(-1)
     fused = (torch.where(use.unsqueeze(-1), probs.float(), 0.0) * w).sum(dim=1)
     fused = fused / fused.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)

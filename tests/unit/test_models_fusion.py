@@ -271,3 +271,22 @@ def test_unit_loading_refuses_pickles_truncation_shapes_and_other_manifests(tmp_
 if __name__ == "__main__" and "--regen-golden" in sys.argv:
     GOLDEN.write_text(json.dumps(_golden_outputs(), indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_quality_fusion_judges_each_row_alone_and_leaves_agreeing_rows_at_ume():
+    from streamfuse.models.fusion import quality, ume
+    from streamfuse.monitor.evidence import Calibration
+
+    mods, classes = ("image", "audio", "series"), "ab"
+    rows = [({m: y for m in mods}, y) for y in "abab"] * 10 + [({"image": "a", "audio": "b", "series": "b"}, "b")] * 4
+    cal = Calibration.fit(rows)
+    odd = [[1.0, 0.0], [0.3, 0.7], [0.4, 0.6]]  # the camera is the odd one out
+    agree = [[0.9, 0.1], [0.6, 0.4], [0.8, 0.2]]
+    p = torch.tensor([agree, odd, agree, odd])
+    use = torch.ones(4, 3, dtype=torch.bool)
+    use[3, 2] = False  # two answers left that differ: no odd one out, UME
+    fused = quality(p, use, cal, mods, classes)
+    assert torch.equal(fused[0], ume(p[:1], use[:1])[0]) and torch.equal(fused[2], fused[0])
+    assert torch.equal(fused[1], quality(p[1:2], use[1:2], cal, mods, classes)[0])
+    assert fused[1].argmax().item() == 1 and ume(p[1:2], use[1:2]).argmax().item() == 0
+    assert torch.allclose(fused[3], ume(p[3:], use[3:])[0])
