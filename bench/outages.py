@@ -19,6 +19,7 @@ Usage: python bench/outages.py [--scenario redis|broker|both] [--outage-s 30] [-
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import platform
 import sys
@@ -53,6 +54,21 @@ def caught_up(run: ChaosRun, duration: float) -> bool:
     end = max((k.window_end_ms for k in run.observer.kpi_log), default=None)
     grace_s = (run.settings.monitor.label_grace_ms + run.settings.monitor.kpi_window_ms) / 1000
     return end is not None and run.observer.t_s(end) >= duration - grace_s - 5
+
+
+def settled(quiet_s: float):
+    """``until`` for a run whose samples may not all be predicted: predictions, dead letters,
+    alerts and commands unchanged for ``quiet_s`` seconds."""
+    seen: dict[str, object] = {"state": None, "since": time.monotonic()}
+
+    def until(run: ChaosRun) -> bool:
+        o = run.observer
+        state = (len(o.prediction_counts), len(o.dead_reasons), len(o.alerts), len(o.commands))
+        if state != seen["state"]:
+            seen.update(state=state, since=time.monotonic())
+        return time.monotonic() - seen["since"] >= quiet_s
+
+    return until
 
 
 def alert_keys(run: ChaosRun) -> set[tuple]:
@@ -125,14 +141,17 @@ def broker_run(models: Path, work: Path, duration: float, freeze_s: float | None
             steps = Timed(lambda r: time.monotonic() - t0 >= 20, lambda r: freeze(broker.pid),
                           lambda r: thaw(broker.pid), hold_s=freeze_s).steps()
         try:
-            run.run(steps=steps, until=lambda r: caught_up(r, duration),
-                    timeout_s=duration + (freeze_s or 0) + 300)
+            # Readings that come back after their slot closed are dead-lettered as late (their
+            # samples are never formed): the run ends once nothing has moved for 20 s.
+            run.run(steps=steps, until=settled(20.0), timeout_s=duration + (freeze_s or 0) + 300,
+                    every_sample=False)
             out = counts(run)
             out["sensor_fault_alerts"] = sum(1 for a in run.observer.alerts if a["kind"] == "sensor_fault")
             out["masks"] = sum(1 for c in run.observer.commands if c["action"] == "mask_modality")
             out["upstream_alerts"] = sorted({a["kind"] for a in run.observer.alerts})
             out["dead_letter_reasons"] = sorted({r for r, _ in run.observer.dead_reasons})
             out["late_readings"] = sum(1 for r, _ in run.observer.dead_reasons if r == "late_reading")
+            out["dead_letters"] = dict(Counter(r for r, _ in run.observer.dead_reasons))
             return out
         finally:
             thaw(broker.pid)
@@ -175,7 +194,7 @@ def main() -> None:
               f"{out['without_prediction']}, sends retried {out['send_retried']} lost {out['send_lost']}, "
               f"sensor-fault alerts {out['sensor_fault_alerts']} (reference {ref['sensor_fault_alerts']}), masks "
               f"{out['masks']} (reference {ref['masks']}), alert kinds {out['upstream_alerts']}, late readings "
-              f"{out['late_readings']}, alive {out['processes_alive']}")
+              f"{out['late_readings']}, dead letters {out['dead_letters']}, alive {out['processes_alive']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

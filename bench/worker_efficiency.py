@@ -16,9 +16,11 @@ One run, on this machine, with the demo models:
    ``worker_cpu_ms_with_startup``); ``cpu_ratio = model_cpu_ms / worker_cpu_ms`` is the share of the
    worker's CPU that goes to the models. The broker runs in its own process, on the same
    cores: ``ratio`` (wall) pays for it, ``cpu_ratio`` does not;
-3. latency p50 / p99 at 50 % and 80 % of the measured worker capacity: samples published
-   at that rate by a separate process, latency = prediction produce time − sample publish
-   time. The bound for p99 at 50 %: ``max_delay + 3 x`` one batch's compute time in the
+3. capacity with the publisher running (``capacity_with_publisher_sps``): a publisher in
+   its own process offers ``worker_sps`` samples/s on the same cores; the worker's rate
+   until the publisher ends. Then latency p50 / p99 at 50 % and 80 % of that capacity:
+   samples published at that rate by a separate process, latency = prediction produce
+   time − sample publish time. The bound for p99 at 50 %: ``max_delay + 3 x`` one batch's compute time in the
    worker (``batch / worker_sps``: decode, models, fusion, encode), both printed.
 
 ``--threads N`` sets torch's intra-op threads for both 1 and 2 (default: torch's, one
@@ -122,6 +124,29 @@ def publish_paced(settings: Settings, samples, rate: float) -> None:
     producer.close()
 
 
+def capacity_with_publisher(settings: Settings, bundle, samples, offered: float, seconds: float, tag: str) -> float:
+    """The worker's rate while a publisher (its own process) offers ``offered`` samples/s
+    on the same cores: predictions produced from the first one until the publisher ends."""
+    cap = settings.model_copy(update={"topic_prefix": f"benchcap{tag}.",
+                                      "worker": settings.worker.model_copy(update={"group": f"benchcap-{tag}"})})
+    ensure_topics(cap)
+    n = max(500, int(offered * seconds))
+    worker, thread = run_worker(cap, bundle, n)
+    time.sleep(2.0)  # let the consumer group settle
+    publisher = multiprocessing.get_context("spawn").Process(
+        target=publish_paced, args=(cap, [samples[i % len(samples)] for i in range(n)], offered))
+    publisher.start()
+    publisher.join()
+    ended_ms = time.time() * 1000
+    thread.join(timeout=300)
+    produced = sorted(p.produced_ms for p in collect_predictions(cap, n, timeout_s=60))
+    during = [t for t in produced if t <= ended_ms]
+    if len(during) < 64:
+        raise SystemExit("too few predictions while the publisher ran to measure a capacity")
+    first_batch = sum(1 for t in during if t == during[0])
+    return (len(during) - first_batch) / max(1e-3, (during[-1] - during[0]) / 1000)
+
+
 def publish(settings: Settings, samples) -> None:
     producer = make_producer(settings, "bench-producer")
     hdrs = headers(MSGPACK)
@@ -194,9 +219,11 @@ def main() -> None:
 
         batch_ms = 1000 * args.batch / worker_sps
         bound_ms = args.max_delay_ms + 3 * batch_ms
+        capacity = capacity_with_publisher(settings, bundle, samples, worker_sps, args.latency_seconds / 2, tag)
+        print(f"capacity with the publisher running (offered {worker_sps:.0f} samples/s): {capacity:.1f} samples/s")
         latency = {}
         for load in (0.5, 0.8):  # each in a fresh namespace
-            rate = load * worker_sps
+            rate = load * capacity
             n_lat = max(200, int(rate * args.latency_seconds))
             pct = int(load * 100)
             lat_settings = settings.model_copy(update={
@@ -228,6 +255,7 @@ def main() -> None:
         "worker_cpu_ms": round(worker_cpu_ms, 4),
         "worker_cpu_ms_with_startup": round(startup_cpu_ms, 4),
         "cpu_ratio": round(cpu_ratio, 3),
+        "capacity_with_publisher_sps": round(capacity, 1),
         "p99_ms": latency[50]["p99_ms"],
         "p99_bound_ms": round(bound_ms, 1),
         "batch_ms": round(batch_ms, 1),
