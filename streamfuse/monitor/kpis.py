@@ -307,7 +307,10 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
     else:
         pairs = [(r.labels[m], r.conf[m], r) for r in recs if m in r.labels]
     n = len(pairs)
-    labelled = [(pred, r.truth) for pred, _, r in pairs if r.truth is not None]
+    # A flat or frozen reading is its sensor's fault (a sensor_fault, per reading), not its
+    # model's: a modality's accuracy and its estimate leave such readings out.
+    live = [(pred, c, r) for pred, c, r in pairs if not unit or (m not in r.flat and m not in r.stuck)]
+    labelled = [(pred, r.truth) for pred, _, r in live if r.truth is not None]
     correct = sum(p == t for p, t in labelled)
     low, high = wilson_interval(correct, len(labelled)) if labelled else (None, None)
     computed = [r for _, _, r in pairs]
@@ -318,7 +321,7 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
     skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
     ref = _best_reference(recs) if m == FUSED else {}
     est = [r.est[m][1] if flagged is not None and r.est[m][1] is not None and flagged(r.line_id, m, r.ts)
-           else r.est[m][0] for _, _, r in pairs if m in r.est and r.est[m][0] is not None]
+           else r.est[m][0] for _, _, r in live if m in r.est and r.est[m][0] is not None]
     return KpiSnapshot(
         scope=scope,
         scope_id=scope_id,

@@ -169,6 +169,22 @@ def test_prediction_for_passed_empty_window_is_late() -> None:
 # ---------------------------------------------------------------------------- KpiEngine: late labels
 
 
+def test_a_dead_sensors_readings_are_left_out_of_its_models_accuracy() -> None:
+    # A muted microphone (flat signal) makes its model answer "bad" on "ok" machines: that
+    # is a sensor fault (reported per reading), not a degradation of the audio model.
+    eng = KpiEngine(window_ms=1000, grace_ms=0, flat_std={"audio": 1e-3})
+    for i in range(6):
+        p = pred(f"s{i}", i * 100, modality_probs={"image": (0.9, 0.1), "audio": (0.2, 0.8) if i < 4 else (0.9, 0.1)},
+                 signal_std={"image": 12.0, "audio": 0.0 if i < 4 else 0.3})
+        eng.add_prediction(p)
+        eng.add_label(Label(f"s{i}", "a1", i * 100, "ok", line_id="L1"))
+    snaps = by_key(eng.advance(1000))
+    audio, image, fused = (snaps[("global", "", m)] for m in ("audio", "image", FUSED))
+    assert (audio.n, audio.n_flat, audio.n_labelled, audio.accuracy) == (6, 4, 2, 1.0)
+    assert (image.n_labelled, image.accuracy) == (6, 1.0)
+    assert fused.n_labelled == 6  # the fused output is judged on every sample
+
+
 def test_label_joins_before_or_after_prediction() -> None:
     eng = KpiEngine(window_ms=1000, grace_ms=2000)
     eng.add_label(Label("early", "a1", 100, "ok"))  # label first
