@@ -142,6 +142,7 @@ class MonitorCore:
         self._baseline_versions: dict[str, str] | None = None  # the unit versions the baselines belong to
         self._evidence: tuple[str, dict[str, tuple]] = ("", {})
         self._llr_cache: OrderedDict[tuple, dict[str, tuple]] = OrderedDict()  # (labels, conf) -> evidence
+        self._catch_up = False  # evidence recovered from the KPI records at a restore, not judged yet
         estimator = self._estimate if self.calibration is not None else None
         self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator,
                               self._flagged if estimator is not None else None)
@@ -227,6 +228,10 @@ class MonitorCore:
         seen = (self.kpis.duplicates, self.kpis.late_predictions)
         out = Outputs(kpis=self.kpis.add_prediction(pred, source))
         fresh = seen == (self.kpis.duplicates, self.kpis.late_predictions)
+        if self._catch_up and self.sequential is not None:  # evidence recovered at a restore
+            self._catch_up = False
+            for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
+                self._on_sequential(out, t)
         self._detect(out)
         # A flat or frozen signal is the sensor's fault (judged per reading here and
         # reported per asset), not evidence about its model or the others.
@@ -596,6 +601,14 @@ class MonitorCore:
         self.policy.load_state_dict(state.get("policy", {}))
         if self.sequential is not None and state.get("sequential"):
             self.sequential.load_state_dict(state["sequential"])
+        if self.sequential is not None:
+            # The KPI records can be newer than the checkpoint (a kill between the two): the
+            # evidence of the predictions the checkpoint had not seen comes from them (their
+            # redelivered events are duplicates), and is judged before anything else.
+            self._catch_up = self.sequential.recover([
+                (r.ts, sid, r.line_id, {m: y for m, y in r.labels.items() if m not in r.flat and m not in r.stuck},
+                 {m: c for m, c in r.conf.items() if m not in r.flat and m not in r.stuck})
+                for sid, r in self.kpis.open_records()]) > 0
         # Detectors are made lazily (their settings come from the baselines); each takes
         # its saved state when it is made.
         self._detectors = {}

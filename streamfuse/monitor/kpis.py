@@ -166,6 +166,10 @@ class KpiEngine:
             elif kind == "l":
                 self._pending[sid] = value
 
+    def open_records(self) -> list[tuple[str, _Record]]:
+        """``(sample id, record)`` of every prediction in a window not closed yet."""
+        return [(sid, r) for start in sorted(self._windows) for sid, r in self._windows[start].records.items()]
+
     # ------------------------------------------------------------------ input
 
     @property

@@ -272,6 +272,20 @@ class SequentialDetection:
         if self._next_tick is None:
             self._next_tick = (int(ts_ms) // self.step_ms + 1) * self.step_ms
 
+    def recover(self, samples: list[tuple[int, str, str, dict[str, str], dict[str, float]]]) -> int:
+        """After a restore from a checkpoint older than the predictions it has records of:
+        buffer each ``(ts, sample id, line, labels, confidences)`` that the checkpoint had not
+        seen (at or after its position, not buffered), so their evidence is not lost.
+        Returns how many were buffered."""
+        position = None if self._next_tick is None else self._next_tick - self.step_ms
+        n = 0
+        for ts, sid, line, labels, conf in sorted(samples):
+            if (position is None or ts >= position) and sid not in self._buffer:
+                before = len(self._buffer)
+                self.add(ts, sid, line, labels, conf)
+                n += len(self._buffer) - before
+        return n
+
     def advance(self, watermark: int) -> list[Transition]:
         """Consume the evidence of every step whose end the watermark passed."""
         out: list[Transition] = []

@@ -319,3 +319,25 @@ def test_a_healthy_line_in_the_stuck_answer_is_not_attributed() -> None:
     # fault's, and must not add up to an attribution while its agreements are skipped.
     first = _first_image_alarms(_stuck_camera_plant(["normal"] * 5 + ["bearing"], line0_broken=False))
     assert "line-1" in first and "line-0" not in first, first
+
+
+def test_restart_from_a_checkpoint_older_than_the_records_loses_no_evidence() -> None:
+    # Killed after the fault's alert, with the last checkpoint from before the fault: the KPI
+    # records (written per prediction) are newer than the checkpoint, and the predictions in
+    # between are not delivered again (their offsets were committed). Their evidence comes
+    # back from the records, and the alerts are the uninterrupted monitor's, same ids.
+    pairs = list(stream(60, fault_at_s=30))
+    expected = run(MonitorCore(calibration(), settings()), pairs)
+    first = MonitorCore(calibration(), settings())
+    records: dict = {}
+    first.kpis.sink = lambda k, v: records.pop(k, None) if v is None else records.__setitem__(k, v)
+    a1, c1, _ = run(first, pairs[:240])
+    checkpoint = first.state_dict()
+    a2, c2, _ = run(first, pairs[240:290])
+    assert [a for a in a2 if a.status == "firing"], "the fault fired between the checkpoint and the kill"
+    second = MonitorCore(calibration(), settings())
+    second.load_state_dict(checkpoint, list(records.items()))
+    second.kpis.sink = first.kpis.sink
+    a3, c3, _ = run(second, pairs[290:])
+    assert {(a.alert_id, a.status) for a in a1 + a2 + a3} == {(a.alert_id, a.status) for a in expected[0]}
+    assert {c.command_id for c in c1 + c2 + c3} == {c.command_id for c in expected[1]}
