@@ -606,9 +606,8 @@ class MonitorCore:
             # evidence of the predictions the checkpoint had not seen comes from them (their
             # redelivered events are duplicates), and is judged before anything else.
             self._catch_up = self.sequential.recover([
-                (r.ts, sid, r.line_id, {m: y for m, y in r.labels.items() if m not in r.flat and m not in r.stuck},
-                 {m: c for m, c in r.conf.items() if m not in r.flat and m not in r.stuck})
-                for sid, r in self.kpis.open_records()]) > 0
+                (r.ts, sid, r.line_id, {m: y for m, y in r.labels.items() if r.live(m)},
+                 {m: c for m, c in r.conf.items() if r.live(m)}) for sid, r in self.kpis.open_records()]) > 0
         # Detectors are made lazily (their settings come from the baselines); each takes
         # its saved state when it is made.
         self._detectors = {}

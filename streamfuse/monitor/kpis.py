@@ -50,6 +50,11 @@ class _Record:
     est: dict[str, list] = field(default_factory=dict)  # unit -> label-free [P(right) if healthy, if broken]
     ts: int = 0
 
+    def live(self, m: str) -> bool:
+        """Whether modality ``m``'s reading was neither flat nor frozen (a dead reading is its
+        sensor's fault, no evidence about its model)."""
+        return m not in self.flat and m not in self.stuck
+
 
 def _stored(rec: _Record) -> dict[str, Any]:
     """The record as a map for the state table. Shallow: a record's containers are built
@@ -313,7 +318,7 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
     n = len(pairs)
     # A flat or frozen reading is its sensor's fault (a sensor_fault, per reading), not its
     # model's: a modality's accuracy and its estimate leave such readings out.
-    live = [(pred, c, r) for pred, c, r in pairs if not unit or (m not in r.flat and m not in r.stuck)]
+    live = [(pred, c, r) for pred, c, r in pairs if not unit or r.live(m)]
     labelled = [(pred, r.truth) for pred, _, r in live if r.truth is not None]
     correct = sum(p == t for p, t in labelled)
     low, high = wilson_interval(correct, len(labelled)) if labelled else (None, None)
