@@ -158,7 +158,6 @@ class MonitorCore:
         self._version_changes: dict[str, tuple[str, str, int]] = {}
         self._workers: dict[str, int] = {}  # worker id -> last prediction event time
         self._lines: dict[str, str] = {}  # asset id -> line id
-        self._last_digest: dict[tuple[str, str], int] = {}  # (asset, modality) -> digest of its last reading
         self._pending: dict[str, dict[str, Any]] = {}  # command id -> {issued, expected, acked, alerted}
 
     # ------------------------------------------------------------------ inputs
@@ -252,13 +251,8 @@ class MonitorCore:
         ``flatline`` / ``stuck`` fault is judged here, reading by reading
         (:class:`~streamfuse.monitor.detectors.RecentRate`), not per window."""
         s = self.settings
-        flat = {m for m, std in pred.signal_std.items() if std <= s.flat_std.get(m, 0.0)}
-        stuck = set()
-        for m, digest in pred.digest.items():
-            key = (pred.asset_id, m)
-            if self._last_digest.get(key) == digest:
-                stuck.add(m)
-            self._last_digest[key] = digest
+        rec = self.kpis.record(pred.sample_id)  # judged flat or frozen (restart-safe) when recorded
+        flat, stuck = (set(rec.flat), set(rec.stuck)) if rec is not None else (set(), set())
         sensors = sorted(set(pred.signal_std) | set(pred.digest))
         for check, bad in (("flatline", flat), ("stuck", stuck)):
             for m in sensors:

@@ -171,6 +171,11 @@ class KpiEngine:
             elif kind == "l":
                 self._pending[sid] = value
 
+    def record(self, sample_id: str) -> _Record | None:
+        """The record of a prediction in a window not closed yet."""
+        start = self._index.get(sample_id)
+        return None if start is None else self._windows[start].records.get(sample_id)
+
     def open_records(self) -> list[tuple[str, _Record]]:
         """``(sample id, record)`` of every prediction in a window not closed yet."""
         return [(sid, r) for start in sorted(self._windows) for sid, r in self._windows[start].records.items()]
