@@ -12,30 +12,22 @@ Pure logic: no Kafka, no clock.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
-import io
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 import msgpack
-import numpy as np
 
+from streamfuse.coerce import build
 from streamfuse.errors import InvalidEvent
+from streamfuse.readings import MODALITIES, check_reading
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
-MODALITIES: tuple[str, ...] = ("image", "audio", "series")
 SCOPES: tuple[str, ...] = ("global", "line", "asset")  # what a KPI, an alert or a command is about
 MAX_PAYLOAD_BYTES = 2_000_000  # a value larger than this is ``oversize`` (STREAMFUSE_MAX_PAYLOAD_BYTES)
-IMAGE_ENCODINGS = ("jpeg", "png")
-MAX_IMAGE_SIDE = 8192
-SAMPLE_RATE_RANGE = (1_000, 384_000)
-MAX_CHANNELS = 32
 
 # Reason codes (a small fixed set: they are metric labels).
 REASONS = (
@@ -369,7 +361,7 @@ def decode(
         expect: the event class(es) this topic carries; others are ``unexpected_schema``.
         max_bytes: values larger than this are ``oversize``.
         check_payloads: validate sensor payloads (image decodes, audio rate, finite series).
-            A Sample's readings are checked separately by :func:`split_bad_readings`, so
+            A Sample's readings are checked separately by :func:`streamfuse.readings.split_bad_readings`, so
             that one bad reading does not reject the whole sample.
 
     Returns:
@@ -397,7 +389,7 @@ def decode(
     if expect is not None and not issubclass(cls, expect):
         names = ", ".join(c.SCHEMA for c in (expect if isinstance(expect, tuple) else (expect,)))
         raise InvalidEvent("unexpected_schema", f"{schema} on a topic that carries {names}")
-    event = _build(cls, raw, is_json)
+    event = build(cls, raw, is_json)
     if check_payloads and isinstance(event, SensorEvent):
         check_reading(event)
     if isinstance(event, Prediction):
@@ -413,312 +405,3 @@ def _check_prediction(p: Prediction) -> None:
                                                         p.modality_probs.items())):
         if len(probs) != n:
             raise InvalidEvent("bad_field", f"{name} has {len(probs)} values for {n} classes")
-
-
-class _Bad(Exception):
-    """A field that does not fit its schema. The message says ``{where}``; each enclosing
-    level adds its part of the path on the way out, so paths cost nothing on good input."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message, self.path = reason, message, []
-
-    def invalid(self) -> InvalidEvent:
-        where = "".join(reversed(self.path)).lstrip(".")
-        return InvalidEvent(self.reason, self.message.replace("{where}", where))
-
-
-Coerce = typing.Callable[[Any, bool], Any]
-_BUILDERS: dict[type, Coerce] = {}
-
-
-def _build(cls: type, raw: dict, is_json: bool) -> Any:
-    try:
-        return _builder(cls)(raw, is_json)
-    except _Bad as bad:
-        raise bad.invalid() from None
-
-
-def _builder(cls: type) -> Coerce:
-    """A function that builds ``cls`` from a decoded map; compiled once per class from its
-    type hints (decoding is on every consumer's hot path)."""
-    if cls in _BUILDERS:
-        return _BUILDERS[cls]
-    hints = typing.get_type_hints(cls)
-    plan = [(f.name, _coercer(hints[f.name]), type(None) in typing.get_args(hints[f.name]),
-             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls)]
-
-    def build(raw: dict, is_json: bool) -> Any:
-        kwargs = {}
-        for name, coerce, optional, required in plan:
-            value = raw.get(name)
-            if value is None and (not optional or name not in raw):
-                if required:
-                    bad = _Bad("missing_field", f"{cls.SCHEMA} needs field '{{where}}'")
-                    bad.path.append(f".{name}")
-                    raise bad
-                continue
-            try:
-                kwargs[name] = coerce(value, is_json)
-            except _Bad as bad:
-                bad.path.append(f".{name}")
-                raise
-        return cls(**kwargs)
-
-    _BUILDERS[cls] = build
-    return build
-
-
-def _coercer(hint: Any) -> Coerce:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        inner = _coercer(next(a for a in args if a is not type(None)))
-        return lambda value, is_json: None if value is None else inner(value, is_json)
-    if origin is tuple:
-        item = _coercer(args[0])
-
-        def as_tuple(value: Any, is_json: bool) -> tuple:
-            if not isinstance(value, (list, tuple)):
-                raise _Bad("bad_field", f"{{where}}: expected a list, got {type(value).__name__}")
-            out = []
-            for i, v in enumerate(value):
-                try:
-                    out.append(item(v, is_json))
-                except _Bad as bad:
-                    bad.path.append(f"[{i}]")
-                    raise
-            return tuple(out)
-
-        return as_tuple
-    if origin is dict:
-        key, val = _coercer(args[0]), _coercer(args[1])
-
-        def as_dict(value: Any, is_json: bool) -> dict:
-            if not isinstance(value, dict):
-                raise _Bad("bad_field", f"{{where}}: expected a map, got {type(value).__name__}")
-            out = {}
-            for k, v in value.items():
-                try:
-                    k2 = key(k, is_json)
-                except _Bad as bad:
-                    bad.path.append(" key")
-                    raise
-                try:
-                    out[k2] = val(v, is_json)
-                except _Bad as bad:
-                    bad.path.append(f".{k}")
-                    raise
-            return out
-
-        return as_dict
-    if dataclasses.is_dataclass(hint):
-        def as_event(value: Any, is_json: bool) -> Any:
-            if not isinstance(value, dict):
-                raise _Bad("bad_field", f"{{where}}: expected a map, got {type(value).__name__}")
-            return _builder(hint)(value, is_json)
-
-        return as_event
-    try:
-        return _SCALARS[hint]
-    except KeyError:
-        raise TypeError(f"no coercion for {hint!r}") from None  # a bug in the schema, not in the input
-
-
-def _as_bytes(value: Any, is_json: bool) -> bytes:
-    if is_json and isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise _Bad("bad_field", "{where}: not valid base64") from None
-    if not isinstance(value, bytes):
-        raise _Bad("bad_field", f"{{where}}: expected bytes, got {type(value).__name__}")
-    return value
-
-
-def _as_float(value: Any, is_json: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad("bad_field", f"{{where}}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise _Bad("non_finite", f"{{where}} is {value}")
-    return float(value)
-
-
-def _as_int(value: Any, is_json: bool) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Bad("bad_field", f"{{where}}: expected an integer, got {type(value).__name__}")
-    return value
-
-
-def _as_str(value: Any, is_json: bool) -> str:
-    if not isinstance(value, str):
-        raise _Bad("bad_field", f"{{where}}: expected a string, got {type(value).__name__}")
-    return value
-
-
-def _as_bool(value: Any, is_json: bool) -> bool:
-    if not isinstance(value, bool):
-        raise _Bad("bad_field", "{where}: expected true/false")
-    return value
-
-
-_SCALARS: dict[type, Coerce] = {bytes: _as_bytes, float: _as_float, int: _as_int, str: _as_str, bool: _as_bool}
-
-
-# ---------------------------------------------------------------------------- payloads
-
-
-def check_reading(ev: SensorEvent, max_bytes: int | None = None, decode: bool = True) -> None:
-    """Validate a reading's payload against its modality.
-
-    Args:
-        ev: the reading.
-        max_bytes: payloads larger than this are ``oversize``.
-        decode: decode image bodies (catches truncated and corrupt ones). A consumer that
-            decodes every image anyway (the worker, in one batch) checks headers only and
-            sets aside the bodies that fail there, so each image is decoded once.
-
-    Raises:
-        InvalidEvent: ``unknown_modality``, ``oversize``, ``bad_image``, ``bad_audio``,
-            ``bad_series`` or ``non_finite``, with ``modality`` set.
-    """
-    m = ev.modality
-    if m not in MODALITIES:
-        raise InvalidEvent("unknown_modality", f"{m!r}; known: {', '.join(MODALITIES)}", m)
-    if max_bytes is not None and len(ev.payload) > max_bytes:
-        raise InvalidEvent("oversize", f"{m} payload {len(ev.payload)} bytes > {max_bytes}", m)
-    if m == "image":
-        _check_image(ev) if decode else _check_image_header(ev.payload)
-    elif m == "audio":
-        _check_audio(ev)
-    else:
-        _check_series(ev)
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    r"""``(width, height)`` from a JPEG's frame header or a PNG's IHDR; None if there is none.
-
-    Reads headers only (microseconds), for a check before anything is decoded.
-
-    Examples:
-        >>> png = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big")
-        >>> image_size(png)
-        (640, 480)
-        >>> sof = b"\xff\xc0\x00\x11\x08" + (480).to_bytes(2, "big") + (640).to_bytes(2, "big")
-        >>> image_size(b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + sof)
-        (640, 480)
-        >>> image_size(b"\xff\xd8\xff\xda\x00\x02") is None  # scan data before any frame header
-        True
-    """
-    if data.startswith(PNG_MAGIC):
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            return None
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            i += 2
-            continue
-        if marker in _JPEG_FRAMES:
-            if i + 9 > n:
-                return None
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
-            return None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
-
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_FRAMES = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-
-
-def _check_image_header(data: bytes) -> None:
-    if not (data.startswith(b"\xff\xd8\xff") or data.startswith(PNG_MAGIC)):
-        raise InvalidEvent("bad_image", f"payload ({len(data)} bytes) is neither JPEG nor PNG", "image")
-    size = image_size(data)
-    if size is None:
-        raise InvalidEvent("bad_image", f"image does not decode: no frame header in {len(data)} bytes", "image")
-    w, h = size
-    if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
-        raise InvalidEvent("bad_image", f"image size {w}x{h} outside 1..{MAX_IMAGE_SIDE}", "image")
-
-
-def _check_image(ev: SensorEvent) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    data = ev.payload
-    _check_image_header(data)  # before decoding: a tiny file can claim a huge image
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decodes fully: catches truncated and corrupt bodies
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidEvent("bad_image", f"image does not decode: {exc}", "image") from None
-
-
-def _check_audio(ev: SensorEvent) -> None:
-    lo, hi = SAMPLE_RATE_RANGE
-    if ev.sample_rate is None or not lo <= ev.sample_rate <= hi:
-        raise InvalidEvent("bad_audio", f"sample_rate {ev.sample_rate} outside {lo}..{hi} Hz", "audio")
-    ch = ev.channels if ev.channels is not None else 1
-    if not 1 <= ch <= MAX_CHANNELS:
-        raise InvalidEvent("bad_audio", f"channels {ch} outside 1..{MAX_CHANNELS}", "audio")
-    if ev.encoding not in ("", "pcm16le"):
-        raise InvalidEvent("bad_audio", f"encoding {ev.encoding!r}; only pcm16le", "audio")
-    if not ev.payload or len(ev.payload) % (2 * ch):
-        raise InvalidEvent(
-            "bad_audio", f"{len(ev.payload)} bytes is not a whole number of {ch}-channel PCM16 frames", "audio"
-        )
-
-
-def _check_series(ev: SensorEvent) -> None:
-    if ev.encoding not in ("", "float32le"):
-        raise InvalidEvent("bad_series", f"encoding {ev.encoding!r}; only float32le", "series")
-    n = len(ev.payload) // 4
-    if not ev.payload or len(ev.payload) % 4:
-        raise InvalidEvent("bad_series", f"{len(ev.payload)} bytes is not a float32 array", "series")
-    if ev.shape is not None and (any(d <= 0 for d in ev.shape) or math.prod(ev.shape) != n):
-        raise InvalidEvent("bad_series", f"shape {list(ev.shape)} does not match {n} values", "series")
-    arr = np.frombuffer(ev.payload, dtype="<f4")
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise InvalidEvent("non_finite", f"series has {bad} NaN/inf values", "series")
-
-
-def split_bad_readings(sample: Sample, max_bytes: int | None = None,
-                       decode: bool = True) -> tuple[Sample, list[InvalidEvent]]:
-    """Check every reading; bad ones are removed and marked missing.
-
-    Args:
-        sample: the sample.
-        max_bytes: payloads larger than this are ``oversize``.
-        decode: see :func:`check_reading`.
-
-    Returns:
-        The sample with only valid readings (bad modalities added to ``missing``) and the
-        errors, each with ``modality`` set, for the dead-letter topic.
-    """
-    errors: list[InvalidEvent] = []
-    good: dict[str, SensorEvent] = {}
-    for name, ev in sample.readings.items():
-        try:
-            if name != ev.modality:
-                raise InvalidEvent("bad_field", f"reading under {name!r} has modality {ev.modality!r}", name)
-            check_reading(ev, max_bytes, decode)
-        except InvalidEvent as exc:
-            exc.modality = exc.modality or name
-            errors.append(exc)
-        else:
-            good[name] = ev
-    if not errors:
-        return sample, errors
-    missing = tuple(sorted(set(sample.missing) | (set(sample.readings) - set(good))))
-    return dataclasses.replace(sample, readings=good, missing=missing), errors

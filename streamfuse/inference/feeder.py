@@ -39,8 +39,8 @@ from streamfuse.events import (
     Sample,
     content_type_of,
     decode,
-    split_bad_readings,
 )
+from streamfuse.readings import split_bad_readings
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50  # an idle feeder comes back this often to commit and to check for stop

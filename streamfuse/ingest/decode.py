@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from streamfuse.errors import InvalidEvent
-from streamfuse.events import SensorEvent, check_reading
+from streamfuse.events import SensorEvent
 from streamfuse.ingest.mapping import Rule
+from streamfuse.readings import check_reading
 
 TIME_SOURCE = {"arrival": "arrival", "payload": "device", "property": "device", "source": "device", "server": "server"}
 MAX_ID_LEN = 200

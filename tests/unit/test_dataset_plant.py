@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from streamfuse.errors import ConfigError
-from streamfuse.events import check_reading
 from streamfuse.models.dataset import (BadFileError, DatasetError, EmptySplitError, MissingFileError,
                                        UnknownLabelError)
+from streamfuse.readings import check_reading
 from streamfuse.sim.dataset_plant import DatasetPlant, load_rows
 from streamfuse.sim.faults import FAULT_KINDS
 from streamfuse.sim.readings import reading_array

@@ -19,7 +19,6 @@ from PIL import Image
 from streamfuse.errors import InvalidEvent, StreamfuseError
 from streamfuse.events import (
     JSON,
-    MAX_IMAGE_SIDE,
     MODALITIES,
     MSGPACK,
     REASONS,
@@ -33,16 +32,14 @@ from streamfuse.events import (
     Prediction,
     Sample,
     SensorEvent,
-    check_reading,
     content_type_of,
     decode,
     encode,
     encode_json,
     headers,
-    image_size,
-    split_bad_readings,
     to_map,
 )
+from streamfuse.readings import MAX_IMAGE_SIDE, check_reading, image_size, split_bad_readings
 
 # ---------------------------------------------------------------------------- builders
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from streamfuse.errors import ConfigError, StreamfuseError
-from streamfuse.events import MODALITIES, Sample, check_reading, decode, encode, encode_json
+from streamfuse.events import MODALITIES, Sample, decode, encode, encode_json
+from streamfuse.readings import check_reading
 from streamfuse.sim import CLASSES, FAULT_KINDS, FaultSpec, Plant, PlantConfig, SimulationError, parse_fault
 
 # ---------------------------------------------------------------------------- fault specs
