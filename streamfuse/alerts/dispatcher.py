@@ -255,35 +255,39 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None, *,
     producer = TrackedProducer(make_producer(settings, "streamfuse-alerts"), "alerts-dispatch",
                                ProducerMetrics(registry).failures, max_attempts=None)
     failure: list[BaseException] = []
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        pool = ReceiverPool(settings, producer, metrics, random.Random(seed), link)
-
-        def wake(sub_ids) -> None:
-            if sub_ids:
-                loop.call_soon_threadsafe(pool.wake, set(sub_ids))
-
-        def intake_thread() -> None:
-            try:
-                consume(settings, intake, producer, stop, wake, ready)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises
-                failure.append(exc)
-                stop.set()
-
-        thread = threading.Thread(target=intake_thread, name="alerts-intake", daemon=True)
-        thread.start()
-        try:
-            await pool.run(stop)
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join)
-
     log.info("alert dispatcher: group %s, topic %s", settings.alerts.group, Topics(settings.topic_prefix).alerts)
     try:
-        asyncio.run(main())
+        asyncio.run(_dispatch(settings, intake, producer,
+                              ReceiverPool(settings, producer, metrics, random.Random(seed), link),
+                              stop, ready, failure))
     finally:
         producer.close()
     if failure:
         raise failure[0]
     return delivery_stats(settings)
+
+
+async def _dispatch(settings: Settings, intake: Intake, producer: TrackedProducer, pool: ReceiverPool,
+                    stop: threading.Event, ready: threading.Event | None, failure: list[BaseException]) -> None:
+    """The intake (a consumer thread) feeds the receiver pool (this loop) until ``stop``; an
+    intake failure stops both and is left in ``failure`` for the caller to raise."""
+    loop = asyncio.get_running_loop()
+
+    def wake(sub_ids) -> None:
+        if sub_ids:
+            loop.call_soon_threadsafe(pool.wake, set(sub_ids))
+
+    def intake_thread() -> None:
+        try:
+            consume(settings, intake, producer, stop, wake, ready)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises
+            failure.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=intake_thread, name="alerts-intake", daemon=True)
+    thread.start()
+    try:
+        await pool.run(stop)
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)

@@ -133,22 +133,29 @@ def validate_url(url: str, allow_private: bool = False, resolve: Resolver | None
         raise MissingHost(shown, "the URL has no host")
     if host in METADATA_HOSTS:
         raise LinkLocalTarget(shown, f"{host} is a cloud metadata endpoint; receivers there are never allowed")
+    _check_host(host, port or (443 if scheme == "https" else 80), shown, allow_private, resolve)
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def _check_host(host: str, port: int, shown: str, allow_private: bool, resolve: Resolver | None) -> None:
+    """An address literal is checked as it is; a name, every address it resolves to."""
     try:
         literal: IPAddress | None = ipaddress.ip_address(host)
     except ValueError:
         literal = None
     if literal is not None:
         check_address(literal, shown, allow_private)
-    elif resolve is not None:
-        try:
-            addresses = list(resolve(host, port or (443 if scheme == "https" else 80)))
-        except (OSError, UnicodeError) as exc:
-            raise UnresolvableTarget(shown, f"host {host!r} does not resolve ({exc})") from None
-        if not addresses:
-            raise UnresolvableTarget(shown, f"host {host!r} resolves to no address")
-        for a in addresses:
-            check_address(a, shown, allow_private)
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+        return
+    if resolve is None:
+        return
+    try:
+        addresses = list(resolve(host, port))
+    except (OSError, UnicodeError) as exc:
+        raise UnresolvableTarget(shown, f"host {host!r} does not resolve ({exc})") from None
+    if not addresses:
+        raise UnresolvableTarget(shown, f"host {host!r} resolves to no address")
+    for a in addresses:
+        check_address(a, shown, allow_private)

@@ -86,7 +86,19 @@ def to_event(rule: Rule, captures: dict[str, str], source: str, payload: Any, *,
     if not asset or len(asset) > MAX_ID_LEN:
         raise InvalidEvent("bad_field", f"{source}: asset id {asset!r} is empty or too long", rule.modality)
     fields: dict[str, Any] = {"sample_rate": rule.sample_rate, "channels": rule.channels, "shape": rule.shape}
-    ts = {"arrival": arrival_ms, "source": device_ms, "server": server_ms}.get(rule.time)
+    stamps = {"arrival": arrival_ms, "source": device_ms, "server": server_ms}
+    body, ts = _body_and_time(rule, source, payload, fields, stamps, properties or {})
+    if max_bytes is not None and len(body) > max_bytes:
+        raise InvalidEvent("oversize", f"{source}: payload {len(body)} bytes > {max_bytes}", rule.modality)
+    ev = _build(rule, asset, rule.fill(rule.line, captures), source, body, ts, fields)
+    check_reading(ev, max_bytes, decode=False)  # image bodies are decoded once, by the worker
+    return ev
+
+
+def _body_and_time(rule: Rule, source: str, payload: Any, fields: dict, stamps: dict[str, int | None],
+                   properties: dict[str, str]) -> tuple[bytes, int]:
+    """The reading's bytes, and its event time from where the rule says (``rule.time``)."""
+    ts = stamps.get(rule.time)
     if rule.format == "json":
         body, ts_payload = _json_body(rule, source, payload, fields)
         if rule.time == "payload":
@@ -94,14 +106,10 @@ def to_event(rule: Rule, captures: dict[str, str], source: str, payload: Any, *,
     else:
         body = _binary_body(rule, source, payload)
     if rule.time == "property":
-        ts = _property_time(rule, source, properties or {})
+        ts = _property_time(rule, source, properties)
     if ts is None:
         raise InvalidEvent("missing_field", f"{source}: no {rule.time} timestamp on the value", rule.modality)
-    if max_bytes is not None and len(body) > max_bytes:
-        raise InvalidEvent("oversize", f"{source}: payload {len(body)} bytes > {max_bytes}", rule.modality)
-    ev = _build(rule, asset, rule.fill(rule.line, captures), source, body, int(ts), fields)
-    check_reading(ev, max_bytes, decode=False)  # image bodies are decoded once, by the worker
-    return ev
+    return body, int(ts)
 
 
 def _build(rule: Rule, asset: str, line: str, source: str, body: bytes, ts: int, fields: dict) -> SensorEvent:

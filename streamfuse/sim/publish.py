@@ -232,7 +232,6 @@ class SimPublisher:
         producer = self._tracked(producer or make_producer(self.settings, "streamfuse-sim"))
         period = self.plant.period_ms
         end_ms = None if duration_s is None else self.start_ms + int(duration_s * 1000)
-        delay = self.settings.sim.label_delay_ms
         pending: list[tuple[int, int, Label]] = []  # (due ms, tiebreak, label)
         counter = itertools.count()
         hdrs = headers(MSGPACK)
@@ -245,22 +244,7 @@ class SimPublisher:
                 self._sleep_until(ts)
                 self._publish_labels(producer, pending, ts, hdrs)
                 self._release(producer, ts)
-                for i, asset in enumerate(self.plant.asset_ids):
-                    if max_samples is not None and self.stats.samples >= max_samples:
-                        break
-                    sample, label = self.plant.sample(i, k, ts)
-                    if self.per_modality_topics:
-                        label = self._publish_readings(producer, sample, label)
-                        if label is None:
-                            continue
-                    else:
-                        producer.send(self.topics.samples, key=asset.encode(), value=encode(sample), headers=hdrs)
-                        self.stats.sensor_events += len(sample.readings)
-                        self.stats.sample_ids.append(sample.sample_id)
-                    self.stats.samples += 1
-                    heapq.heappush(pending, (ts + delay, next(counter), label))
-                    if self.malformed_every and self.stats.samples % self.malformed_every == 0:
-                        self._publish_malformed(producer, sample)
+                self._publish_step(producer, k, ts, max_samples, pending, counter, hdrs)
                 if max_samples is not None and self.stats.samples >= max_samples:
                     break
             self._release(producer, None)
@@ -276,6 +260,28 @@ class SimPublisher:
             if own:
                 producer.close()
         return self.stats
+
+    def _publish_step(self, producer, k: int, ts: int, max_samples: int | None,
+                      pending: list[tuple[int, int, Label]], counter, hdrs) -> None:
+        """One sample of every asset at plant step ``k`` (event time ``ts``); their labels are
+        queued in ``pending`` until the label delay has passed."""
+        delay = self.settings.sim.label_delay_ms
+        for i, asset in enumerate(self.plant.asset_ids):
+            if max_samples is not None and self.stats.samples >= max_samples:
+                break
+            sample, label = self.plant.sample(i, k, ts)
+            if self.per_modality_topics:
+                label = self._publish_readings(producer, sample, label)
+                if label is None:
+                    continue
+            else:
+                producer.send(self.topics.samples, key=asset.encode(), value=encode(sample), headers=hdrs)
+                self.stats.sensor_events += len(sample.readings)
+                self.stats.sample_ids.append(sample.sample_id)
+            self.stats.samples += 1
+            heapq.heappush(pending, (ts + delay, next(counter), label))
+            if self.malformed_every and self.stats.samples % self.malformed_every == 0:
+                self._publish_malformed(producer, sample)
 
     def _tracked(self, producer) -> TrackedProducer:
         """Every send checked: a failed one is sent again, or counted in ``stats.send_lost``."""
