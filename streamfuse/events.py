@@ -228,7 +228,7 @@ class Ack:
     SCHEMA: ClassVar[str] = "sf.ack/1"
     command_id: str
     worker_id: str
-    status: str  # applied | rejected | duplicate
+    status: str  # a worker's: applied | rejected | duplicate; replay's lockstep markers: barrier
     ts_ms: int
     reason: str = ""
     masked: tuple[str, ...] = ()
