@@ -3,9 +3,10 @@
 Every Kafka client in streamfuse is configured here: kafka-python for the control plane
 and the tools, faust (aiokafka) for the monitor, and librdkafka (confluent-kafka) for the
 inference worker's data path, whose fetching, parsing and producing run in C threads
-that do not take Python's GIL from the models (see :mod:`streamfuse.inference.feeder`). The embedded test broker (Tansu)
-differs from Apache Kafka in ways measured in ``BROKER.md``; each workaround is a field
-of :class:`BrokerProfile`, picked once by ``Settings.broker_kind`` — never scattered
+that do not take Python's GIL from the models (see :mod:`streamfuse.inference.feeder`).
+The embedded test broker (Tansu) differs from Apache Kafka in ways measured on it (the
+README's broker section lists them); each workaround is a field of
+:class:`BrokerProfile`, picked once by ``Settings.broker_kind`` — never scattered
 through the code:
 
 * end offsets are wrong when producers batch → one record per batch;
@@ -33,7 +34,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Fetch sizes: Kafka's own default per partition. A record batch larger than this is still
 # returned whole (so MAX_MESSAGE_BYTES records get through), while small fetches keep
 # kafka-python from assembling huge responses: consuming 18 KB samples ran at 2.0k msg/s
-# with 8 MiB / 32 MiB fetches and 8.3k msg/s with 1 MiB / 4 MiB (bench note in BROKER.md).
+# with 8 MiB / 32 MiB fetches and 8.3k msg/s with 1 MiB / 4 MiB (kafka-python against the embedded broker).
 FETCH_PARTITION_BYTES = 1024 * 1024
 FETCH_MAX_BYTES = 4 * FETCH_PARTITION_BYTES
 
