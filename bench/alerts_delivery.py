@@ -4,7 +4,7 @@ Usage: python bench/alerts_delivery.py [--n 1000] [--out out/alerts.json]
 """
 from __future__ import annotations
 
-import argparse, asyncio, json, platform, statistics, sys, time
+import argparse, asyncio, json, statistics, sys, time
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +19,7 @@ from streamfuse.kafka import make_consumer  # noqa: E402
 from streamfuse.store import connect  # noqa: E402
 from streamfuse.topics import Topics, ensure_topics  # noqa: E402
 from webhook_receiver import WebhookReceiver  # noqa: E402
+from report import emit, machine  # noqa: E402
 
 
 def raw_post_rate(url: str, n: int, body: bytes) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
     n = args.n
     alerts = [make_alert(scope_id=f"a{i:05d}", starts_ms=1_000 + i) for i in range(n)]
     events = alerts + [resolved(a) for a in alerts]
-    out: dict = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": __import__("os").cpu_count(), "n_events": 2 * n}
+    out: dict = {**machine(), "n_events": 2 * n}
     with EmbeddedBroker() as broker:
         # 1) one group: intake-bound (few large requests). Reference: raw kafka-python consume of the same topic.
         with WebhookReceiver(secret="k") as rx:
@@ -110,9 +111,7 @@ def main() -> None:
                 cleanup(s)
         lat = lat[5:]  # warm-up
         out["latency_s"] = {"p50": statistics.median(lat), "max": max(lat), "n": len(lat)}
-    print(json.dumps(out, indent=2))
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from detection_pools import Pool, conditions, dataset_pools, sim_pools  # noqa: E402
+from report import emit, machine  # noqa: E402
 
 from streamfuse.config import MonitorSettings  # noqa: E402
 from streamfuse.events import Label, Prediction  # noqa: E402
@@ -358,7 +357,7 @@ def main() -> None:
         real = load_bundle(args.dataset_models)
         result["dataset"] = {"path": str(args.dataset), **evaluate(real, dataset_pools(real, args.dataset, 7),
                                                                    args, sim=False)}
-    result.update(machine=platform.platform(), date=time.strftime("%Y-%m-%d"), wall_s=round(time.perf_counter() - t0),
+    result.update(**machine(), wall_s=round(time.perf_counter() - t0),
                   settings={"budget_per_day": args.budget, "fusion": args.fusion, "pool": args.pool})
     for plant in ("demo_plant", "dataset"):
         if plant in result:
@@ -367,9 +366,7 @@ def main() -> None:
             for name, s in r["per_detector"].items():
                 print(f"  {name:12s} median {s['median_s']} s  p90 {s['p90_s']} s  detected {s['detected']}/{s['n']}"
                       f"  false alarms/h {s['false_alarms_per_hour']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    emit(result, args.json, show=False)
 
 
 if __name__ == "__main__":

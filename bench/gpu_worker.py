@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +64,7 @@ from streamfuse.models.encoders import create_model
 from streamfuse.models.fusion import ume
 from streamfuse.models.preprocess import CPU, _to_device, batch_tensor, example_input
 from streamfuse.models.runtime import Forward, autocast, resolve_device, served_forward
+from report import emit, machine
 
 MODALITIES = ("image", "audio", "series")
 STAGES = ("decode", "copy", "compute", "to_host")
@@ -327,12 +326,10 @@ def main() -> None:
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "machine": platform.platform(),
-        "date": time.strftime("%Y-%m-%d"),
+        **machine(),
     }
+    emit(result, args.json, show=False)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
 
 

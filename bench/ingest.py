@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 from importlib import metadata
-import json
-import platform
 import statistics
 import tempfile
 import threading
@@ -36,6 +34,7 @@ from streamfuse.embedded import EmbeddedBroker
 from streamfuse.ingest.mapping import load_mapping
 from streamfuse.ingest.mqtt import MqttGateway
 from streamfuse.topics import ensure_topics
+from report import emit, machine
 
 
 def jpeg_of_size(size: int, seed: int = 0) -> bytes:
@@ -196,14 +195,11 @@ def main() -> None:
         "messages_per_round": args.n, "rounds": args.rounds, "payload_bytes": len(payload), "qos": 1,
         "inflight": args.inflight, "kafka_acked": acked,
         "raw_s": [round(x, 3) for x in raw_s], "gateway_s": [round(x, 3) for x in gw_s],
-        "machine": platform.machine(), "python": platform.python_version(),
+        **machine(),
         "versions": {m: metadata.version(m) for m in ("paho-mqtt", "confluent-kafka", "streamfuse")},
     }
-    print(json.dumps(out, indent=2))
+    emit(out, args.json)
     print(f"ratio {out['ratio']} (gateway MQTT in -> Kafka acked / raw paho subscriber)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from streamfuse.embedded import EmbeddedBroker, free_port
 from streamfuse.events import MSGPACK, Label, Prediction, encode, headers
 from streamfuse.kafka import make_producer
 from streamfuse.topics import Topics, ensure_topics
+from report import emit, machine
 
 CLASSES = ("bearing", "imbalance", "normal", "overheat")
 MODALITIES = ("audio", "image", "series")
@@ -153,11 +153,8 @@ def main() -> None:
         StatusStore(connect(settings), settings.redis_prefix).clear()
     result = {"raw_events_per_s": round(raw, 1), "monitor_events_per_s": round(mon, 1),
               "monitor_predictions_per_s": round(mon / 2, 1), "ratio": round(mon / raw, 3),
-              "predictions": args.predictions, "machine": platform.platform(), "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+              "predictions": args.predictions, **machine()}
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from chaoslib import ChaosRun, RedisServer, Timed, chaos_settings, freeze, thaw 
 from streamfuse.config import Settings  # noqa: E402
 from streamfuse.models.bootstrap import ensure_demo_bundle, ensure_models  # noqa: E402
 from streamfuse.embedded import EmbeddedBroker  # noqa: E402
+from report import emit, machine
 
 
 def base_settings(bootstrap: str, redis_url: str, models: Path) -> Settings:
@@ -169,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     models = args.models or ensure_demo_bundle(Settings())
     work = Path(tempfile.mkdtemp(prefix="sf-outages-"))
-    result: dict = {"machine": platform.platform(), "python": platform.python_version(), "logs": str(work)}
+    result: dict = {**machine(), "logs": str(work)}
     if args.scenario in ("redis", "both"):
         ref = redis_run(models, work, args.duration, None)
         out = redis_run(models, work, args.duration, args.outage_s)
@@ -195,9 +194,7 @@ def main() -> None:
               f"sensor-fault alerts {out['sensor_fault_alerts']} (reference {ref['sensor_fault_alerts']}), masks "
               f"{out['masks']} (reference {ref['masks']}), alert kinds {out['upstream_alerts']}, late readings "
               f"{out['late_readings']}, dead letters {out['dead_letters']}, alive {out['processes_alive']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json, show=False)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
-import platform
 import statistics
 import threading
 import time
@@ -57,6 +55,7 @@ from streamfuse.models.preprocess import batch_tensor
 from streamfuse.models.runtime import autocast, resolve_device
 from streamfuse.sim.plant import Plant, PlantConfig
 from streamfuse.topics import Topics, ensure_topics
+from report import emit, machine
 
 
 def model_only(bundle, samples, batch: int, repeats: int, eager: bool = False) -> tuple[float, float]:
@@ -266,14 +265,10 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "machine": platform.platform(),
-        "date": time.strftime("%Y-%m-%d"),
         "bundle": bundle.version,
+        **machine(),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
