@@ -30,7 +30,7 @@ from classical import classical_scores  # noqa: E402
 from streamfuse.models.dataset import load_dataset  # noqa: E402
 from streamfuse.models.realdata import export_real  # noqa: E402
 from streamfuse.models.config import ModalityConfig  # noqa: E402
-from streamfuse.models.train import preset_options, train_bundle  # noqa: E402
+from streamfuse.models.train import TrainConfig, preset_options, train_bundle  # noqa: E402
 
 
 def run_dataset(name: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -39,10 +39,10 @@ def run_dataset(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     splits = {k: ds.split(k) for k in ("train", "val", "test")}
     t0 = time.perf_counter()
     overrides = {"image": {"image_size": args.image_size}} if "image" in ds.modalities else {}
-    man = train_bundle(splits["train"], splits["val"], splits["test"], tmp / f"{name}-bundle", epochs=args.epochs,
-                       seed=args.seed, device="cpu", fusion=args.fusion, mmlora=not args.no_mmlora,
-                       preset=args.preset, overrides=overrides,
-                       options=preset_options(args.preset, threads=args.threads, patience=args.patience))
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, device="cpu", fusion=args.fusion,
+                         mmlora=not args.no_mmlora, preset=args.preset, overrides=overrides,
+                         options=preset_options(args.preset, threads=args.threads, patience=args.patience))
+    man = train_bundle(splits["train"], splits["val"], splits["test"], tmp / f"{name}-bundle", config)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     configs = {m: ModalityConfig.from_dict(man["configs"][m]) for m in man["modalities"]}

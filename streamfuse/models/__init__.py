@@ -34,6 +34,7 @@ _EXPORTS = {
     "save_bundle": "bundle_io",
     "read_manifest": "manifest",
     "train_bundle": "train",
+    "TrainConfig": "train",
     "TrainOptions": "train",
     "FusionOptions": "train",
     "EpochReport": "train",

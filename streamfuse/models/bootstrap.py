@@ -27,7 +27,7 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     if (out / MANIFEST).is_file():
         return out
     from streamfuse.models.stage2 import FusionOptions
-    from streamfuse.models.train import train_bundle
+    from streamfuse.models.train import TrainConfig, train_bundle
     from streamfuse.sim.plant import Plant, PlantConfig
 
     say = console.print if console is not None else log.info
@@ -35,11 +35,11 @@ def ensure_demo_bundle(settings: Settings, console=None, epochs: int = 6,
     n_train, n_val, n_test = sizes
     t0 = time.monotonic()
     say(f"training the demo bundle on {n_train} simulated samples (first run only) ...")
+    config = TrainConfig(epochs=epochs, seed=settings.sim.seed, device=settings.worker.device,
+                         # quality-aware: a fogged camera counts little before any mask
+                         fusion="quality", fusion_options=FusionOptions(min_gain=0.01))
     manifest = train_bundle(plant.dataset(n_train, seed=1), plant.dataset(n_val, seed=2),
-                            plant.dataset(n_test, seed=3), out, epochs=epochs, seed=settings.sim.seed,
-                            device=settings.worker.device, fusion="quality",
-                            # quality-aware: a fogged camera counts little before any mask
-                            fusion_options=FusionOptions(min_gain=0.01))
+                            plant.dataset(n_test, seed=3), out, config)
     base = ", ".join(f"{m} {v['top1']:.2f}" for m, v in manifest["baselines"].items())
     say(f"demo bundle ready in {time.monotonic() - t0:.0f} s at {out} (validation top-1: {base})")
     return out

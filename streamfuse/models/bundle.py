@@ -311,13 +311,7 @@ class Bundle:
             man.setdefault("adapters", {})[adapter.modality] = {**adapter.config(), "version": adapter.version,
                                                                 "baseline": loaded.baseline}
         else:
-            model = loaded.module
-            if not isinstance(model, SensorModel) or model.sf_config.modality != unit:
-                raise ModelError(f"unit {unit} version {loaded.version} is not a {unit} model", self.path)
-            if model.sf_config.classes != self.classes:
-                raise ModelError(f"{unit} version {loaded.version} has classes {list(model.sf_config.classes)}, "
-                                 f"this bundle {list(self.classes)}; activate a version trained on the same "
-                                 "classes", self.path)
+            model = self._checked_model(unit, loaded)
             models[unit] = model.to(self.device).eval()
             served.pop(unit, None)
             man["configs"][unit] = model.sf_config.to_dict()
@@ -328,3 +322,15 @@ class Bundle:
                              f"{list(self.classes)}", self.path)
         man.pop("version", None)  # derived from the new unit versions
         return Bundle(self.path, man, models, self.device, fusion, adapters, served)
+
+    def _checked_model(self, unit: str, loaded: LoadedUnit) -> SensorModel:
+        """The model of a modality unit, after checking it is one of that modality, with
+        this bundle's classes."""
+        model = loaded.module
+        if not isinstance(model, SensorModel) or model.sf_config.modality != unit:
+            raise ModelError(f"unit {unit} version {loaded.version} is not a {unit} model", self.path)
+        if model.sf_config.classes != self.classes:
+            raise ModelError(f"{unit} version {loaded.version} has classes {list(model.sf_config.classes)}, "
+                             f"this bundle {list(self.classes)}; activate a version trained on the same "
+                             "classes", self.path)
+        return model

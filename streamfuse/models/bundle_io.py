@@ -134,6 +134,27 @@ def save_bundle(
     path = Path(path)
     if path.exists() and not overwrite:
         raise ModelError(f"{path} already exists; choose a new directory or pass overwrite=True", path)
+    order, configs, classes = _checked_models(models, manifest, path)
+    out: dict[str, Any] = {"format": FORMAT, "fusion": {"mode": "ume", "version": "ume"}, "baselines": {}, "test": {}}
+    out.update(json.loads(json.dumps(manifest)))  # a deep copy; also proves it is JSON-safe
+    out.update(format=FORMAT, classes=classes, modalities=order, configs={m: c.to_dict() for m, c in configs.items()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_unit_weights(tmp, out, models, configs, fusion, adapters or {})
+        check_manifest(out, path)
+        (tmp / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _checked_models(models: Mapping[str, nn.Module], manifest: Mapping[str, Any],
+                    path: Path) -> tuple[list[str], dict[str, ModalityConfig], list[str]]:
+    """The modalities (in :data:`MODALITIES` order), their configs and the classes, after
+    checking the models agree with each other and with the manifest's classes and modalities."""
     order = [m for m in MODALITIES if m in models]
     if not order or len(order) != len(models):
         raise ModelError(f"models must be a non-empty map over {list(MODALITIES)}, got {list(models)}", path)
@@ -142,31 +163,26 @@ def save_bundle(
     for key, value in (("classes", classes), ("modalities", order)):
         if key in manifest and list(manifest[key]) != value:
             raise ModelError(f"manifest {key} {list(manifest[key])} do not match the models' {value}", path)
-    out: dict[str, Any] = {"format": FORMAT, "fusion": {"mode": "ume", "version": "ume"}, "baselines": {}, "test": {}}
-    out.update(json.loads(json.dumps(manifest)))  # a deep copy; also proves it is JSON-safe
-    out.update(format=FORMAT, classes=classes, modalities=order, configs={m: c.to_dict() for m, c in configs.items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        out["weights"] = {}
-        for m in order:
-            meta = {"modality": m, "config": json.dumps(configs[m].to_dict())}
-            out["weights"][m] = write_weights(weights_file(tmp, m), models[m], meta)
-        if fusion is not None and len(fusion.learned):
-            section = out["fusion"]
-            section.update(modes=list(fusion.modes), config=fusion.cfg.to_dict())
-            meta = {"unit": "fusion", "config": json.dumps(fusion.cfg.to_dict())}
-            section["weights"] = write_weights(tmp / FUSION_FILE, fusion, meta)
-        for m, adapter in (adapters or {}).items():
-            meta = {"unit": adapter_unit(m), "config": json.dumps(adapter.config())}
-            out["adapters"][m]["weights"] = write_weights(adapter_file(tmp, m), adapter.tensors, meta)
-        check_manifest(out, path)
-        (tmp / MANIFEST).write_text(json.dumps(out, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return order, configs, classes
+
+
+def _write_unit_weights(tmp: Path, out: dict[str, Any], models: Mapping[str, nn.Module],
+                        configs: Mapping[str, ModalityConfig], fusion: FusionSet | None,
+                        adapters: Mapping[str, Adapter]) -> None:
+    """Write every unit's weights file into ``tmp`` (models, learned fusion, adapters) and
+    record each file's description in the manifest ``out``."""
+    out["weights"] = {}
+    for m, cfg in configs.items():
+        meta = {"modality": m, "config": json.dumps(cfg.to_dict())}
+        out["weights"][m] = write_weights(weights_file(tmp, m), models[m], meta)
+    if fusion is not None and len(fusion.learned):
+        section = out["fusion"]
+        section.update(modes=list(fusion.modes), config=fusion.cfg.to_dict())
+        meta = {"unit": "fusion", "config": json.dumps(fusion.cfg.to_dict())}
+        section["weights"] = write_weights(tmp / FUSION_FILE, fusion, meta)
+    for m, adapter in adapters.items():
+        meta = {"unit": adapter_unit(m), "config": json.dumps(adapter.config())}
+        out["adapters"][m]["weights"] = write_weights(adapter_file(tmp, m), adapter.tensors, meta)
 
 
 def _config_of(model: nn.Module, modality: str, path: Path) -> ModalityConfig:

@@ -16,13 +16,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from streamfuse.cli_errors import cli_errors, new_typer
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch
+    from streamfuse.models.dataset import Dataset
+    from streamfuse.models.train import TrainConfig
 
 __all__ = ["dataset_app", "models_app", "train"]
 console = Console()
@@ -89,32 +93,58 @@ def train(
                                           help="Also train MMLoRA (default: with --compare or --fusion mmlora)."),
 ) -> None:
     """Train per-modality models (stage 1), then the fusion (stage 2); write a bundle."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from streamfuse.config import Settings
-    from streamfuse.models.compare import JSON_FILE, MD_FILE, rich_table
-    from streamfuse.models.dataset import load_dataset
-    from streamfuse.models.train import preset_options, train_bundle
+    from streamfuse.models.train import TrainConfig, preset_options
 
     settings = Settings()
-    mods = [m.strip() for item in modalities for m in item.split(",") if m.strip()] or None
     t0 = time.perf_counter()
+    ds = _load_for_training(data, modalities, compare)
+    config = TrainConfig(
+        epochs=epochs, seed=seed, device=device or settings.worker.device, overwrite=overwrite, fusion=fusion,
+        umt_weight=umt_weight, compare=compare, preset=preset,
+        options=preset_options(preset, threads=threads, patience=patience, time_budget_s=time_budget),
+        overrides=_overrides(arch, image_size, series_len, sample_rate, n_mels), weights=_pairs(weights, "--weights"),
+        mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
+    man = _train_with_bars(ds, out, config)
+    _print_bundle(man, out, fusion, compare, time.perf_counter() - t0)
+    if register:
+        from streamfuse.models.registry import Registry
+
+        units = Registry(settings).import_bundle(out, activate=True)
+        console.print(f"imported and activated: {units}")
+
+
+def _load_for_training(data: Path, modalities: list[str], compare: bool) -> Dataset:
+    """The dataset at ``data`` (only the ``--modalities`` asked for; a test split with
+    ``--compare``), its sizes, classes and modalities printed."""
+    from streamfuse.models.dataset import load_dataset
+
+    mods = [m.strip() for item in modalities for m in item.split(",") if m.strip()] or None
     ds = load_dataset(data, modalities=mods, require=("train", "val", "test") if compare else ("train", "val"))
     sizes = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
     console.print(f"dataset {data}: {sizes}; classes {list(ds.classes)}; modalities {list(ds.modalities)}")
+    return ds
+
+
+def _train_with_bars(ds: Dataset, out: Path, config: TrainConfig) -> dict[str, Any]:
+    """``train_bundle`` on the dataset's splits, showing a progress bar per stage and unit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streamfuse.models.train import train_bundle
+
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[f1]}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         bars = _Bars(progress)
-        options = preset_options(preset, threads=threads, patience=patience, time_budget_s=time_budget)
-        man = train_bundle(ds.split("train"), ds.split("val"), ds.split("test") or None, out, epochs=epochs, seed=seed,
-                           device=device or settings.worker.device, progress=bars, overwrite=overwrite,
-                           fusion=fusion, umt_weight=umt_weight, compare=compare, options=options, preset=preset,
-                           overrides=_overrides(arch, image_size, series_len, sample_rate, n_mels),
-                           weights=_pairs(weights, "--weights"),
-                           mmlora=bool(compare if mmlora is None else mmlora) or fusion == "mmlora")
+        man = train_bundle(ds.split("train"), ds.split("val"), ds.split("test") or None, out, config, progress=bars)
         bars.close()
-    seconds = time.perf_counter() - t0
+    return man
+
+
+def _print_bundle(man: dict[str, Any], out: Path, fusion: str, compare: bool, seconds: float) -> None:
+    """The scores of every unit of the bundle written, the fusion chosen and the comparison."""
+    from streamfuse.models.compare import JSON_FILE, MD_FILE, rich_table
+
     t = Table(title=f"bundle {man['version']} (validation = baselines)")
     for col in ("unit", "version", "val Top-1", "val macro-F1", "test Top-1", "test macro-F1"):
         t.add_column(col)
@@ -129,11 +159,6 @@ def train(
         console.print(rich_table(man["compare"]))
         console.print(f"comparison saved to {out / JSON_FILE} and {out / MD_FILE}")
     console.print(f"bundle written to {out} in {seconds:.1f} s")
-    if register:
-        from streamfuse.models.registry import Registry
-
-        units = Registry(settings).import_bundle(out, activate=True)
-        console.print(f"imported and activated: {units}")
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:

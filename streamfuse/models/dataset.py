@@ -118,12 +118,36 @@ def load_dataset(
     meta = root / METADATA
     if not meta.is_file():
         raise MissingFileError(f"{meta} not found: a dataset folder needs {METADATA} with {FORMAT_HELP}", meta)
+    header, rows = _read_csv(meta)
+    cols = _columns(meta, header, modalities)
+    data = _rows_by_split(root, meta, header, rows, cols, files)
+    for name in require:
+        if not data[name]:
+            raise EmptySplitError(f"{meta}: the {name} split is empty; mark some rows split={name}", meta)
+    given = bool(classes)
+    known = data["train"] or [item for items in data.values() for item in items]
+    classes = tuple(classes) if classes else tuple(sorted({lab for _, _, lab, _ in known}))
+    return Dataset(root, classes, cols, _pairs(meta, data, classes, given, cols))
+
+
+# One CSV row: (line, sample_id, label, modality -> reading).
+_Row = tuple[int, str, str, dict[str, SensorEvent]]
+
+
+def _read_csv(meta: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with their line numbers) of ``metadata.csv``."""
     with meta.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    cols = _columns(meta, header, modalities)
-    data: dict[str, list[tuple[int, str, str, dict[str, SensorEvent]]]] = {s: [] for s in SPLITS}
+    return header, rows
+
+
+def _rows_by_split(root: Path, meta: Path, header: list[str], rows: list[tuple[int, list[str]]],
+                   cols: Sequence[str], files: Sequence[str]) -> dict[str, list[_Row]]:
+    """Every row checked (cell count, unique sample id, split, a label) and, in the splits
+    of ``files``, its readings read; split -> rows, in file order."""
+    data: dict[str, list[_Row]] = {s: [] for s in SPLITS}
     seen: set[str] = set()
     for line, r in rows:
         if len(r) != len(header):
@@ -139,12 +163,13 @@ def load_dataset(
             raise UnknownLabelError(f"{meta} line {line}: the label of {sid!r} is empty", meta, line)
         readings = {m: _read(root, meta, line, sid, m, cell[m]) for m in cols if cell[m] and split in files}
         data[split].append((line, sid, label, readings))
-    for name in require:
-        if not data[name]:
-            raise EmptySplitError(f"{meta}: the {name} split is empty; mark some rows split={name}", meta)
-    given = bool(classes)
-    known = data["train"] or [item for items in data.values() for item in items]
-    classes = tuple(classes) if classes else tuple(sorted({lab for _, _, lab, _ in known}))
+    return data
+
+
+def _pairs(meta: Path, data: dict[str, list[_Row]], classes: tuple[str, ...], given: bool,
+           cols: Sequence[str]) -> dict[str, list[Pair]]:
+    """The ``(Sample, Label)`` pairs of every non-empty split, after checking each label is
+    one of ``classes`` (``given`` by the caller, or those of the train split)."""
     out: dict[str, list[Pair]] = {}
     for name, items in data.items():
         for line, sid, label, readings in items:
@@ -157,7 +182,7 @@ def load_dataset(
             missing = tuple(m for m in cols if m not in readings)
             out.setdefault(name, []).append((Sample(sid, "dataset", line, readings, missing=missing),
                                              Label(sid, "dataset", line, label)))
-    return Dataset(root, classes, cols, out)
+    return out
 
 
 def _columns(meta: Path, header: list[str], wanted: Sequence[str] | None) -> tuple[str, ...]:
@@ -255,16 +280,22 @@ def export_sim(out_dir: str | Path, n_samples: int, seed: int = 0, *, val_frac: 
     lines = [["sample_id", "split", "label", *MODALITIES]]
     for k, (split, n) in enumerate(sizes.items()):
         for sample, label in plant.dataset(n, seed=seed * 3 + k):
-            sid, r = sample.sample_id, sample.readings
-            (out / "image" / f"{sid}.jpg").write_bytes(r["image"].payload)
-            with wave.open(str(out / "audio" / f"{sid}.wav"), "wb") as w:
-                w.setnchannels(r["audio"].channels or 1)
-                w.setsampwidth(2)
-                w.setframerate(r["audio"].sample_rate)
-                w.writeframes(r["audio"].payload)
-            np.save(out / "series" / f"{sid}.npy", np.frombuffer(r["series"].payload, dtype="<f4"))
-            lines.append([sid, split, label.label, f"image/{sid}.jpg", f"audio/{sid}.wav", f"series/{sid}.npy"])
+            lines.append([sample.sample_id, split, label.label, *_write_readings(out, sample)])
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
     (out / METADATA).write_text(buf.getvalue())
     return out / METADATA
+
+
+def _write_readings(out: Path, sample: Sample) -> list[str]:
+    """Write a simulated sample's readings as files (jpg, 16-bit wav, float32 npy) under
+    ``out``; returns their paths relative to it, in :data:`MODALITIES` order."""
+    sid, r = sample.sample_id, sample.readings
+    (out / "image" / f"{sid}.jpg").write_bytes(r["image"].payload)
+    with wave.open(str(out / "audio" / f"{sid}.wav"), "wb") as w:
+        w.setnchannels(r["audio"].channels or 1)
+        w.setsampwidth(2)
+        w.setframerate(r["audio"].sample_rate)
+        w.writeframes(r["audio"].payload)
+    np.save(out / "series" / f"{sid}.npy", np.frombuffer(r["series"].payload, dtype="<f4"))
+    return [f"image/{sid}.jpg", f"audio/{sid}.wav", f"series/{sid}.npy"]

@@ -73,8 +73,6 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         ...                                ("image", "audio", "series"), "ab")[0].tolist()]
         [0.36, 0.64]
     """
-    from streamfuse.monitor.evidence import categories
-
     _check_shapes(probs, use)
     use = use.to(device=probs.device, dtype=torch.bool)
     conf_t, labels_t = probs.float().max(dim=-1)
@@ -87,19 +85,30 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         return _weighted(probs, use, weights)
     conf, labels, used = conf_t.tolist(), labels_t.tolist(), use.tolist()
     for i in split:
-        row = used[i]
-        present = {modalities[j]: classes[labels[i][j]] for j, u in enumerate(row) if u}
-        cats = categories(present)
-        for j, u in enumerate(row):
-            if not u:
-                continue
-            k_cat = cats.get(modalities[j])
-            # Only the odd one out (the others agree without it) is judged: when all differ, one
-            # sample cannot say which is broken, and UME's equal weights are the safe answer.
-            odd = k_cat is not None and k_cat[1] == "odd"
-            p = calibration.reliability(modalities[j], *k_cat, conf[i][j]) if odd else None
-            weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
+        for j, w in _disagreement_weights(used[i], labels[i], conf[i], calibration, modalities, classes).items():
+            weights[i, j] = w
     return _weighted(probs, use, weights)
+
+
+def _disagreement_weights(used: Sequence[bool], labels: Sequence[int], conf: Sequence[float], calibration: Any,
+                          modalities: Sequence[str], classes: Sequence[str]) -> dict[int, float]:
+    """The weights of one sample's used modalities (by position along ``M``) when their
+    predicted classes differ: the odd one out gets its calibrated reliability (at least
+    :data:`MIN_WEIGHT`), every other one 1."""
+    from streamfuse.monitor.evidence import categories
+
+    cats = categories({modalities[j]: classes[labels[j]] for j, u in enumerate(used) if u})
+    weights = {}
+    for j, u in enumerate(used):
+        if not u:
+            continue
+        k_cat = cats.get(modalities[j])
+        # Only the odd one out (the others agree without it) is judged: when all differ, one
+        # sample cannot say which is broken, and UME's equal weights are the safe answer.
+        odd = k_cat is not None and k_cat[1] == "odd"
+        p = calibration.reliability(modalities[j], *k_cat, conf[j]) if odd else None
+        weights[j] = max(MIN_WEIGHT, p if p is not None else 1.0)
+    return weights
 
 
 def _weighted(probs: torch.Tensor, use: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

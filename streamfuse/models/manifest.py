@@ -140,24 +140,29 @@ def check_manifest(man: Any, where: Path) -> None:
     _check_fusion(fusion, mods, classes, fail)
     _check_adapters(man, mods, fail)
     for section in ("baselines", "test"):
-        scores = man.get(section) or {}
-        if not isinstance(scores, dict):
-            raise fail(f"{section} must be a map")
-        for unit, values in scores.items():
-            ok = isinstance(values, dict) and all(
-                isinstance(values.get(k), (int, float)) and 0 <= values[k] <= 1 for k in ("top1", "macro_f1")
-            )
-            if not ok:
-                raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
-            if values.get("calibration") is not None:
-                _check_calibration(unit, values["calibration"], fail)
-            recall = values.get("recall")
-            if recall is not None and not (isinstance(recall, dict) and all(
-                    isinstance(v, (int, float)) and 0 <= v <= 1 for v in recall.values())):
-                raise fail(f"{section}.{unit}.recall must map each class to a value in [0, 1]")
+        _check_scores(section, man.get(section) or {}, fail)
     if fusion["mode"] in CALIBRATED_MODES and not any(
             isinstance(v, dict) and v.get("calibration") for v in man["baselines"].values()):
         raise fail(f"fusion.mode {fusion['mode']!r} needs a calibration in the baselines; retrain the bundle")
+
+
+def _check_scores(section: str, scores: Any, fail: Any) -> None:
+    """``baselines`` / ``test``: per unit, Top-1 and macro-F1 in [0, 1], and optionally a
+    calibration and a per-class recall in [0, 1]."""
+    if not isinstance(scores, dict):
+        raise fail(f"{section} must be a map")
+    for unit, values in scores.items():
+        ok = isinstance(values, dict) and all(
+            isinstance(values.get(k), (int, float)) and 0 <= values[k] <= 1 for k in ("top1", "macro_f1")
+        )
+        if not ok:
+            raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
+        if values.get("calibration") is not None:
+            _check_calibration(unit, values["calibration"], fail)
+        recall = values.get("recall")
+        if recall is not None and not (isinstance(recall, dict) and all(
+                isinstance(v, (int, float)) and 0 <= v <= 1 for v in recall.values())):
+            raise fail(f"{section}.{unit}.recall must map each class to a value in [0, 1]")
 
 
 def _check_calibration(unit: str, cal: Any, fail: Any) -> None:

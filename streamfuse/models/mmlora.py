@@ -64,9 +64,7 @@ def train_mmlora(
     torch.manual_seed(seed)
     students = {m: copy.deepcopy(models[m]).to(dev).eval() for m in order}
     lora_params = [p for m in order for p in attach(students[m], opts.rank, opts.alpha)]
-    cfg = FusionConfig(tuple(order), models[order[0]].sf_config.classes,
-                       tuple(models[m].num_features for m in order), fopts.hidden, fopts.dropout)
-    fusion = FusionSet(cfg, ["mmlora"])
+    fusion = _head_fusion(models, order, fopts)
     head = fusion.learned["mmlora"].to(dev)
     train = splits["train"]
     present = train.present(order).to(dev)
@@ -95,29 +93,48 @@ def train_mmlora(
             st.eval()
         return s["top1"], s["macro_f1"]
 
-    loop = TrainOptions(lr=opts.lr, weight_decay=fopts.weight_decay, batch_size=fopts.batch_size,
-                        patience=opts.patience, min_steps=opts.min_steps)
     info = fit_loop(name="mmlora", stage="fusion", n=len(rows), params=[*lora_params, *head.parameters()],
-                    loss_fn=loss_fn, evaluate=evaluate, train_modules=[head],
-                    state_modules=[head, *students.values()], epochs=opts.epochs, seed=seed, opts=loop,
-                    progress=progress, deadline=deadline)
+                    loss_fn=loss_fn, evaluate=evaluate, train_modules=[head], state_modules=[head, *students.values()],
+                    epochs=opts.epochs, seed=seed, opts=_loop_options(opts, fopts), progress=progress,
+                    deadline=deadline)
     adapters: dict[str, Adapter] = {m: detach(students[m], opts.rank, opts.alpha) for m in order}
     fusion.cpu().eval()
-    cand = Candidate("mmlora", fusion, None, {}, {}, info={**info, "rank": opts.rank, "alpha": opts.alpha})
-    cand.adapters = adapters
+    cand = Candidate("mmlora", fusion, None, {}, {}, info={**info, "rank": opts.rank, "alpha": opts.alpha},
+                     adapters=adapters)
+    _score(cand, students, splits, order, dev)
+    return cand
+
+
+def _loop_options(opts: MMLoRAOptions, fopts: FusionOptions) -> TrainOptions:
+    """The :func:`fit_loop` settings: MMLoRA's own rate, patience and steps; the fusion's
+    weight decay and batch size."""
+    return TrainOptions(lr=opts.lr, weight_decay=fopts.weight_decay, batch_size=fopts.batch_size,
+                        patience=opts.patience, min_steps=opts.min_steps)
+
+
+def _head_fusion(models: Mapping[str, SensorModel], order: Sequence[str], fopts: FusionOptions) -> FusionSet:
+    """A fusion set holding only a new ``mmlora`` head over the models' features."""
+    cfg = FusionConfig(tuple(order), models[order[0]].sf_config.classes,
+                       tuple(models[m].num_features for m in order), fopts.hidden, fopts.dropout)
+    return FusionSet(cfg, ["mmlora"])
+
+
+def _score(cand: Candidate, students: Mapping[str, SensorModel], splits: Mapping[str, Split], order: Sequence[str],
+           dev: torch.device) -> None:
+    """Fill in the candidate's fused and per-modality (adapted models) scores on the
+    validation split and, when there is one, the test split."""
     y = {name: s.y.cpu() for name, s in splits.items()}
     for name in ("val", "test"):
         if not splits[name].n:
             continue
         out = run_models(students, splits[name], order, dev)
-        fused = score_fused(y[name], _fused(fusion, "mmlora", out), out.present)
+        fused = score_fused(y[name], _fused(cand.fusion, "mmlora", out), out.present)
         units = unit_scores(out, y[name], order)
         units.pop("fused", None)
         if name == "val":
             cand.val, cand.units_val = fused, units
         else:
             cand.test, cand.units_test = fused, units
-    return cand
 
 
 def adapter_records(cand: Candidate) -> dict[str, dict[str, Any]]:

@@ -60,6 +60,18 @@ def inspect_safetensors(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ModelError(f"weights file {path} is missing; re-import the bundle it came from", path)
     size = path.stat().st_size
+    n, header = _read_header(path, size)
+    tensors, end = _tensor_table(path, header)
+    if 8 + n + end > size:
+        raise ModelError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}; "
+                         "copy it again from its source", path)
+    return tensors
+
+
+def _read_header(path: Path, size: int) -> tuple[int, Any]:
+    """The header's length and its parsed JSON, after refusing a pickle, a file too short
+    for a header, and a header length that no safetensors file has or that the ``size``
+    bytes cannot hold."""
     with path.open("rb") as f:
         head = f.read(8)
         kind = _is_pickle(head)
@@ -80,6 +92,12 @@ def inspect_safetensors(path: str | Path) -> dict[str, dict[str, Any]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path} is not a safetensors file: unreadable header ({exc}); {_CONVERT}", path) from None
+    return n, header
+
+
+def _tensor_table(path: Path, header: Any) -> tuple[dict[str, dict[str, Any]], int]:
+    """name -> dtype and shape of every tensor a header declares, and the end of the last
+    one's data (relative to the data section)."""
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a safetensors file: its header is not a map", path)
     tensors, end = {}, 0
@@ -92,10 +110,7 @@ def inspect_safetensors(path: str | Path) -> dict[str, dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path} is not a safetensors file: bad header entry {name!r}", path) from None
         end = max(end, int(hi))
-    if 8 + n + end > size:
-        raise ModelError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}; "
-                         "copy it again from its source", path)
-    return tensors
+    return tensors, end
 
 
 def check_shapes(

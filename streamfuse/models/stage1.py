@@ -107,25 +107,13 @@ def fit_loop(
         ``"max_epochs"``, ``"patience"`` or ``"time_budget"``).
     """
     gen = torch.Generator().manual_seed(seed)
-    passes = max(1, -(-opts.min_steps // max(1, -(-n // opts.batch_size))))
-    steps = passes * max(1, -(-n // opts.batch_size))
+    passes, steps = _passes_and_steps(n, opts)
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     best, best_f1, best_epoch, epoch, stopped = None, -1.0, 0, 0, "max_epochs"
     for epoch in range(1, epochs + 1):
-        start, losses = time.perf_counter(), []
-        for module in train_modules:
-            module.train()
-        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)]) if passes > 1 \
-            else torch.randperm(n, generator=gen)
-        for idx in order.split(opts.batch_size):
-            if len(idx) > 1:  # batch-norm needs two samples
-                loss = loss_fn(idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            sched.step()
+        start = time.perf_counter()
+        losses = _train_epoch(train_modules, n, passes, gen, opts.batch_size, loss_fn, opt, sched)
         acc, f1 = evaluate()
         improved = f1 > best_f1
         if improved:
@@ -143,6 +131,45 @@ def fit_loop(
     for module, state in zip(state_modules, best or []):
         module.load_state_dict(state)
     return {"best_epoch": best_epoch, "epochs_run": epoch, "best_val_macro_f1": best_f1, "stopped": stopped}
+
+
+def _passes_and_steps(n: int, opts: TrainOptions) -> tuple[int, int]:
+    """Passes over the ``n`` examples per epoch (enough for ``opts.min_steps`` optimizer
+    steps), and the scheduler steps of an epoch.
+
+    Examples:
+        >>> _passes_and_steps(100, TrainOptions(batch_size=32, min_steps=10))
+        (3, 12)
+    """
+    batches = max(1, -(-n // opts.batch_size))
+    passes = max(1, -(-opts.min_steps // batches))
+    return passes, passes * batches
+
+
+def _train_epoch(train_modules: Sequence[nn.Module], n: int, passes: int, gen: torch.Generator, batch_size: int,
+                 loss_fn: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler) -> list[float]:
+    """One epoch with ``train_modules`` in train mode: ``passes`` shuffled passes over the
+    ``n`` examples in mini-batches, an optimizer step per batch (a batch of one is skipped:
+    batch-norm needs two samples) and a scheduler step per batch either way.
+
+    Returns:
+        The losses of the steps taken.
+    """
+    for module in train_modules:
+        module.train()
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)]) if passes > 1 \
+        else torch.randperm(n, generator=gen)
+    losses = []
+    for idx in order.split(batch_size):
+        if len(idx) > 1:  # batch-norm needs two samples
+            loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+    return losses
 
 
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -228,8 +228,7 @@ def _train_frozen(
         fusion.to(dev)
         return s["top1"], s["macro_f1"]
 
-    train_opts = TrainOptions(lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
-                              patience=opts.patience)
+    train_opts = _loop_options(opts)
     module = fusion.learned[mode]
     return fit_loop(name=mode, stage="fusion", n=len(rows), params=module.parameters(), loss_fn=loss_fn,
                     evaluate=evaluate, train_modules=[module], state_modules=[module], epochs=opts.epochs,
@@ -242,10 +241,7 @@ def _train_umt(
     dev: torch.device, progress: Progress | None,
 ) -> tuple[dict[str, SensorModel], dict[str, Any]]:
     train = splits["train"]
-    students = {m: copy.deepcopy(models[m]).to(dev).eval() for m in order}
-    for s in students.values():  # the uni-modal classifier stays the stage-1 one
-        for p in s.net.get_classifier().parameters():
-            p.requires_grad_(False)
+    students = _students(models, order, dev)
     teacher = [f.to(dev) for f in outs["train"].features]
     present = train.present(order).to(dev)
     pos = [train.position(m).to(dev) for m in order]
@@ -256,21 +252,9 @@ def _train_umt(
     def loss_fn(i: torch.Tensor) -> torch.Tensor:
         idx = rows[i.to(dev)]
         use = _dropout(present[idx], opts.modality_dropout, gen)
-        feats, probs, mse = [], [], torch.zeros((), device=dev)
         with autocast(dev):
-            for j, m in enumerate(order):
-                p = pos[j][idx]
-                have = (p >= 0).nonzero().squeeze(1)
-                f_full = torch.zeros(len(idx), students[m].num_features, device=dev)
-                p_full = torch.zeros(len(idx), n_classes, device=dev)
-                if len(have):
-                    f, logits = students[m].head_outputs(train.z[m][p[have]])
-                    f_full = f_full.index_put((have,), f.float())
-                    p_full = p_full.index_put((have,), logits.float().softmax(-1))
-                    mse = mse + F.mse_loss(f.float(), teacher[j][idx[have]])
-                feats.append(f_full)
-                probs.append(p_full)
-            fused = fusion.fuse(mode, torch.stack(probs, 1), feats, use)
+            feats, probs, mse = _student_outputs(students, train, order, pos, idx, n_classes, teacher, dev)
+            fused = fusion.fuse(mode, probs, feats, use)
         return F.nll_loss(fused.float().clamp_min(1e-8).log(), train.y[idx]) + lam * mse
 
     def evaluate() -> tuple[float, float]:
@@ -284,13 +268,54 @@ def _train_umt(
     module = fusion.learned[mode]
     enc_params = [p for s in students.values() for p in s.parameters() if p.requires_grad]
     groups = [{"params": list(module.parameters()), "lr": opts.lr}, {"params": enc_params, "lr": opts.encoder_lr}]
-    train_opts = TrainOptions(lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
-                              patience=opts.patience)
+    train_opts = _loop_options(opts)
     info = fit_loop(name=f"{mode}+umt", stage="fusion", n=len(rows), params=groups, loss_fn=loss_fn,
                     evaluate=evaluate, train_modules=[module], state_modules=[module, *students.values()],
                     epochs=opts.umt_epochs, seed=seed, opts=train_opts, progress=progress)
-    for s in students.values():
+    for s in students.values():  # trained: every parameter trainable again, as stage 1 left it
         for p in s.parameters():
             p.requires_grad_(True)
         s.eval()
     return students, {**info, "umt_weight": lam}
+
+
+def _loop_options(opts: FusionOptions) -> TrainOptions:
+    """The :func:`fit_loop` settings of a fusion's training."""
+    return TrainOptions(lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
+                        patience=opts.patience)
+
+
+def _students(models: Mapping[str, SensorModel], order: Sequence[str], dev: torch.device) -> dict[str, SensorModel]:
+    """Copies of the stage-1 encoders to fine-tune (in eval mode, so that batch-norm keeps
+    its statistics), their uni-modal classifiers frozen: they stay the stage-1 ones."""
+    students = {m: copy.deepcopy(models[m]).to(dev).eval() for m in order}
+    for s in students.values():
+        for p in s.net.get_classifier().parameters():
+            p.requires_grad_(False)
+    return students
+
+
+def _student_outputs(
+    students: Mapping[str, SensorModel], train: Split, order: Sequence[str], pos: Sequence[torch.Tensor],
+    idx: torch.Tensor, n_classes: int, teacher: Sequence[torch.Tensor], dev: torch.device,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The students' features and probabilities for the training rows ``idx`` (zeros where
+    a modality is absent), and the UMT distillation term ``Σ_m MSE(h_m, h_m_teacher)``.
+
+    Returns:
+        ``(features per modality [B, D_m], probabilities [B, M, C], mse)``.
+    """
+    feats, probs, mse = [], [], torch.zeros((), device=dev)
+    for j, m in enumerate(order):
+        p = pos[j][idx]
+        have = (p >= 0).nonzero().squeeze(1)
+        f_full = torch.zeros(len(idx), students[m].num_features, device=dev)
+        p_full = torch.zeros(len(idx), n_classes, device=dev)
+        if len(have):
+            f, logits = students[m].head_outputs(train.z[m][p[have]])
+            f_full = f_full.index_put((have,), f.float())
+            p_full = p_full.index_put((have,), logits.float().softmax(-1))
+            mse = mse + F.mse_loss(f.float(), teacher[j][idx[have]])
+        feats.append(f_full)
+        probs.append(p_full)
+    return feats, torch.stack(probs, 1), mse

@@ -15,7 +15,7 @@ from streamfuse.models.encoders import create_model
 from streamfuse.models.mmlora import MMLoRAOptions
 from streamfuse.models.preprocess import example_input
 from streamfuse.models.stage2 import FusionOptions
-from streamfuse.models.train import TrainOptions, train_bundle
+from streamfuse.models.train import TrainConfig, TrainOptions, train_bundle
 from streamfuse.models.registry import Registry
 
 from test_models import dataset  # noqa: E402  (tests/unit is on sys.path under pytest)
@@ -49,9 +49,9 @@ def test_merged_adapter_equals_the_parametrized_model_and_the_base_is_untouched(
 def mmlora_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("mm") / "b"
     train, val, test = dataset(40, 1, MODS), dataset(20, 2, MODS), dataset(12, 3, MODS)
-    man = train_bundle(train, val, test, out, epochs=2, seed=0, device="cpu", fusion="mmlora",
-                       options=TrainOptions(batch_size=8, threads=1), fusion_options=FusionOptions(epochs=2),
-                       mmlora_options=MMLoRAOptions(epochs=2, min_steps=2))
+    config = TrainConfig(epochs=2, seed=0, device="cpu", fusion="mmlora", options=TrainOptions(batch_size=8, threads=1),
+                         fusion_options=FusionOptions(epochs=2), mmlora_options=MMLoRAOptions(epochs=2, min_steps=2))
+    man = train_bundle(train, val, test, out, config)
     return out, man
 
 

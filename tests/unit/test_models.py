@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import create_model
 from streamfuse.models.fusion import ume
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked
-from streamfuse.models.train import TrainOptions, train_bundle
+from streamfuse.models.train import TrainConfig, TrainOptions, train_bundle
 
 CLASSES = ("normal", "imbalance", "bearing", "overheat")
 GOLDEN = Path(__file__).parent / "golden" / "models_golden.json"
@@ -386,8 +387,8 @@ def test_training_beats_chance_and_is_deterministic(tmp_path):
     train, val, test = dataset(40, seed=1), dataset(20, seed=2), dataset(12, seed=3)
     train[0] = (Sample(train[0][0].sample_id, "a", 0, {"image": train[0][0].readings["image"]}), train[0][1])
     reports = []
-    kw = dict(epochs=2, seed=0, device="cpu", options=TrainOptions(batch_size=8, threads=1), created_ms=1)
-    man = train_bundle(train, val, test, tmp_path / "a", progress=reports.append, **kw)
+    config = TrainConfig(epochs=2, seed=0, device="cpu", options=TrainOptions(batch_size=8, threads=1), created_ms=1)
+    man = train_bundle(train, val, test, tmp_path / "a", config, progress=reports.append)
     assert man["classes"] == sorted(CLASSES) and man["modalities"] == ["image", "audio", "series"]
     assert man["training"]["modalities"]["audio"]["n_train"] == 39  # sample 0 lacks audio
     assert {(r.modality, r.epoch) for r in reports} == {(m, e) for m in man["modalities"] for e in (1, 2)}
@@ -398,16 +399,16 @@ def test_training_beats_chance_and_is_deterministic(tmp_path):
     # Same seed, same data: same weights. Each modality is seeded on its own, so training
     # the series model alone reproduces it exactly.
     series = {"series": default_config("series", sorted(CLASSES))}
-    again = train_bundle(train, val, None, tmp_path / "b", configs=series, **kw)
+    again = train_bundle(train, val, None, tmp_path / "b", replace(config, configs=series))
     assert again["configs"]["series"] == man["configs"]["series"]
     # (the label-free calibration is not compared: it depends on the other modalities trained beside it)
     strip = lambda b: {k: v for k, v in b.items() if k != "calibration"}  # noqa: E731
     assert strip(again["baselines"]["series"]) == strip(man["baselines"]["series"])
     bad = [(s, Label(s.sample_id, "a", 0, "unknown")) for s, _ in val]
     with pytest.raises(ModelError, match="not one of the classes"):
-        train_bundle(train, bad, None, tmp_path / "c", **kw)
+        train_bundle(train, bad, None, tmp_path / "c", config)
     with pytest.raises(ModelError, match="already exists"):
-        train_bundle(train, val, None, tmp_path / "a", **kw)
+        train_bundle(train, val, None, tmp_path / "a", config)
 
 
 if __name__ == "__main__" and "--regen-golden" in sys.argv:

@@ -19,7 +19,7 @@ from streamfuse.models.bundle_io import load_bundle
 from streamfuse.models.cli import dataset_app, train
 from streamfuse.models.dataset import load_dataset
 from streamfuse.models.stage2 import Candidate, FusionOptions, choose
-from streamfuse.models.train import TrainOptions, train_bundle
+from streamfuse.models.train import TrainConfig, TrainOptions, train_bundle
 
 app = typer.Typer()
 app.command()(train)
@@ -99,21 +99,22 @@ def small(trained):
 
 def test_same_seed_same_versions_and_ume_only_bundles(small, tmp_path):
     kw = dict(epochs=2, seed=4, device="cpu", options=ONE, created_ms=1, fusion_options=FusionOptions(epochs=3))
-    a = train_bundle(*small, tmp_path / "a", fusion="auto", **kw)
-    b = train_bundle(*small, tmp_path / "b", fusion="auto", **kw)
+    a = train_bundle(*small, tmp_path / "a", TrainConfig(fusion="auto", **kw))
+    b = train_bundle(*small, tmp_path / "b", TrainConfig(fusion="auto", **kw))
     assert a["version"] == b["version"] and a["fusion"]["version"] == b["fusion"]["version"]
-    u = train_bundle(*small, tmp_path / "u", fusion="ume", **kw)
+    u = train_bundle(*small, tmp_path / "u", TrainConfig(fusion="ume", **kw))
     assert u["fusion"]["mode"] == u["fusion"]["version"] == "ume" and set(u["fusion"]["candidates"]) == {"ume"}
     assert not (tmp_path / "u" / "fusion.safetensors").exists() and load_bundle(tmp_path / "u").fusion_modes == ("ume", "quality")
     assert u["configs"] == a["configs"]  # stage 1 does not depend on the fusion asked for
-    w = train_bundle(*small, tmp_path / "w", fusion="weighted", **kw)
+    w = train_bundle(*small, tmp_path / "w", TrainConfig(fusion="weighted", **kw))
     assert w["fusion"]["mode"] == "weighted" and load_bundle(tmp_path / "w").fusion_modes == ("ume", "weighted", "quality")
 
 
 def test_uni_modal_teacher_fine_tunes_the_encoders(small, tmp_path):
     kw = dict(epochs=2, seed=4, device="cpu", options=ONE, fusion="head")
-    frozen = train_bundle(*small, tmp_path / "f", fusion_options=FusionOptions(epochs=3), **kw)
-    umt = train_bundle(*small, tmp_path / "t", umt_weight=1.0, fusion_options=FusionOptions(umt_epochs=2), **kw)
+    frozen = train_bundle(*small, tmp_path / "f", TrainConfig(fusion_options=FusionOptions(epochs=3), **kw))
+    umt = train_bundle(*small, tmp_path / "t",
+                       TrainConfig(umt_weight=1.0, fusion_options=FusionOptions(umt_epochs=2), **kw))
     assert umt["fusion"]["candidates"]["head"]["encoders"] == "umt" and umt["fusion"]["umt_weight"] == 1.0
     assert frozen["fusion"]["candidates"]["head"]["encoders"] == "stage1"
     for m in ("audio", "series"):  # new weights, new versions; the fusion was trained on exactly these
@@ -124,7 +125,7 @@ def test_uni_modal_teacher_fine_tunes_the_encoders(small, tmp_path):
     assert b.fusion_mode == "head" and b.fusion_modes == ("ume", "head", "quality")
     assert umt["test"]["fused"]["macro_f1"] > CHANCE + 0.25
     with pytest.raises(ModelError, match="umt-weight"):
-        train_bundle(*small, tmp_path / "x", umt_weight=-1.0, **kw)
+        train_bundle(*small, tmp_path / "x", TrainConfig(umt_weight=-1.0, **kw))
 
 
 def test_auto_keeps_ume_unless_strictly_beaten():
@@ -143,8 +144,9 @@ def test_auto_keeps_ume_unless_strictly_beaten():
 
 
 def test_training_uses_the_device_it_is_given(small, tmp_path):
-    man = train_bundle(small[0][:40], small[1][:20], None, tmp_path / "d", epochs=1, device="cpu", options=ONE)
+    man = train_bundle(small[0][:40], small[1][:20], None, tmp_path / "d",
+                       TrainConfig(epochs=1, device="cpu", options=ONE))
     assert man["training"]["device"] == "cpu" and man["test"] == {}
     if torch.cuda.is_available():  # bf16 autocast path; only where a GPU exists
-        man = train_bundle(small[0][:40], small[1][:20], None, tmp_path / "g", epochs=1, device="cuda")
+        man = train_bundle(small[0][:40], small[1][:20], None, tmp_path / "g", TrainConfig(epochs=1, device="cuda"))
         assert man["training"]["device"].startswith("cuda")

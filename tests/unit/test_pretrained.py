@@ -10,7 +10,7 @@ from streamfuse.errors import ModelError
 from streamfuse.events import Label, Sample, SensorEvent
 from streamfuse.models.config import default_config
 from streamfuse.models.encoders import create_model, read_checkpoint
-from streamfuse.models.train import TrainOptions, train_bundle
+from streamfuse.models.train import TrainConfig, TrainOptions, train_bundle
 
 OPTS = TrainOptions(threads=1, batch_size=8, patience=10)
 
@@ -31,15 +31,15 @@ def tones(freqs, n, seed, noise):
 def test_fine_tuning_a_pretrained_checkpoint_beats_from_scratch_at_equal_epochs(tmp_path):
     # pretrain: 8 tone frequencies, plenty of data
     source = [3, 5, 7, 9, 11, 13, 15, 17]
-    train_bundle(tones(source, 320, 1, 0.3), tones(source, 64, 2, 0.3), None, tmp_path / "pre", epochs=6, seed=0,
-                 device="cpu", options=OPTS)
+    train_bundle(tones(source, 320, 1, 0.3), tones(source, 64, 2, 0.3), None, tmp_path / "pre",
+                 TrainConfig(epochs=6, seed=0, device="cpu", options=OPTS))
     checkpoint = tmp_path / "pre" / "series.safetensors"  # a streamfuse weights file is a checkpoint too
     # target: 3 other frequencies, 12 noisy training samples, 3 epochs either way
     target = [4, 8, 12]
     data = tones(target, 12, 3, 0.8), tones(target, 60, 4, 0.8), tones(target, 90, 5, 0.8)
     kw = dict(epochs=3, seed=0, device="cpu", options=OPTS)
-    scratch = train_bundle(*data, tmp_path / "scratch", **kw)
-    tuned = train_bundle(*data, tmp_path / "tuned", weights={"series": checkpoint}, **kw)
+    scratch = train_bundle(*data, tmp_path / "scratch", TrainConfig(**kw))
+    tuned = train_bundle(*data, tmp_path / "tuned", TrainConfig(weights={"series": checkpoint}, **kw))
     assert tuned["training"]["modalities"]["series"]["pretrained"] == str(checkpoint)
     f1_tuned, f1_scratch = tuned["test"]["series"]["macro_f1"], scratch["test"]["series"]["macro_f1"]
     assert f1_tuned > f1_scratch + 0.1, (f1_tuned, f1_scratch)
@@ -58,5 +58,5 @@ def test_weights_only_torch_checkpoints_load_and_pickled_objects_do_not(tmp_path
         read_checkpoint(evil)
     assert err.value.path == evil
     with pytest.raises(ModelError, match="weights given for \\['image'\\]"):
-        train_bundle(tones([3, 5], 8, 1, 0.1), tones([3, 5], 4, 2, 0.1), None, tmp_path / "x", epochs=1,
-                     device="cpu", options=OPTS, weights={"image": pth})
+        train_bundle(tones([3, 5], 8, 1, 0.1), tones([3, 5], 4, 2, 0.1), None, tmp_path / "x",
+                     TrainConfig(epochs=1, device="cpu", options=OPTS, weights={"image": pth}))
