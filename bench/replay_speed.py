@@ -21,9 +21,6 @@ reference and writes JSON (``--json PATH``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 import uuid
@@ -33,13 +30,14 @@ from streamfuse.config import Settings
 from streamfuse.models.bootstrap import ensure_models
 from streamfuse.procs import spawn, stop_children
 from streamfuse.embedded import EmbeddedBroker
-from streamfuse.replay import fault_annotations, record, replay
+from streamfuse.replay import ReplayOptions, fault_annotations, record, replay
 from streamfuse.replay.collect import Collector
 from streamfuse.replay.format import Recording
 from streamfuse.replay.namespace import make_namespace
 from streamfuse.sim.faults import parse_fault
 from streamfuse.sim.publish import SimPublisher
 from streamfuse.topics import ensure_topics
+from report import emit, machine
 
 START_MS = 1_800_000_000_000
 
@@ -79,16 +77,6 @@ def worker_ceiling(settings: Settings, rec_dir: Path, logs: Path, max_batch: int
         ns.delete()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=180.0, help="seconds of event time to record")
@@ -116,7 +104,7 @@ def main() -> None:
               f"(plant: {plant_sps:g} samples/s)")
         runs = {}
         for mode, max_batch in (("default", None), ("batch_1", 1)):
-            s = replay(work / "rec", live, max_batch=max_batch, report_dir=work / mode)
+            s = replay(work / "rec", live, ReplayOptions(max_batch=max_batch, report_dir=work / mode))
             r = s["replay"]
             runs[mode] = {"speed_x": r["speed_x"], "speed_x_with_startup": r["speed_x_with_startup"],
                           "startup_s": round(r["startup_s"] or 0, 2), "wall_s": r["wall_s"], "event_s": r["event_s"],
@@ -131,15 +119,10 @@ def main() -> None:
         StatusStore(connect(live), live.redis_prefix).clear()
     import torch
 
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(), "cpus": os.cpu_count(),
-           "device": args.device, "python": platform.python_version(),
-           "torch": torch.__version__, "duration_s": args.duration, "samples": stats.samples,
+    out = {**machine(), "device": args.device, "torch": torch.__version__, "duration_s": args.duration, "samples": stats.samples,
            "plant_samples_per_s": plant_sps, "worker_ceiling_x": round(ceiling, 2),
            "worker_ceiling_samples_per_s": round(worker_sps, 1), "replays": runs}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def make_report(out_dir: Path, duration_s: float, fault: str) -> Path:
     from streamfuse.config import Settings
     from streamfuse.models.bootstrap import ensure_models
     from streamfuse.embedded import EmbeddedBroker
-    from streamfuse.replay import fault_annotations, record, replay
+    from streamfuse.replay import ReplayOptions, fault_annotations, record, replay
     from streamfuse.sim.faults import parse_fault
     from streamfuse.sim.publish import SimPublisher
     from streamfuse.store import StatusStore, connect
@@ -135,7 +135,7 @@ def make_report(out_dir: Path, duration_s: float, fault: str) -> Path:
             SimPublisher(s, faults, start_ms=start, speed=None, run_id="check").run(duration_s)
             record(s, out_dir / "recording", annotations=fault_annotations(faults, start),
                    meta={"sim": s.sim.model_dump()})
-            replay(out_dir / "recording", s, report_dir=out_dir / "report", title=f"report check: {fault}")
+            replay(out_dir / "recording", s, ReplayOptions(report_dir=out_dir / "report", title=f"report check: {fault}"))
         finally:
             StatusStore(connect(s), s.redis_prefix).clear()
     return out_dir / "report" / "report.html"

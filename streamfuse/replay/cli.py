@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from streamfuse.cli_errors import cli_errors
-from streamfuse.config import load_settings
+from streamfuse.config import Settings, load_settings
 from streamfuse.replay.errors import RecordingError, ReplayError
 
 __all__ = ["record", "replay"]
@@ -112,41 +113,47 @@ def replay(
     Without STREAMFUSE_KAFKA_BOOTSTRAP it runs on an embedded broker, as the demo does."""
     from streamfuse.replay.compare import compare as do_compare, load_policy, parse_models
     from streamfuse.replay.format import Recording
+    from streamfuse.replay.options import ReplayOptions
     from streamfuse.replay.replayer import replay as do_replay
 
-    broker = None
-    try:
-        if speed is not None and max_speed:
-            raise ReplayError("choose --speed X or --max-speed, not both")
-        settings = load_settings(verbose)
-        Recording(recording, verify=False)  # a missing recording fails before a broker starts
-        if not settings.kafka_bootstrap:
-            # As `streamfuse demo`: no cluster configured, so run on the embedded broker.
-            from streamfuse.embedded import EmbeddedBroker
-
-            broker = EmbeddedBroker().start()
-            settings = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "broker": "tansu"})
-            console.print(f"embedded broker on {broker.bootstrap} (set STREAMFUSE_KAFKA_BOOTSTRAP to use a cluster)")
-        opts: dict[str, Any] = {
-            "speed": speed, "models": parse_models(models), "keep": keep, "progress": True,
-            "policy_overrides": load_policy(policy) if policy else None,
-            "time_range": (from_s, to_s) if from_s is not None or to_s is not None else None,
-            "assets": [a.strip() for a in assets.split(",") if a.strip()] if assets else None,
-            "stop": _stop_on_signals()}
+    if speed is not None and max_speed:
+        raise ReplayError("choose --speed X or --max-speed, not both")
+    settings = load_settings(verbose)
+    Recording(recording, verify=False)  # a missing recording fails before a broker starts
+    with _cluster(settings) as settings:
+        options = ReplayOptions(
+            namespace=namespace, report_dir=report, speed=speed, models=parse_models(models), keep=keep,
+            progress=True, policy_overrides=load_policy(policy) if policy else None,
+            time_range=(from_s, to_s) if from_s is not None or to_s is not None else None,
+            assets=[a.strip() for a in assets.split(",") if a.strip()] if assets else None)
+        stop = _stop_on_signals()
         if compare:
-            result = do_compare(recording, settings, compare[0], compare[1], report_dir=report, namespace=namespace,
-                                **opts)
-            _print_compare(result)
+            _print_compare(do_compare(recording, settings, compare[0], compare[1], options, stop=stop))
             if report:
                 console.print(f"report: {report / 'compare.html'}")
             return
-        summary = do_replay(recording, settings, namespace=namespace, report_dir=report, **opts)
-    finally:
-        if broker is not None:
-            broker.stop()
+        summary = do_replay(recording, settings, options, stop=stop)
     _print_summary(summary)
     if report:
         console.print(f"report: {report / 'report.html'}")
+
+
+@contextmanager
+def _cluster(settings: Settings) -> Iterator[Settings]:
+    """The settings to run on: ``settings`` if they name a cluster; else, as ``streamfuse
+    demo`` does, an embedded broker that runs as long as the block does."""
+    if settings.kafka_bootstrap:
+        yield settings
+        return
+    from streamfuse.embedded import EmbeddedBroker
+
+    broker = EmbeddedBroker().start()
+    try:
+        cluster = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap, "broker": "tansu"})
+        console.print(f"embedded broker on {broker.bootstrap} (set STREAMFUSE_KAFKA_BOOTSTRAP to use a cluster)")
+        yield cluster
+    finally:
+        broker.stop()
 
 
 def _f(x: Any) -> str:

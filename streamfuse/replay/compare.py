@@ -4,13 +4,16 @@ they do not compete for the CPU or GPU and their speeds stay comparable."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from streamfuse.config import Settings
 from streamfuse.replay.errors import ReplayError
+from streamfuse.replay.options import ReplayOptions
 
 
 def parse_models(items: list[str] | str | None) -> dict[str, str]:
@@ -90,16 +93,17 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 
 def compare(recording_dir: str | Path, settings: Settings, a: str | dict[str, Any], b: str | dict[str, Any],
-            report_dir: str | Path | None = None, namespace: str | None = None, **options: Any) -> dict[str, Any]:
+            options: ReplayOptions | None = None, *, stop: threading.Event | None = None) -> dict[str, Any]:
     """Replay the recording twice (A, then B) and report them side by side.
 
     Args:
-        recording_dir / settings: as for :func:`~streamfuse.replay.replayer.replay`.
+        recording_dir / settings / stop: as for :func:`~streamfuse.replay.replayer.replay`.
         a, b: variants (:func:`parse_variant` text, or its dict).
-        report_dir: writes ``A/`` and ``B/`` (each a full report), ``compare.html`` and
-            ``compare.json``.
-        namespace: base namespace; the sides run in ``<namespace>-a`` and ``-b``.
-        options: passed to both replays (speed, time_range, assets, models, policy_overrides...).
+        options: for both replays (speed, time_range, assets, models, policy_overrides...),
+            each side's models and policy on top (:func:`side_options`). Its ``report_dir``
+            gets ``A/`` and ``B/`` (each a full report), ``compare.html`` and
+            ``compare.json``; its ``namespace`` is the base: the sides run in
+            ``<namespace>-a`` and ``-b``.
 
     Returns:
         ``{"a": summary, "b": summary, "names": [..], "differences": {...}}``.
@@ -107,27 +111,39 @@ def compare(recording_dir: str | Path, settings: Settings, a: str | dict[str, An
     from streamfuse.replay.replayer import replay
     from streamfuse.replay.report import render_compare
 
+    opts = options if options is not None else ReplayOptions()
     sides = [parse_variant(v) if isinstance(v, str) else dict(v) for v in (a, b)]
     if sides[0]["name"] == sides[1]["name"]:
         sides[0]["name"], sides[1]["name"] = f"A {sides[0]['name']}", f"B {sides[1]['name']}"
-    out_dir = Path(report_dir) if report_dir is not None else None
-    summaries = []
-    for tag, side in zip(("a", "b"), sides):
-        opts = dict(options)
-        opts["models"] = {**(opts.get("models") or {}), **side.get("models", {})}
-        opts["policy_overrides"] = {**(opts.get("policy_overrides") or {}), **side.get("policy", {})}
-        if "bundle" in side:
-            opts["bundle"] = side["bundle"]
-        summaries.append(replay(recording_dir, settings, namespace=f"{namespace.rstrip('.')}-{tag}" if namespace
-                                else None, report_dir=out_dir / tag.upper() if out_dir else None,
-                                title=f"replay {tag.upper()}: {side['name']}", **opts))
-    sa, sb = summaries
+    sa, sb = [replay(recording_dir, settings, side_options(opts, tag, side), stop=stop)
+              for tag, side in zip(("a", "b"), sides)]
     result = {"names": [s["name"] for s in sides], "a": sa, "b": sb, "differences": differences(sa, sb)}
-    if out_dir is not None:
+    if opts.report_dir is not None:
+        out_dir = Path(opts.report_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
         (out_dir / "compare.html").write_text(render_compare(sa, sb, sides[0]["name"], sides[1]["name"]))
     return result
+
+
+def side_options(options: ReplayOptions, tag: str, side: dict[str, Any]) -> ReplayOptions:
+    """The options of one side of a comparison (``tag`` ``"a"`` or ``"b"``; ``side`` a
+    :func:`parse_variant`): its own namespace (``<namespace>-<tag>``), report directory
+    (``<report_dir>/<TAG>``) and title; its models and policy on top of those of
+    ``options``; its bundle if it names one.
+
+    Examples:
+        >>> o = side_options(ReplayOptions(namespace="ab.", report_dir="out", models={"audio": "v1"}), "b",
+        ...                  parse_variant("image=v2"))
+        >>> o.namespace, str(o.report_dir), o.title, o.models, o.policy_overrides
+        ('ab-b', 'out/B', 'replay B: image=v2', {'audio': 'v1', 'image': 'v2'}, {})
+    """
+    return dataclasses.replace(
+        options, namespace=f"{options.namespace.rstrip('.')}-{tag}" if options.namespace else None,
+        report_dir=Path(options.report_dir) / tag.upper() if options.report_dir is not None else None,
+        title=f"replay {tag.upper()}: {side['name']}", models={**(options.models or {}), **side.get("models", {})},
+        policy_overrides={**(options.policy_overrides or {}), **side.get("policy", {})},
+        bundle=side.get("bundle", options.bundle))
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from streamfuse.clock import now_ms
@@ -50,6 +51,7 @@ from streamfuse.events import BATCH_END, MSGPACK, Ack, Label, Prediction, Sample
 from streamfuse.monitor.core import MonitorCore
 from streamfuse.replay.collect import BARRIER_WORKER, FLUSH_PREFIX, Collector
 from streamfuse.replay.errors import ReplayError
+from streamfuse.replay.options import STALL_S
 from streamfuse.replay.plan import Stream, Streams
 from streamfuse.store import StatusStore
 
@@ -66,35 +68,67 @@ def threshold_after(clock: int, window_ms: int, grace_ms: int) -> int:
     return ((clock - grace_ms) // window_ms + 1) * window_ms + grace_ms
 
 
-class Lockstep:
-    """Args:
+@dataclass(frozen=True)
+class ReplayPipeline:
+    """The replay namespace's running pipeline, as the lock-step talks to it.
+
+    Args:
         settings: the replay namespace's settings.
-        streams: what to publish.
         collector: reads the namespace's outputs.
         producer: a librdkafka producer for the namespace (``make_rd_producer``).
         store: the namespace's Redis status store (where the monitor records acks).
-        baselines: the served models' baselines (as the monitor gets them).
         alive: raises when a pipeline process died.
-        speed: event-time seconds per wall second; None = as fast as the pipeline goes.
-        on_progress: called with (records published, clock of the last one).
-        stall_s: a wait that sees no progress this long fails.
-        stop: set it to stop early.
-        on_label: called with each label published.
+        baselines: the served models' baselines (as the monitor gets them).
         baselines_of: the baselines of given unit versions (the namespace's registry), so
             the shadow follows version changes as the monitor does.
     """
 
-    def __init__(self, settings: Settings, streams: Streams, collector: Collector, producer, store: StatusStore,
-                 baselines: dict[str, dict[str, float]], alive: Callable[[], None], speed: float | None = None,
-                 on_progress: Callable[[int, int], None] | None = None, stall_s: float = 120.0,
-                 stop: threading.Event | None = None, on_label: Callable[[Label], None] | None = None,
-                 baselines_of: Callable[[dict[str, str]], dict | None] | None = None) -> None:
-        self.s, self.streams, self.col, self.producer, self.store = settings, streams, collector, producer, store
-        self.alive, self.speed, self.on_progress, self.stall_s = alive, speed, on_progress, stall_s
-        self.stop, self.on_label = stop or threading.Event(), on_label
+    settings: Settings
+    collector: Collector
+    producer: Any
+    store: StatusStore
+    alive: Callable[[], None]
+    baselines: dict[str, dict[str, float]]
+    baselines_of: Callable[[dict[str, str]], dict | None] | None = None
+
+
+@dataclass(frozen=True)
+class LockstepConfig:
+    """How the lock-step runs: its pace, its patience, when it stops, whom it tells.
+
+    Args:
+        speed: event-time seconds per wall second; None = as fast as the pipeline goes.
+        stall_s: a wait that sees no progress this long fails.
+        stop: set it to stop early.
+        on_progress: called with (records published, clock of the last one).
+        on_label: called with each label published.
+    """
+
+    speed: float | None = None
+    stall_s: float = STALL_S
+    stop: threading.Event | None = None
+    on_progress: Callable[[int, int], None] | None = None
+    on_label: Callable[[Label], None] | None = None
+
+
+class Lockstep:
+    """Publishes ``streams`` into ``pipeline`` step by step (see the module's docstring).
+
+    Args:
+        pipeline: the replay namespace's running pipeline.
+        streams: what to publish.
+        config: pace, stall limit, stop, progress and label hooks.
+    """
+
+    def __init__(self, pipeline: ReplayPipeline, streams: Streams, config: LockstepConfig = LockstepConfig()) -> None:
+        settings = pipeline.settings
+        self.s, self.streams, self.col = settings, streams, pipeline.collector
+        self.producer, self.store, self.alive = pipeline.producer, pipeline.store, pipeline.alive
+        self.speed, self.stall_s, self.stop = config.speed, config.stall_s, config.stop or threading.Event()
+        self.on_progress, self.on_label = config.on_progress, config.on_label
         self.window_ms, self.grace_ms = settings.monitor.kpi_window_ms, settings.monitor.label_grace_ms
         self.prefix = settings.topic_prefix
-        self.shadow = MonitorCore(baselines, settings.monitor, baselines_of=baselines_of)
+        self.shadow = MonitorCore(pipeline.baselines, settings.monitor, baselines_of=pipeline.baselines_of)
         # The label-free detectors decide every decision_step_ms of event time: then every
         # such step is a barrier too, so their commands land at the same sample every time.
         if self.shadow.sequential is not None:
@@ -106,7 +140,7 @@ class Lockstep:
         self.expected_commands: list = []
         self.shadow_closed: set[int] = set()
         self.shadow_windows: set[int] = set()  # windows the shadow got predictions for
-        collector.on_prediction = self._shadow
+        self.col.on_prediction = self._shadow
         self.pending: dict[tuple[int, int], str | None] = {}  # (partition, offset) -> sample id (None: bad)
         self.held: dict[int, tuple[dict[str, Any], str | None]] = {}  # samples partition -> last, unsent
         self.pub_max: dict[int, int] = {}  # samples partition -> latest predictable sample published

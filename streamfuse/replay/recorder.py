@@ -115,33 +115,66 @@ def record(settings: Settings, out_dir: str | Path, topics: Iterable[str] | None
         RecordingError: unknown topics, none of them exists, or ``out_dir`` holds a
             recording. BrokerError / ConfigError: the broker is not reachable.
     """
-    from kafka import TopicPartition
-
-    from streamfuse.kafka import make_consumer
-
-    prefix = settings.topic_prefix
-    names = resolve_topics(topics, prefix)
+    names = resolve_topics(topics, settings.topic_prefix)
     notes = _check_annotations(annotations)
     writer = RecordingWriter(out_dir, compression)
-    consumer = make_consumer(settings, None, "streamfuse-recorder")
-    stats: dict[str, dict[str, Any]] = {}
-    started_ms = now_ms()
-    try:
-        tps = []
+    with _TopicCopy(settings, writer) as copy:
+        started_ms = now_ms()
+        try:
+            copy.assign(names, from_now, out_dir)
+            copy.run(duration_s, until_ms, stop, since_ms, on_progress)
+        except BaseException:
+            writer.close({"incomplete": True, "topics": copy.stats})
+            raise
+    return writer.close(_manifest(settings, copy.stats, notes, meta, started_ms, from_now, since_ms, until_ms))
+
+
+class _TopicCopy:
+    """A consumer without a group, assigned to every partition of the recorded topics,
+    that copies their records into a :class:`RecordingWriter`; ``stats`` per topic."""
+
+    def __init__(self, settings: Settings, writer: RecordingWriter) -> None:
+        from streamfuse.kafka import make_consumer
+
+        self.prefix, self.writer = settings.topic_prefix, writer
+        self.consumer = make_consumer(settings, None, "streamfuse-recorder")
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.tps: list = []
+
+    def __enter__(self) -> "_TopicCopy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.close()
+
+    def assign(self, names: list[str], from_now: bool, out_dir: str | Path) -> None:
+        """Assign every partition of the topics that exist, at their beginning (or end).
+
+        Raises:
+            RecordingError: none of them exists.
+        """
+        from kafka import TopicPartition
+
         for name in names:
-            parts = consumer.partitions_for_topic(prefix + name)
+            parts = self.consumer.partitions_for_topic(self.prefix + name)
             if not parts:
-                log.warning("topic %s%s does not exist: not recorded", prefix, name)
+                log.warning("topic %s%s does not exist: not recorded", self.prefix, name)
                 continue
-            stats[name] = {"name": prefix + name, "partitions": len(parts), "records": 0}
-            tps += [TopicPartition(prefix + name, p) for p in sorted(parts)]
-        if not tps:
-            raise RecordingError(f"none of the topics {names} exists under the prefix {prefix!r}; check "
+            self.stats[name] = {"name": self.prefix + name, "partitions": len(parts), "records": 0}
+            self.tps += [TopicPartition(self.prefix + name, p) for p in sorted(parts)]
+        if not self.tps:
+            raise RecordingError(f"none of the topics {names} exists under the prefix {self.prefix!r}; check "
                                  "STREAMFUSE_TOPIC_PREFIX and that the pipeline or simulator is running", out_dir)
-        consumer.assign(tps)
-        (consumer.seek_to_end if from_now else consumer.seek_to_beginning)(*tps)
+        self.consumer.assign(self.tps)
+        (self.consumer.seek_to_end if from_now else self.consumer.seek_to_beginning)(*self.tps)
+
+    def run(self, duration_s: float | None, until_ms: int | None, stop: threading.Event | None,
+            since_ms: int | None, on_progress: Any) -> None:
+        """Copy records stamped in ``[since_ms, until_ms)`` until ``stop`` is set, the
+        duration is over, or the copy caught up with the end offsets: those at the start
+        for a snapshot (none of the three given), those at ``until_ms`` otherwise."""
         snapshot = duration_s is None and until_ms is None and stop is None
-        ends = consumer.end_offsets(tps) if snapshot else None
+        ends = self.consumer.end_offsets(self.tps) if snapshot else None
         t0, total = time.monotonic(), 0
         while True:
             if stop is not None and stop.is_set():
@@ -149,27 +182,27 @@ def record(settings: Settings, out_dir: str | Path, topics: Iterable[str] | None
             if duration_s is not None and time.monotonic() - t0 >= duration_s:
                 break
             if until_ms is not None and ends is None and now_ms() >= until_ms:
-                ends = consumer.end_offsets(tps)  # catch up to what was there at the deadline
-            if ends is not None and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                ends = self.consumer.end_offsets(self.tps)  # catch up to what was there at the deadline
+            if ends is not None and all(self.consumer.position(tp) >= ends[tp] for tp in self.tps):
                 break
-            for tp, msgs in consumer.poll(timeout_ms=200, max_records=2000).items():
-                name = tp.topic[len(prefix):]
-                for m in msgs:
-                    if (since_ms is not None and m.timestamp < since_ms) or \
-                            (until_ms is not None and m.timestamp >= until_ms):
-                        continue
-                    writer.add(name, record_map(m.key, m.value, m.headers, m.partition, m.offset, m.timestamp,
-                                                m.timestamp_type))
-                    _count(stats[name], m, name)
-                    total += 1
+            total += self._write(self.consumer.poll(timeout_ms=200, max_records=2000), since_ms, until_ms)
             if on_progress is not None:
                 on_progress(total)
-    except BaseException:
-        writer.close({"incomplete": True, "topics": stats})
-        raise
-    finally:
-        consumer.close()
-    return writer.close(_manifest(settings, stats, notes, meta, started_ms, from_now, since_ms, until_ms))
+
+    def _write(self, polled: dict, since_ms: int | None, until_ms: int | None) -> int:
+        """Write the polled records stamped in ``[since_ms, until_ms)``; returns how many."""
+        n = 0
+        for tp, msgs in polled.items():
+            name = tp.topic[len(self.prefix):]
+            for m in msgs:
+                if (since_ms is not None and m.timestamp < since_ms) or \
+                        (until_ms is not None and m.timestamp >= until_ms):
+                    continue
+                self.writer.add(name, record_map(m.key, m.value, m.headers, m.partition, m.offset, m.timestamp,
+                                                 m.timestamp_type))
+                _count(self.stats[name], m, name)
+                n += 1
+        return n
 
 
 def _count(st: dict[str, Any], m, name: str) -> None:

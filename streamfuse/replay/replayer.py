@@ -20,12 +20,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamfuse.config import Settings
 from streamfuse.replay.errors import ReplayError
 from streamfuse.replay.format import Recording
-from streamfuse.replay.plan import INPUT_TOPICS, SENSOR_TOPICS, Filters, clock_streams
+from streamfuse.replay.options import ReplayOptions
+from streamfuse.replay.plan import INPUT_TOPICS, SENSOR_TOPICS, Filters, Streams, clock_streams
+
+if TYPE_CHECKING:
+    from streamfuse.events import Label
+    from streamfuse.replay.collect import Collector
+    from streamfuse.replay.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +57,7 @@ def _filters(rec: Recording, time_range: tuple[float | None, float | None] | Non
                    None if lo is None else start + round(lo * 1000), None if hi is None else start + round(hi * 1000))
 
 
-def replay(recording_dir: str | Path, settings: Settings, namespace: str | None = None, speed: float | None = None,
-           models: dict[str, str] | None = None, policy_overrides: dict[str, Any] | None = None,
-           report_dir: str | Path | None = None, time_range: tuple[float | None, float | None] | None = None,
-           assets: list[str] | None = None, keep: bool = False, bundle: str | Path | None = None,
-           max_batch: int | None = None, progress: bool = False, verify: bool = True, title: str | None = None,
+def replay(recording_dir: str | Path, settings: Settings, options: ReplayOptions | None = None, *,
            stop: threading.Event | None = None) -> dict[str, Any]:
     """Replay a recording through sync (if it holds readings), a worker and the monitor.
 
@@ -63,22 +65,8 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
         recording_dir: written by :func:`~streamfuse.replay.recorder.record`.
         settings: the live settings: bootstrap, Redis, model directory; the live topic
             prefix is what the replay must stay away from.
-        namespace: topic prefix of the replay (default ``replay-<random>.``); never the
-            live one.
-        speed: event-time seconds per wall second; None = as fast as the pipeline goes.
-        models: unit -> version to serve (default: the live active versions).
-        policy_overrides: ``MonitorSettings`` fields to change (windows, thresholds...).
-        report_dir: write ``summary.json`` and ``report.html`` here.
-        time_range: ``(from_s, to_s)`` seconds from the recording's first event.
-        assets: only these asset ids.
-        keep: keep the namespace's topics and Redis keys (to inspect them).
-        bundle: a bundle directory whose units to import and serve.
-        max_batch: the replay worker's micro-batch limit; None = the live setting. Either
-            way every number is bit-for-bit reproducible: the worker cuts stream batches
-            (by the records, never the clock; see :mod:`streamfuse.inference.feeder`).
-        progress: show a progress bar (events/s, ETA).
-        verify: check the recording's checksums first.
-        title: a name for the report.
+        options: namespace, speed, models, policy, report directory, time range...
+            (:class:`~streamfuse.replay.options.ReplayOptions`; None = its defaults).
         stop: set it to stop early (the summary covers what was replayed).
 
     Returns:
@@ -89,87 +77,152 @@ def replay(recording_dir: str | Path, settings: Settings, namespace: str | None 
             namespace, bad option, a pipeline process died or stalled.
             RegistryError / ModelError: an unknown or broken model version.
     """
-    from streamfuse.kafka import make_rd_producer
-    from streamfuse.models.registry import Registry
-    from streamfuse.procs import spawn, stop_children
-    from streamfuse.replay.collect import Collector
-    from streamfuse.replay.lockstep import Lockstep
-    from streamfuse.replay.namespace import make_namespace, setup_models
+    from streamfuse.replay.namespace import setup_models
     from streamfuse.replay.summary import recorded_outputs, summarize
     from streamfuse.replay.syncstage import run_sync_stage
-    from streamfuse.store import StatusStore, connect
     from streamfuse.topics import ensure_topics
 
-    if speed is not None and speed <= 0:
-        raise ReplayError(f"speed must be > 0 (event seconds per wall second), got {speed}; or use --max-speed")
-    rec = Recording(recording_dir, verify=verify)
+    opts = options if options is not None else ReplayOptions()
+    rec = Recording(recording_dir, verify=opts.verify)
+    sync, topics = _input_topics(rec, recording_dir)
+    filters = _filters(rec, opts.time_range, opts.assets)
+    ns = _namespace(settings, rec, opts)
+    pipeline = _Pipeline(ns, _log_dir(opts.report_dir), rec.manifest.get("time_range", {}).get("first_event_ms") or 0)
+    try:
+        ensure_topics(ns.settings)
+        versions = setup_models(ns, opts.models, opts.bundle)
+        streams = _clock_streams(rec, topics, filters, ns.settings)
+        with _Progress(opts.progress, streams.total) as bar:
+            if sync:
+                streams = run_sync_stage(ns, streams, pipeline.log_dir, on_progress=bar.sync)
+            counters, wall_s = pipeline.run(streams, bar, opts.speed, stop)
+        pipeline.drain()
+    finally:
+        pipeline.close(keep=opts.keep)
+    summary = summarize(pipeline.collector, pipeline.labels, rec.annotations, ns.settings.monitor, versions, wall_s,
+                        counters, start_ms=pipeline.t0 or None, recorded=recorded_outputs(rec))
+    summary["replay"].update(_how_it_ran(recording_dir, ns, opts, sync, pipeline.log_dir))
+    if opts.report_dir is not None:
+        write_outputs(summary, Path(opts.report_dir), opts.title)
+    return summary
+
+
+def _input_topics(rec: Recording, recording_dir: str | Path) -> tuple[bool, list[str]]:
+    """Whether the replay runs the synchronizer (the recording holds sensor readings), and
+    the topics it publishes: the readings, or else the samples; and the labels.
+
+    Raises:
+        ReplayError: the recording holds neither samples nor readings.
+    """
     present = {t for t, v in rec.topics.items() if v.get("records")}
     sync = bool(present & set(SENSOR_TOPICS))
-    wanted = [t for t in (*SENSOR_TOPICS, "labels") if t in present] if sync else \
+    topics = [t for t in (*SENSOR_TOPICS, "labels") if t in present] if sync else \
         [t for t in ("samples", "labels") if t in present]
-    if not any(t != "labels" for t in wanted):
+    if not any(t != "labels" for t in topics):
         raise ReplayError(f"{recording_dir} holds no samples or sensor readings (topics: {sorted(present)}); "
                           "record the inputs: streamfuse record --topics inputs")
-    filters = _filters(rec, time_range, assets)
+    return sync, topics
+
+
+def _namespace(live: Settings, rec: Recording, opts: ReplayOptions) -> Namespace:
+    """The replay's namespace: the recording's partitions and plant rate, the options'
+    policy; its worker cuts stream batches (of up to ``max_batch``)."""
+    from streamfuse.replay.namespace import make_namespace
+
     rate = (rec.manifest.get("meta", {}).get("sim") or {}).get("rate_hz")
-    ns = make_namespace(settings, namespace, _partitions(rec), policy_overrides, rate)
-    s = ns.settings
-    worker = {"stream_batches": True} | ({"max_batch": max_batch} if max_batch is not None else {})
-    s = ns.settings = s.model_copy(update={"worker": s.worker.model_copy(update=worker)})
-    log_dir = Path(report_dir) / "logs" if report_dir else Path(tempfile.mkdtemp(prefix="streamfuse-replay-"))
-    procs: dict[str, Any] = {}
-    collector = producer = None
-    labels: dict[str, str] = {}
-    t0 = rec.manifest.get("time_range", {}).get("first_event_ms") or 0
-    try:
-        ensure_topics(s)
-        versions = setup_models(ns, models, bundle)
-        sources = {(t, p): (lambda t=t, p=p: rec.records(t, p)) for t in wanted for p in rec.partitions(t)}
-        w, g = s.monitor.kpi_window_ms, s.monitor.label_grace_ms
-        streams = clock_streams(sources, filters, deadline=lambda ts: ts - ts % w + w + g)
-        bar = _Progress(progress, streams.total)
-        with bar:
-            if sync:
-                streams = run_sync_stage(ns, streams, log_dir, on_progress=bar.sync)
-            procs = {"worker": spawn("worker", s, log_dir), "monitor": spawn("monitor", s, log_dir)}
-            collector = Collector(s, t0)
-            producer = make_rd_producer(s, "streamfuse-replay")
-            store = StatusStore(connect(s), s.redis_prefix)
+    ns = make_namespace(live, opts.namespace, _partitions(rec), opts.policy_overrides, rate)
+    worker = {"stream_batches": True} | ({"max_batch": opts.max_batch} if opts.max_batch is not None else {})
+    ns.settings = ns.settings.model_copy(update={"worker": ns.settings.worker.model_copy(update=worker)})
+    return ns
 
-            def alive() -> None:
-                for name, p in procs.items():
-                    if p.poll() is not None:
-                        raise ReplayError(f"the replay's {name} exited with {p.returncode}; see "
-                                          f"{log_dir / (name + '.log')}", ns.prefix)
 
-            bar.start(streams.total)
-            models = Registry(s)
-            lock = Lockstep(s, streams, collector, producer, store, models.baselines(), alive, speed,
-                            bar.update, stop=stop, on_label=lambda lab: labels.__setitem__(lab.sample_id, lab.label),
-                            baselines_of=models.baselines_of)
-            wall0 = time.monotonic()
-            counters = lock.run()
-            wall_s = time.monotonic() - wall0
-        for _ in range(3):  # the last acks and snapshots after the final barrier
-            collector.poll(100)
-    finally:
-        stop_children(list(procs.values()))
-        if collector is not None:
-            collector.consumer.close()
-        if producer is not None:
-            producer.flush(30)
+def _log_dir(report_dir: str | Path | None) -> Path:
+    """Where the replay's processes log: ``<report_dir>/logs``, or a new temporary directory."""
+    return Path(report_dir) / "logs" if report_dir else Path(tempfile.mkdtemp(prefix="streamfuse-replay-"))
+
+
+def _clock_streams(rec: Recording, topics: list[str], filters: Filters, s: Settings) -> Streams:
+    """The recording's ``topics``, every partition, as clocked streams; a sample's label is
+    due when the monitor closes the sample's KPI window (window end + label grace)."""
+    sources = {(t, p): (lambda t=t, p=p: rec.records(t, p)) for t in topics for p in rec.partitions(t)}
+    w, g = s.monitor.kpi_window_ms, s.monitor.label_grace_ms
+    return clock_streams(sources, filters, deadline=lambda ts: ts - ts % w + w + g)
+
+
+def _how_it_ran(recording_dir: str | Path, ns: Namespace, opts: ReplayOptions, sync: bool,
+                log_dir: Path) -> dict[str, Any]:
+    """The summary's ``replay`` entries that say what was replayed, where and how."""
+    return {"recording": str(Path(recording_dir).resolve()), "namespace": ns.prefix,
+            "kept": opts.keep, "speed_requested": opts.speed, "max_batch": ns.settings.worker.max_batch,
+            "synchronizer": sync, "time_range_s": list(opts.time_range) if opts.time_range else None,
+            "assets": sorted(opts.assets) if opts.assets else None,
+            "policy_overrides": opts.policy_overrides or {}, "logs": str(log_dir)}
+
+
+class _Pipeline:
+    """The replay's worker and monitor processes, and the collector and producer that the
+    lock-step drives them with; :meth:`close` takes them down, then the namespace."""
+
+    def __init__(self, ns: Namespace, log_dir: Path, t0: int) -> None:
+        self.ns, self.log_dir, self.t0 = ns, log_dir, t0  # t0: the recording's first event (ms), or 0
+        self.procs: dict[str, Any] = {}
+        self.collector: Collector | None = None
+        self.producer: Any = None
+        self.labels: dict[str, str] = {}  # sample id -> true class, of the labels published
+
+    def run(self, streams: Streams, bar: _Progress, speed: float | None,
+            stop: threading.Event | None) -> tuple[dict[str, Any], float]:
+        """Start the worker and the monitor, then publish ``streams`` in lock-step.
+
+        Returns:
+            The lock-step's counters, and its wall time in seconds.
+        """
+        from streamfuse.kafka import make_rd_producer
+        from streamfuse.models.registry import Registry
+        from streamfuse.procs import spawn
+        from streamfuse.replay.collect import Collector
+        from streamfuse.replay.lockstep import Lockstep, LockstepConfig, ReplayPipeline
+        from streamfuse.store import StatusStore, connect
+
+        s = self.ns.settings
+        self.procs = {"worker": spawn("worker", s, self.log_dir), "monitor": spawn("monitor", s, self.log_dir)}
+        self.collector = Collector(s, self.t0)
+        self.producer = make_rd_producer(s, "streamfuse-replay")
+        store = StatusStore(connect(s), s.redis_prefix)
+        bar.start(streams.total)
+        registry = Registry(s)
+        lock = Lockstep(ReplayPipeline(s, self.collector, self.producer, store, self._alive, registry.baselines(),
+                                       registry.baselines_of),
+                        streams, LockstepConfig(speed, stop=stop, on_progress=bar.update, on_label=self._label))
+        wall0 = time.monotonic()
+        counters = lock.run()
+        return counters, time.monotonic() - wall0
+
+    def _alive(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise ReplayError(f"the replay's {name} exited with {p.returncode}; see "
+                                  f"{self.log_dir / (name + '.log')}", self.ns.prefix)
+
+    def _label(self, label: Label) -> None:
+        self.labels[label.sample_id] = label.label
+
+    def drain(self) -> None:
+        """Read the last acks and snapshots, which come after the final barrier."""
+        for _ in range(3):
+            self.collector.poll(100)
+
+    def close(self, keep: bool) -> None:
+        """Stop the processes, close the clients; delete the namespace unless ``keep``."""
+        from streamfuse.procs import stop_children
+
+        stop_children(list(self.procs.values()))
+        if self.collector is not None:
+            self.collector.consumer.close()
+        if self.producer is not None:
+            self.producer.flush(30)
         if not keep:
-            ns.delete()
-    summary = summarize(collector, labels, rec.annotations, s.monitor, versions, wall_s, counters,
-                        start_ms=t0 or None, recorded=recorded_outputs(rec))
-    summary["replay"].update({"recording": str(Path(recording_dir).resolve()), "namespace": ns.prefix,
-                              "kept": keep, "speed_requested": speed, "max_batch": s.worker.max_batch,
-                              "synchronizer": sync, "time_range_s": list(time_range) if time_range else None,
-                              "assets": sorted(assets) if assets else None,
-                              "policy_overrides": policy_overrides or {}, "logs": str(log_dir)})
-    if report_dir is not None:
-        write_outputs(summary, Path(report_dir), title)
-    return summary
+            self.ns.delete()
 
 
 def write_outputs(summary: dict[str, Any], out: Path, title: str | None = None) -> None:

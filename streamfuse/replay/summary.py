@@ -54,28 +54,19 @@ def summarize(col, labels: dict[str, str], annotations: list[dict[str, Any]], mo
             by it (default ``(fire_windows + 1) * kpi_window_ms``).
     """
     rows = sorted(col.rows.values(), key=lambda r: (r.ts_ms, r.sample_id))
-    first = rows[0].ts_ms if rows else 0
-    start = start_ms if start_ms is not None else first
-    end = (rows[-1].ts_ms + 1) if rows else start
-    span = max(1, end - first)
+    start, end, span = _time_axis(rows, start_ms)
     tol = tolerance_ms if tolerance_ms is not None else (monitor.fire_windows + 1) * monitor.kpi_window_ms
     alerts = [alert_record(a, start) for a in col.alert_events]
     commands = [command_record(c, start) for c in col.command_events]
     acks = [ack_record(a) for a in col.ack_events]
     eps = episodes(alerts, end)
     lines = {r.asset_id: r.line_id for r in rows}
-    labelled = sum(r.sample_id in labels for r in rows)
     out = {
-        "replay": {"wall_s": round(wall_s, 3), "event_s": round(span / 1000, 3),
-                   # after the pipeline's start-up (model loading, consumer group joins)
-                   "speed_x": _ratio(span / 1000, wall_s - (counters.get("startup_s") or 0)),
-                   "speed_x_with_startup": _ratio(span / 1000, wall_s), **counters},
+        "replay": _timing(span, wall_s, counters),
         "start_ms": start, "end_ms": end,
         "models": dict(versions),
         "monitor": monitor.model_dump(mode="json"),
-        "counts": {"predictions": len(rows), "labelled": labelled, "assets": len(lines),
-                   "dead_letter": col.counts.get("deadletter", 0), "kpi_snapshots": col.counts.get("kpi_snapshots", 0),
-                   "alerts": len(alerts), "commands": len(commands), "acks": len(acks)},
+        "counts": _counts(rows, labels, col, alerts=alerts, commands=commands, acks=acks),
         "annotations": [dict(a, t_s=round((a["start_ms"] - start) / 1000, 3)) for a in annotations],
         "metrics": {"overall": overall(rows, labels),
                     "over_time": over_time(rows, labels, start, bin_width(span, monitor.kpi_window_ms))},
@@ -93,6 +84,31 @@ def summarize(col, labels: dict[str, str], annotations: list[dict[str, Any]], mo
         out["recorded"] = {"alerts": [alert_record(a, start) for a in recorded["alerts"]],
                            "commands": [command_record(c, start) for c in recorded["commands"]]}
     return out
+
+
+def _timing(span_ms: int, wall_s: float, counters: dict[str, Any]) -> dict[str, Any]:
+    """The summary's ``replay`` entry: wall time, event time, speed, the lock-step's counters."""
+    return {"wall_s": round(wall_s, 3), "event_s": round(span_ms / 1000, 3),
+            # after the pipeline's start-up (model loading, consumer group joins)
+            "speed_x": _ratio(span_ms / 1000, wall_s - (counters.get("startup_s") or 0)),
+            "speed_x_with_startup": _ratio(span_ms / 1000, wall_s), **counters}
+
+
+def _time_axis(rows: list, start_ms: int | None) -> tuple[int, int, int]:
+    """Time zero of the ``t_s`` fields (``start_ms``, or the first prediction's time), the
+    end (just after the last prediction) and the predictions' span (ms, at least 1)."""
+    first = rows[0].ts_ms if rows else 0
+    start = start_ms if start_ms is not None else first
+    end = (rows[-1].ts_ms + 1) if rows else start
+    return start, end, max(1, end - first)
+
+
+def _counts(rows: list, labels: dict[str, str], col, **outputs: list) -> dict[str, int]:
+    """How many predictions (labelled, assets) and dead letters, KPI snapshots and
+    ``outputs`` (alerts, commands, acks) the replay produced."""
+    return {"predictions": len(rows), "labelled": sum(r.sample_id in labels for r in rows),
+            "assets": len({r.asset_id for r in rows}), "dead_letter": col.counts.get("deadletter", 0),
+            "kpi_snapshots": col.counts.get("kpi_snapshots", 0), **{k: len(v) for k, v in outputs.items()}}
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -24,7 +24,7 @@ from streamfuse.models.bootstrap import ensure_models
 from streamfuse.procs import spawn, stop_children
 from streamfuse.events import BATCH_END
 from streamfuse.kafka import make_consumer
-from streamfuse.replay import Recording, decisions, fault_annotations, record, replay
+from streamfuse.replay import Recording, ReplayOptions, decisions, fault_annotations, record, replay
 from streamfuse.replay.collect import Collector
 from streamfuse.replay.namespace import drop_namespace
 from streamfuse.sim.faults import parse_fault
@@ -176,7 +176,7 @@ def first_replay(live):
     active_before = connect(s).hgetall(f"{s.redis_prefix}registry:active")
     ns = f"replay-it{uuid.uuid4().hex[:6]}"
     t0 = time.monotonic()
-    summary = replay(root / "rec", s, namespace=ns, keep=True, report_dir=root / "report-a")
+    summary = replay(root / "rec", s, ReplayOptions(namespace=ns, keep=True, report_dir=root / "report-a"))
     wall = time.monotonic() - t0
     yield {"summary": summary, "namespace": ns + ".", "before": before, "after": topic_digest(s),
            "active": (active_before, connect(s).hgetall(f"{s.redis_prefix}registry:active")), "wall": wall}
@@ -222,7 +222,7 @@ def test_isolation_the_live_topics_do_not_change(first_replay):
 
 
 def test_determinism_two_replays_decide_the_same(live, first_replay):
-    again = replay(live["root"] / "rec", live["settings"], report_dir=live["root"] / "report-b")
+    again = replay(live["root"] / "rec", live["settings"], ReplayOptions(report_dir=live["root"] / "report-b"))
     a, b = decisions(first_replay["summary"]), decisions(again)
     assert a["alerts"] and a["commands"]
     assert a == b
@@ -234,7 +234,7 @@ def test_a_namespace_equal_to_the_live_prefix_is_refused(live):
     from streamfuse.replay import ReplayError
 
     with pytest.raises(ReplayError, match="overlaps the live topic prefix"):
-        replay(live["root"] / "rec", live["settings"], namespace=live["settings"].topic_prefix)
+        replay(live["root"] / "rec", live["settings"], ReplayOptions(namespace=live["settings"].topic_prefix))
 
 
 def test_per_modality_recording_replays_through_the_synchronizer(broker, trained_bundle, tmp_path):
@@ -249,7 +249,7 @@ def test_per_modality_recording_replays_through_the_synchronizer(broker, trained
                              disorder=ReadingDisorder(jitter_ms=20, reorder_prob=0.05, reorder_ms=200,
                                                       drop_prob=0.03, seed=3)).run(duration_s=12)
         record(s, tmp_path / "rec", meta={"sim": s.sim.model_dump()})
-        summary = replay(tmp_path / "rec", s, namespace=f"replay-pm{tag}", keep=True)
+        summary = replay(tmp_path / "rec", s, ReplayOptions(namespace=f"replay-pm{tag}", keep=True))
         assert summary["replay"]["synchronizer"]
         got = {sid for sid in summary_ids(summary, s, f"replay-pm{tag}.")}
         assert got == set(stats.slot_modalities)

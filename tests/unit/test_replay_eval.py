@@ -253,3 +253,44 @@ def test_row_of_prediction():
     r = row_of(p)
     assert r.labels == {"image": "x"} and r.fused == "y" and r.masked == ("image",)
     assert SimpleNamespace(**{"sample_id": r.sample_id}).sample_id == "s1"
+
+
+def test_cli_passes_its_options_to_replay_and_compare_as_one_replay_options(tmp_path, monkeypatch):
+    """What `streamfuse replay` builds from its flags, captured before anything connects."""
+    import threading
+
+    import typer
+    from typer.testing import CliRunner
+
+    from streamfuse.replay import cli, replayer
+    from streamfuse.replay.format import RecordingWriter
+    from streamfuse.replay.options import ReplayOptions
+
+    RecordingWriter(tmp_path / "rec").close({})
+    monkeypatch.setenv("STREAMFUSE_KAFKA_BOOTSTRAP", "127.0.0.1:9")  # a cluster: no embedded broker
+    monkeypatch.setattr(cli, "_stop_on_signals", threading.Event)  # leave pytest's Ctrl-C alone
+    calls = []
+
+    def captured(recording, settings, options, *, stop):
+        calls.append((options, stop))
+        raise ReplayError("captured")
+
+    monkeypatch.setattr(replayer, "replay", captured)
+    app = typer.Typer(rich_markup_mode=None)
+    app.command()(cli.replay)
+    app.command("noop")(lambda: None)
+    args = ["replay", str(tmp_path / "rec"), "--speed", "2", "--namespace", "ab", "--models", "image=v2",
+            "--from", "1", "--assets", "a0, a1", "--keep", "--report", str(tmp_path / "out")]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and "captured" in out.output
+    options, stop = calls.pop()
+    assert options == ReplayOptions(namespace="ab", speed=2.0, models={"image": "v2"}, report_dir=tmp_path / "out",
+                                    time_range=(1.0, None), assets=["a0", "a1"], keep=True, progress=True)
+    assert isinstance(stop, threading.Event)
+    out = CliRunner().invoke(app, args + ["--compare", "live", "image=v3"])
+    assert out.exit_code == 2 and "captured" in out.output
+    side_a, _ = calls.pop()
+    assert (side_a.namespace, side_a.report_dir, side_a.title, side_a.models, side_a.policy_overrides) == \
+        ("ab-a", tmp_path / "out" / "A", "replay A: live", {"image": "v2"}, {})
+    out = CliRunner().invoke(app, ["replay", str(tmp_path / "rec"), "--speed", "0"])
+    assert out.exit_code == 2 and "speed must be > 0" in out.output and not calls
