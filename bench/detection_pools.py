@@ -60,8 +60,7 @@ def finish(pool: Pool, bundle) -> Pool:
     for use in itertools.product((False, True), repeat=m):
         mask = torch.from_numpy(pool.present) & torch.tensor(use).expand(len(probs), m)
         pool.fused["ume"][use] = ume(probs, mask).numpy()
-        pool.fused["quality"][use] = quality(probs, mask, bundle.calibration, bundle.modalities,
-                                             bundle.classes).numpy()
+        pool.fused["quality"][use] = quality(probs, mask, bundle.calibration, bundle.modalities).numpy()
     labels, conf = pool.probs.argmax(-1), pool.probs.max(-1)
     for i in range(len(probs)):
         present = {mod: bundle.classes[labels[i, j]] for j, mod in enumerate(bundle.modalities) if pool.present[i, j]}

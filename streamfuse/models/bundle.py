@@ -252,7 +252,7 @@ class Bundle:
         use = use & enc.computed
         with torch.inference_mode():
             if mode == "quality":
-                return quality(enc.modality_probs, use, self.calibration, self.modalities, self.classes)
+                return quality(enc.modality_probs, use, self.calibration, self.modalities)
             if mode == "ume" or self.fusion.fusion is None:
                 return ume(enc.modality_probs, use)
             feats = [enc.features[m] for m in self.modalities]

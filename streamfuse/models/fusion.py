@@ -47,8 +47,7 @@ LEARNED_MODES: tuple[str, ...] = tuple(m for m in FUSION_MODES if m != "ume" and
 MIN_WEIGHT = 0.02  # a modality is down-weighted, never silenced by one sample's evidence
 
 
-def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities: Sequence[str],
-            classes: Sequence[str]) -> torch.Tensor:
+def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities: Sequence[str]) -> torch.Tensor:
     """Quality-aware fusion: the used modalities' probabilities, each weighted by its
     calibrated probability of being right in this sample's agreement category.
 
@@ -56,7 +55,7 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         probs: ``[B, M, C]`` per-modality probabilities.
         use: ``[B, M]`` bool, the modalities that take part.
         calibration: a :class:`~streamfuse.monitor.evidence.Calibration`.
-        modalities: the names along ``M``; classes: along ``C``.
+        modalities: the names along ``M``.
 
     Returns:
         ``[B, C]`` float32; uniform where nothing is used; UME where every modality agrees.
@@ -70,45 +69,48 @@ def quality(probs: torch.Tensor, use: torch.Tensor, calibration: Any, modalities
         >>> ume(p, torch.ones(1, 3, dtype=torch.bool)).argmax(1).item()
         0
         >>> [round(x, 2) for x in quality(p, torch.ones(1, 3, dtype=torch.bool), cal,
-        ...                                ("image", "audio", "series"), "ab")[0].tolist()]
+        ...                                ("image", "audio", "series"))[0].tolist()]
         [0.36, 0.64]
     """
     _check_shapes(probs, use)
     use = use.to(device=probs.device, dtype=torch.bool)
     conf_t, labels_t = probs.float().max(dim=-1)
-    # A row whose used modalities all agree has no odd one out: every weight stays 1 (most
-    # rows of a healthy plant), so only the others are judged one by one.
-    some = torch.where(use, labels_t, -1).max(dim=1, keepdim=True).values
-    split = (~((labels_t == some) | ~use).all(dim=1)).nonzero().flatten().tolist()
     weights = torch.ones(use.shape, dtype=torch.float32)
-    if not split:
-        return _weighted(probs, use, weights)
-    conf, labels, used = conf_t.tolist(), labels_t.tolist(), use.tolist()
-    for i in split:
-        for j, w in _disagreement_weights(used[i], labels[i], conf[i], calibration, modalities, classes).items():
-            weights[i, j] = w
+    # Only the odd one out of a sample (its label differs while at least two others agree)
+    # is judged: when all differ, one sample cannot say which is broken, and UME's equal
+    # weights are the safe answer. Most rows have none, so the rows are found on the whole
+    # batch and only the odd ones are looked up.
+    rows, cols = odd_ones_out(labels_t, use).nonzero(as_tuple=True)
+    if rows.numel():
+        others = (use.sum(dim=1) - 1)[rows].tolist()
+        for i, j, k, conf in zip(rows.tolist(), cols.tolist(), others, conf_t[rows, cols].tolist()):
+            p = calibration.reliability(modalities[j], k, "odd", conf)
+            weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
     return _weighted(probs, use, weights)
 
 
-def _disagreement_weights(used: Sequence[bool], labels: Sequence[int], conf: Sequence[float], calibration: Any,
-                          modalities: Sequence[str], classes: Sequence[str]) -> dict[int, float]:
-    """The weights of one sample's used modalities (by position along ``M``) when their
-    predicted classes differ: the odd one out gets its calibrated reliability (at least
-    :data:`MIN_WEIGHT`), every other one 1."""
-    from streamfuse.monitor.evidence import categories
+def odd_ones_out(labels: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` bool: the used modality whose label differs from the other used ones'
+    while those (at least two) agree: the ``odd`` category of
+    :func:`streamfuse.monitor.evidence.categories`, on a whole batch.
 
-    cats = categories({modalities[j]: classes[labels[j]] for j, u in enumerate(used) if u})
-    weights = {}
-    for j, u in enumerate(used):
-        if not u:
-            continue
-        k_cat = cats.get(modalities[j])
-        # Only the odd one out (the others agree without it) is judged: when all differ, one
-        # sample cannot say which is broken, and UME's equal weights are the safe answer.
-        odd = k_cat is not None and k_cat[1] == "odd"
-        p = calibration.reliability(modalities[j], *k_cat, conf[j]) if odd else None
-        weights[j] = max(MIN_WEIGHT, p if p is not None else 1.0)
-    return weights
+    Examples:
+        >>> labels = torch.tensor([[0, 1, 1], [0, 1, 2], [0, 1, 1]])
+        >>> use = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+        >>> odd_ones_out(labels, use).int().tolist()
+        [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    """
+    out = torch.zeros_like(use)
+    if not labels.numel():
+        return out
+    beyond = int(labels.max()) + 1
+    for j in range(use.shape[1]):
+        others = use.clone()
+        others[:, j] = False
+        hi = torch.where(others, labels, -1).max(dim=1).values
+        lo = torch.where(others, labels, beyond).min(dim=1).values
+        out[:, j] = use[:, j] & (others.sum(dim=1) >= 2) & (hi == lo) & (labels[:, j] != hi)
+    return out
 
 
 def _weighted(probs: torch.Tensor, use: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,7 @@ def _quality_candidate(outs: Mapping[str, Outputs], y: Mapping[str, torch.Tensor
         if name not in outs:
             return {}
         o = outs[name]
-        return score_fused(y[name], quality(o.probs, o.present, cal, order, classes), o.present)
+        return score_fused(y[name], quality(o.probs, o.present, cal, order), o.present)
 
     cand = Candidate("quality", None, None, scored("val"), scored("test"), info={"calibration": "validation"})
     cand.units_val = unit_scores(val, y["val"], order)

@@ -21,8 +21,10 @@ from streamfuse.models.bundle import LoadedUnit
 from streamfuse.models.bundle_io import load_bundle, save_bundle, weights_digest
 from streamfuse.models.config import default_config
 from streamfuse.models.encoders import create_model
-from streamfuse.models.fusion import FusionConfig, FusionSet, FusionUnit, fusion_version
+from streamfuse.models.fusion import (MIN_WEIGHT, FusionConfig, FusionSet, FusionUnit, fusion_version, odd_ones_out,
+                                      quality)
 from streamfuse.models.units import bundle_units, load_unit_dir, write_unit
+from streamfuse.monitor.evidence import Calibration, categories
 from streamfuse.sim.plant import CLASSES, Plant
 
 GOLDEN = Path(__file__).parent / "golden" / "fusion_golden.json"
@@ -285,8 +287,48 @@ def test_quality_fusion_judges_each_row_alone_and_leaves_agreeing_rows_at_ume():
     p = torch.tensor([agree, odd, agree, odd])
     use = torch.ones(4, 3, dtype=torch.bool)
     use[3, 2] = False  # two answers left that differ: no odd one out, UME
-    fused = quality(p, use, cal, mods, classes)
+    fused = quality(p, use, cal, mods)
     assert torch.equal(fused[0], ume(p[:1], use[:1])[0]) and torch.equal(fused[2], fused[0])
-    assert torch.equal(fused[1], quality(p[1:2], use[1:2], cal, mods, classes)[0])
+    assert torch.equal(fused[1], quality(p[1:2], use[1:2], cal, mods)[0])
     assert fused[1].argmax().item() == 1 and ume(p[1:2], use[1:2]).argmax().item() == 0
     assert torch.allclose(fused[3], ume(p[3:], use[3:])[0])
+
+
+def _quality_one_by_one(probs, use, cal, modalities, classes):
+    """The quality fusion as its definition reads: each sample's categories
+    (:func:`categories`), the odd one out weighted by its calibrated reliability."""
+    conf, labels = probs.max(dim=-1)
+    weights = torch.ones(use.shape)
+    for i in range(use.shape[0]):
+        cats = categories({modalities[j]: classes[labels[i, j]] for j in range(use.shape[1]) if use[i, j]})
+        for j in range(use.shape[1]):
+            k_cat = cats.get(modalities[j])
+            if use[i, j] and k_cat is not None and k_cat[1] == "odd":
+                p = cal.reliability(modalities[j], *k_cat, conf[i, j].item())
+                weights[i, j] = max(MIN_WEIGHT, p if p is not None else 1.0)
+    fused = (torch.where(use.unsqueeze(-1), probs, 0.0) * weights.unsqueeze(-1)).sum(dim=1)
+    fused = fused / fused.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(use.any(dim=1, keepdim=True), fused, 1.0 / probs.shape[-1])
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_batched_quality_fusion_judges_exactly_the_odd_ones_out(m: int) -> None:
+    """The batch finds the odd ones out on whole tensors; the result must be the one the
+    per-sample definition gives, bit for bit, on every pattern of labels and presence."""
+    gen = torch.Generator().manual_seed(m)
+    modalities, classes = ("image", "audio", "series", "vibration")[:m], ("a", "b", "c")
+    rows = [({mod: y for mod in modalities}, y) for y in "abcab"] * 8
+    rows += [({**{mod: "b" for mod in modalities}, modalities[0]: "a"}, "b")] * 5
+    cal = Calibration.fit(rows)
+    probs = torch.rand(400, m, 3, generator=gen)
+    probs[::3, :, 0] += 2.0  # many rows in which every modality agrees
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    use = torch.rand(400, m, generator=gen) > 0.2
+    labels = probs.argmax(dim=-1)
+    expected_odd = torch.tensor([[categories({modalities[j]: classes[labels[i, j]] for j in range(m) if use[i, j]})
+                                  .get(modalities[j], (0, ""))[1] == "odd" and bool(use[i, j]) for j in range(m)]
+                                 for i in range(400)])
+    assert torch.equal(odd_ones_out(labels, use), expected_odd)
+    assert expected_odd.any() or m == 2
+    assert torch.equal(quality(probs, use, cal, modalities), _quality_one_by_one(probs, use, cal, modalities, classes))
+
