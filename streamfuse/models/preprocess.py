@@ -221,17 +221,20 @@ def _decode_audio(cfg: ModalityConfig, readings: list[SensorEvent], device: torc
     decoded: dict[int, torch.Tensor] = {}
     stds: dict[int, float] = {}
     errors: list[tuple[int, InvalidEvent]] = []
-    by_rate: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    same: dict[tuple[int, int, int], list[int]] = {}  # (rate, channels, bytes) -> positions
     for i, ev in enumerate(readings):
         ch = ev.channels or 1
         if not ev.sample_rate or ev.sample_rate <= 0 or not ev.payload or len(ev.payload) % (2 * ch):
             detail = f"{len(ev.payload)} bytes at {ev.sample_rate} Hz is not {ch}-channel PCM16"
             errors.append((i, InvalidEvent("bad_audio", detail, "audio")))
             continue
-        pcm = np.frombuffer(ev.payload, dtype="<i2").reshape(-1, ch)
-        mono = pcm.astype(np.float32).mean(axis=1) / 32768.0 if ch > 1 else pcm[:, 0] / np.float32(32768.0)
-        stds[i] = float(mono.std())
-        by_rate.setdefault(ev.sample_rate, []).append((i, torch.from_numpy(mono)))
+        same.setdefault((ev.sample_rate, ch, len(ev.payload)), []).append(i)
+    by_rate: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for (rate, ch, _), rows in same.items():  # readings of one shape: one array
+        pcm = np.frombuffer(b"".join(readings[i].payload for i in rows), dtype="<i2").reshape(len(rows), -1, ch)
+        mono = pcm.astype(np.float32).mean(axis=2) / 32768.0 if ch > 1 else pcm[:, :, 0] / np.float32(32768.0)
+        stds.update(zip(rows, mono.std(axis=1).tolist()))
+        by_rate.setdefault(rate, []).extend(zip(rows, torch.from_numpy(mono)))
     for rate, group in by_rate.items():
         if rate == cfg.sample_rate:
             decoded.update((i, _fit(wave.to(device), cfg.clip_samples)) for i, wave in group)
@@ -248,25 +251,40 @@ def _decode_series(cfg: ModalityConfig, readings: list[SensorEvent], device: tor
     decoded: dict[int, torch.Tensor] = {}
     stds: dict[int, float] = {}
     errors: list[tuple[int, InvalidEvent]] = []
+    same: dict[tuple[int, int], list[int]] = {}  # shape -> positions
     for i, ev in enumerate(readings):
-        if not ev.payload or len(ev.payload) % 4:
-            detail = f"{len(ev.payload)} bytes is not a float32 array"
-            errors.append((i, InvalidEvent("bad_series", detail, "series")))
-            continue
-        arr = np.frombuffer(ev.payload, dtype="<f4")
-        shape = tuple(ev.shape) if ev.shape else (arr.size,)
-        if len(shape) == 1:
-            shape = (1, shape[0])
-        if len(shape) != 2 or shape[0] != cfg.in_channels or int(np.prod(shape)) != arr.size:
-            detail = f"shape {list(ev.shape or [arr.size])} does not fit {cfg.in_channels} channel(s) x L"
-            errors.append((i, InvalidEvent("bad_series", detail, "series")))
-            continue
-        if not np.isfinite(arr).all():
-            errors.append((i, InvalidEvent("non_finite", "series has NaN/inf values", "series")))
-            continue
-        stds[i] = float(arr.std())
-        decoded[i] = _fit(torch.from_numpy(arr.reshape(shape).copy()).to(device), cfg.series_len)
+        shape = _series_shape(cfg, ev)
+        if isinstance(shape, InvalidEvent):
+            errors.append((i, shape))
+        else:
+            same.setdefault(shape, []).append(i)
+    for shape, rows in same.items():  # readings of one shape: one array
+        arr = np.frombuffer(b"".join(readings[i].payload for i in rows), dtype="<f4").reshape(len(rows), *shape)
+        finite = np.isfinite(arr).all(axis=(1, 2)).tolist()
+        with np.errstate(invalid="ignore", over="ignore"):  # the spreads of non-finite rows are dropped
+            spread = arr.reshape(len(rows), -1).std(axis=1).tolist()
+        batch = _fit(torch.from_numpy(arr.copy()).to(device), cfg.series_len)
+        for k, i in enumerate(rows):
+            if not finite[k]:
+                errors.append((i, InvalidEvent("non_finite", "series has NaN/inf values", "series")))
+                continue
+            stds[i] = spread[k]
+            decoded[i] = batch[k]
     return decoded, stds, errors
+
+
+def _series_shape(cfg: ModalityConfig, ev: SensorEvent) -> tuple[int, int] | InvalidEvent:
+    """``(channels, length)`` of a series reading, or why it has none the model takes."""
+    if not ev.payload or len(ev.payload) % 4:
+        return InvalidEvent("bad_series", f"{len(ev.payload)} bytes is not a float32 array", "series")
+    size = len(ev.payload) // 4
+    shape = tuple(ev.shape) if ev.shape else (size,)
+    if len(shape) == 1:
+        shape = (1, shape[0])
+    if len(shape) != 2 or shape[0] != cfg.in_channels or int(np.prod(shape)) != size:
+        detail = f"shape {list(ev.shape or [size])} does not fit {cfg.in_channels} channel(s) x L"
+        return InvalidEvent("bad_series", detail, "series")
+    return shape
 
 
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
