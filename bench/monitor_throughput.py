@@ -63,6 +63,7 @@ import os, sys
 import faust
 from prometheus_client import Counter, start_http_server
 from streamfuse.config import Settings
+from streamfuse.faust_transport import install
 from streamfuse.kafka import faust_config
 from streamfuse.topics import Topics
 s = Settings()
@@ -70,6 +71,7 @@ start_http_server(int(os.environ["BENCH_PORT"]))
 events = Counter("bench_events_total", "events")
 app = faust.App("raw-" + s.monitor.app_id, **faust_config(s), web_enabled=False, autodiscover=False,
                 datadir="/tmp/raw-" + s.monitor.app_id)
+install(app)  # the broker profile's transport, as the monitor's app gets it
 t = Topics(s.topic_prefix)
 source = app.topic(t.predictions, t.labels, key_serializer="raw", value_serializer="raw")
 @app.agent(source)

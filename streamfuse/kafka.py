@@ -183,7 +183,10 @@ def admin_config(settings: Settings) -> dict[str, Any]:
 
 
 def faust_config(settings: Settings) -> dict[str, Any]:
-    """faust-streaming ``App`` keyword arguments (faust talks to Kafka through aiokafka)."""
+    """faust-streaming ``App`` keyword arguments (faust talks to Kafka through aiokafka).
+
+    A broker URL of scheme ``sfkafka<ms>`` needs :func:`streamfuse.faust_transport.install`
+    on the app built with them."""
     p = profile(settings)
     cfg: dict[str, Any] = {
         "broker": f"{_faust_scheme(p)}://{bootstrap(settings)}",
@@ -253,15 +256,13 @@ def rd_consumer_config(settings: Settings, group: str | None, client_id: str = "
 
 def _faust_scheme(p: BrokerProfile) -> str:
     """The faust transport for the profile: faust's own (``kafka``), or — where the
-    profile needs a shorter fetch wait — :mod:`streamfuse.faust_transport`, registered
-    under ``sfkafka<ms>`` (on Tansu every monitor pick-up would otherwise take 1.5 s)."""
+    profile needs a shorter fetch wait — :mod:`streamfuse.faust_transport`, named
+    ``sfkafka<ms>`` (on Tansu every monitor pick-up would otherwise take 1.5 s). Only a
+    name: the app that uses it takes the transport from
+    :func:`streamfuse.faust_transport.install`, faust's global registry is left alone."""
     if p.fetch_max_wait_ms is None:
         return "kafka"
-    from faust.transport.drivers import TRANSPORTS
-
-    scheme = f"sfkafka{p.fetch_max_wait_ms}"
-    TRANSPORTS.setdefault(scheme, "streamfuse.faust_transport:Transport")
-    return scheme
+    return f"sfkafka{p.fetch_max_wait_ms}"
 
 
 def make_rd_producer(settings: Settings, client_id: str = "streamfuse"):

@@ -35,8 +35,9 @@ from streamfuse.clock import now_ms
 from streamfuse.config import Settings
 from streamfuse.errors import InvalidEvent
 from streamfuse.events import (
-    MSGPACK, Ack, DeadLetter, Label, Prediction, content_type_of, dead_letter_original, decode, encode,
+    MSGPACK, Ack, Alert, Command, DeadLetter, Label, Prediction, content_type_of, dead_letter_original, decode, encode,
 )
+from streamfuse.faust_transport import install as install_transport
 from streamfuse.kafka import faust_config
 from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
 GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
           "est_accuracy")
-
 
 
 class ClaimedPublisher:
@@ -79,12 +79,147 @@ class ClaimedPublisher:
         return True
 
 
+class MonitorService:
+    """Everything an agent body does, outside faust: restore and checkpoint the core through
+    the app's tables, hand it decoded events, and emit its outputs (topics, metrics,
+    Redis). ``records`` and ``state`` are faust tables (mappings); ``out`` the output topics."""
+
+    def __init__(self, settings: Settings, baselines: dict[str, dict[str, float]], registry: CollectorRegistry,
+                 records, state, out: dict) -> None:
+        self.settings, self.records, self.state, self.out = settings, records, state, out
+        self.metrics = MonitorMetrics(registry)
+        link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
+        self.store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
+        self.writer = StatusWriter(link, "monitor-redis-writer")
+        self.publish = ClaimedPublisher(link, self.store, self.writer).publish
+        # Approval mode: commands wait for an operator (streamfuse.control) instead of going out.
+        self.proposals = ProposalStore(self.store.r, settings.redis_prefix) if settings.monitor.approval else None
+        models = Registry(settings, client=self.store.r)
+
+        def baselines_of(versions: dict[str, str]) -> dict | None:  # None: Redis down, asked again later
+            return link.attempt(models.baselines_of, versions, what="reading the baselines of new model versions")
+
+        self.core = MonitorCore(baselines, settings.monitor, self._sink, baselines_of)
+        self.restored = False
+        self.seq = 0
+
+    def _sink(self, key: str, value) -> None:
+        if value is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = value
+
+    def restore(self) -> None:
+        """Continue from the newest checkpoint and the open KPI records, if any."""
+        snaps = [v for k, v in self.state.items() if k.startswith("core@") and v]
+        best = max(snaps, key=lambda v: v["seq"], default=None)
+        if best is not None or len(self.records):
+            self.core.load_state_dict(best["core"] if best else {}, list(self.records.items()))
+            self.seq = best["seq"] if best else 0
+            log.warning("monitor restored: %d open records, %d open alerts", len(self.records),
+                        len(self.core.open_alerts()))
+        self.restored = True
+
+    def checkpoint(self, partition: int) -> None:
+        self.seq += 1
+        self.state[f"core@{partition}"] = {"seq": self.seq, "core": self.core.state_dict()}
+
+    async def on_event(self, value: bytes, headers, key, msg) -> None:
+        """One consumed record: decode, dead-letter what is invalid, hand the rest to the core."""
+        if not self.restored:
+            self.restore()  # tables are recovered before the first event is delivered
+        try:
+            ev = decode(value, content_type_of(headers), expect=(Prediction, Label, Ack),
+                        max_bytes=self.settings.max_payload_bytes)
+        except InvalidEvent as exc:
+            await self._dead_letter(exc, value, key, msg)
+            return
+        core, metrics = self.core, self.metrics
+        if isinstance(ev, Ack):
+            metrics.events.labels("ack").inc()
+            core.on_ack(ev)
+            self.writer.submit(f"recording the ack of {ev.command_id}", self.store.put_ack, ev)
+        elif isinstance(ev, Label):
+            metrics.events.labels("label").inc()
+            core.on_label(ev)
+        else:
+            metrics.events.labels("prediction").inc()
+            result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
+            if core.kpis.watermark:
+                metrics.watermark.set(core.kpis.watermark / 1000)
+            # Publish first, checkpoint after: killed in between, the monitor re-derives
+            # the same outputs from the older checkpoint, and the Redis claims drop them.
+            await self.emit(result)
+            if result.kpis or result.alerts:
+                self.checkpoint(msg.partition)
+        metrics.pending_labels.set(core.kpis.pending_labels)
+
+    async def _dead_letter(self, exc: InvalidEvent, value: bytes, key, msg) -> None:
+        self.metrics.rejected.labels(exc.reason).inc()
+        original, note = dead_letter_original(value)
+        dead = DeadLetter(exc.reason, exc.detail + note, msg.topic, original, "monitor",
+                          int(msg.timestamp * 1000), msg.partition, msg.offset, key)
+        await self.out["deadletter"].send(key=key, value=encode(dead), headers=HEADERS)
+
+    async def tick(self) -> None:
+        """Wall-clock housekeeping (unacknowledged commands), once restored."""
+        if self.restored:
+            await self.emit(self.core.tick(now_ms()))
+
+    async def emit(self, result: Outputs) -> None:
+        await self._emit_kpis(result)
+        for a in result.alerts:
+            await self._emit_alert(a)
+        for c in result.commands:
+            await self._emit_command(c)
+
+    async def _emit_kpis(self, result: Outputs) -> None:
+        for s in result.kpis:
+            await self.out["kpis"].send(key=f"{s.scope}|{s.scope_id}|{s.modality}".encode(), value=encode(s),
+                                        headers=HEADERS)
+            if s.scope == "global":
+                for kpi in GAUGED:
+                    value = getattr(s, kpi)
+                    if value is not None:
+                        self.metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
+        if result.kpis:
+            self.writer.submit("writing the latest KPIs", self.store.put_kpis, result.kpis)
+        for s in result.estimates:  # label-free, at the window's end: long before its labels
+            if s.est_accuracy is not None:
+                self.metrics.accuracy_estimate.labels(s.scope, s.scope_id, s.modality).set(s.est_accuracy)
+
+    async def _emit_alert(self, a: Alert) -> None:
+        if not await self.publish("alert", f"{a.alert_id}:{a.status}", self.out["alerts"], a.fingerprint.encode(),
+                                  encode(a)):
+            return
+        self.writer.submit(f"recording alert {a.alert_id}", self.store.put_alert, a)
+        self.metrics.alerts.labels(a.kind, a.status).inc()
+        self.metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
+        log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
+
+    async def _emit_command(self, c: Command) -> None:
+        if self.proposals is not None:
+            if self.proposals.hold(c, now_ms()):
+                log.warning("command %s %s %s proposed; `streamfuse control approve %s` sends it",
+                            c.command_id, c.action, c.modality, c.command_id)
+            return
+        if not await self.publish("command", c.command_id, self.out["control"], (c.modality or "").encode(),
+                                  encode(c)):
+            return
+        self.core.issued(c, now_ms())
+        self.writer.submit(f"recording command {c.command_id}", self.store.put_command, c)
+        self.metrics.commands.labels(c.action).inc()
+        log.warning("command %s %s %s %s:%s", c.command_id, c.action, c.modality, c.scope, c.scope_id)
+
+    def mark_ready(self) -> None:
+        self.writer.submit("marking the monitor ready", self.store.mark_ready, "monitor", self.settings.monitor.app_id)
+
+
 def create_app(settings: Settings, baselines: dict[str, dict[str, float]], registry: CollectorRegistry | None = None):
+    """The monitor's faust app. Building it starts nothing: no metrics server (see
+    :func:`run_monitor`), no change to faust's global transport registry."""
     import faust
 
-    registry = registry or CollectorRegistry()
-    metrics = MonitorMetrics(registry)
-    serve(registry, settings.monitor.metrics_port)
     topics = Topics(settings.topic_prefix)
     datadir = Path(settings.monitor.data_dir or Path(settings.model_dir).parent / "faust") / settings.monitor.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -92,132 +227,38 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
         settings.monitor.app_id, **faust_config(settings), web_enabled=False, store="memory://",
         datadir=str(datadir), autodiscover=False,
     )
+    install_transport(app)  # before anything reads app.transport
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(topics.predictions, topics.labels, topics.acks, **raw)
     out = {name: app.topic(getattr(topics, name), **raw) for name in ("kpis", "alerts", "control", "deadletter")}
     records = app.Table("records", default=None, partitions=settings.partitions)
     state = app.Table("state", default=None, partitions=settings.partitions)
-    link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
-    store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
-    writer = StatusWriter(link, "monitor-redis-writer")
-    publish = ClaimedPublisher(link, store, writer).publish
-    # Approval mode: commands wait for an operator (streamfuse.control) instead of going out.
-    proposals = ProposalStore(store.r, settings.redis_prefix) if settings.monitor.approval else None
-
-    def sink(key: str, value) -> None:
-        if value is None:
-            records.pop(key, None)
-        else:
-            records[key] = value
-
-    models = Registry(settings, client=store.r)
-
-    def baselines_of(versions: dict[str, str]) -> dict | None:  # None: Redis down, asked again later
-        return link.attempt(models.baselines_of, versions, what="reading the baselines of new model versions")
-
-    core = MonitorCore(baselines, settings.monitor, sink, baselines_of)
-    restored = {"done": False, "seq": 0}
-
-    def restore() -> None:
-        snaps = [v for k, v in state.items() if k.startswith("core@") and v]
-        best = max(snaps, key=lambda v: v["seq"], default=None)
-        if best is not None or len(records):
-            core.load_state_dict(best["core"] if best else {}, list(records.items()))
-            restored["seq"] = best["seq"] if best else 0
-            log.warning("monitor restored: %d open records, %d open alerts", len(records), len(core.open_alerts()))
-        restored["done"] = True
-
-    def checkpoint(partition: int) -> None:
-        restored["seq"] += 1
-        state[f"core@{partition}"] = {"seq": restored["seq"], "core": core.state_dict()}
-
-    async def emit(result: Outputs) -> None:
-        for s in result.kpis:
-            await out["kpis"].send(key=f"{s.scope}|{s.scope_id}|{s.modality}".encode(), value=encode(s),
-                                   headers=HEADERS)
-            if s.scope == "global":
-                for kpi in GAUGED:
-                    value = getattr(s, kpi)
-                    if value is not None:
-                        metrics.kpi.labels(s.scope, s.modality, kpi).set(value)
-        if result.kpis:
-            writer.submit("writing the latest KPIs", store.put_kpis, result.kpis)
-        for s in result.estimates:  # label-free, at the window's end: long before its labels
-            if s.est_accuracy is not None:
-                metrics.accuracy_estimate.labels(s.scope, s.scope_id, s.modality).set(s.est_accuracy)
-        for a in result.alerts:
-            if not await publish("alert", f"{a.alert_id}:{a.status}", out["alerts"], a.fingerprint.encode(),
-                                 encode(a)):
-                continue
-            writer.submit(f"recording alert {a.alert_id}", store.put_alert, a)
-            metrics.alerts.labels(a.kind, a.status).inc()
-            metrics.firing.labels(a.kind, a.modality).inc(1 if a.status == "firing" else -1)
-            log.warning("alert %s %s: %s", a.status, a.alert_id, a.summary)
-        for c in result.commands:
-            if proposals is not None:
-                if proposals.hold(c, now_ms()):
-                    log.warning("command %s %s %s proposed; `streamfuse control approve %s` sends it",
-                                c.command_id, c.action, c.modality, c.command_id)
-                continue
-            if not await publish("command", c.command_id, out["control"], (c.modality or "").encode(), encode(c)):
-                continue
-            core.issued(c, now_ms())
-            writer.submit(f"recording command {c.command_id}", store.put_command, c)
-            metrics.commands.labels(c.action).inc()
-            log.warning("command %s %s %s %s:%s", c.command_id, c.action, c.modality, c.scope, c.scope_id)
+    service = MonitorService(settings, baselines, registry or CollectorRegistry(), records, state, out)
 
     @app.agent(source)
     async def monitor(stream):
         async for event in stream.events():
-            if not restored["done"]:
-                restore()  # tables are recovered before the first event is delivered
-            msg = event.message
-            try:
-                ev = decode(event.value, content_type_of(event.headers),
-                            expect=(Prediction, Label, Ack), max_bytes=settings.max_payload_bytes)
-            except InvalidEvent as exc:
-                metrics.rejected.labels(exc.reason).inc()
-                original, note = dead_letter_original(event.value)
-                dead = DeadLetter(exc.reason, exc.detail + note, msg.topic, original, "monitor",
-                                  int(msg.timestamp * 1000), msg.partition, msg.offset, event.key)
-                await out["deadletter"].send(key=event.key, value=encode(dead), headers=HEADERS)
-                continue
-            if isinstance(ev, Ack):
-                metrics.events.labels("ack").inc()
-                core.on_ack(ev)
-                writer.submit(f"recording the ack of {ev.command_id}", store.put_ack, ev)
-            elif isinstance(ev, Label):
-                metrics.events.labels("label").inc()
-                core.on_label(ev)
-            else:
-                metrics.events.labels("prediction").inc()
-                result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
-                if core.kpis.watermark:
-                    metrics.watermark.set(core.kpis.watermark / 1000)
-                # Publish first, checkpoint after: killed in between, the monitor re-derives
-                # the same outputs from the older checkpoint, and the Redis claims drop them.
-                await emit(result)
-                if result.kpis or result.alerts:
-                    checkpoint(msg.partition)
-            metrics.pending_labels.set(core.kpis.pending_labels)
+            await service.on_event(event.value, event.headers, event.key, event.message)
 
     @app.timer(1.0)
     async def housekeeping() -> None:
-        if restored["done"]:
-            await emit(core.tick(now_ms()))
+        await service.tick()
 
     @app.task
     async def ready() -> None:
-        writer.submit("marking the monitor ready", store.mark_ready, "monitor", settings.monitor.app_id)
+        service.mark_ready()
 
     return app
 
 
 def run_monitor(settings: Settings, baselines: dict[str, dict[str, float]], loglevel: str = "warn") -> None:
-    """Run the monitor in the foreground until SIGTERM / Ctrl-C."""
+    """Run the monitor in the foreground until SIGTERM / Ctrl-C, its metrics served on
+    ``settings.monitor.metrics_port``."""
     from faust.worker import Worker
 
-    app = create_app(settings, baselines)
+    registry = CollectorRegistry()
+    serve(registry, settings.monitor.metrics_port)
+    app = create_app(settings, baselines, registry)
     worker = Worker(app, loglevel=loglevel)
     # faust's terminal spinner sets the root logger to DEBUG (each record spins it): every
     # aiokafka debug message then becomes a LogRecord, about a tenth of the monitor's CPU.

@@ -215,51 +215,19 @@ class Calibration:
             raise ConfigError("a calibration needs validation rows; the validation split is empty")
         if fused is not None and len(fused) != len(rows):
             raise ConfigError(f"fused has {len(fused)} labels for {len(rows)} validation rows")
-        healthy: dict[tuple[str, int], dict[str, list[int]]] = {}  # -> cat -> [n, correct]
-        broken: dict[tuple[str, int], dict[str, int]] = {}
-        broken_right: dict[tuple[str, int], dict[str, int]] = {}
         expanded = [v for row in rows for v in _variants(_with_conf(row))]
-        for labels, truth, conf in expanded:
-            for m, (k, cat) in categories(labels).items():
-                cell = healthy.setdefault((m, k), {}).setdefault(key(cat, conf.get(m)), [0, 0])
-                cell[0] += 1
-                cell[1] += labels[m] == truth
-        n = len(expanded)
-        for shift in range(1, min(SHIFTS, n - 1) + 1):
-            for i, (labels, _, _) in enumerate(expanded):
-                donor, donor_conf = expanded[(i + shift) % n][0], expanded[(i + shift) % n][2]
-                for m in labels:
-                    if m not in donor:
-                        continue
-                    k_cat = categories({**labels, m: donor[m]}).get(m)
-                    if k_cat is not None:
-                        counts = broken.setdefault((m, k_cat[0]), {})
-                        cat = key(k_cat[1], donor_conf.get(m))
-                        counts[cat] = counts.get(cat, 0) + 1
-                        right = broken_right.setdefault((m, k_cat[0]), {})
-                        right[cat] = right.get(cat, 0) + (donor[m] == expanded[i][1])
+        healthy = _count_healthy(expanded)
+        broken, broken_right = _count_shuffled(expanded)
         binned = any(row[2] for row in expanded)
         cats = tuple(key(c, v) for c in CATEGORIES for v in ((1.0, 0.0) if binned else (None,)))
-        pooled: dict[tuple[int, str], list[int]] = {}  # every modality's cells: the prior of a rare one
-        for (m, k), cells in healthy.items():
-            for cat, (seen, right) in cells.items():
-                cell = pooled.setdefault((k, cat.rstrip("+-")), [0, 0])
-                cell[0] += seen
-                cell[1] += right
+        pooled = _pooled(healthy)
         tables: dict[str, dict[int, Table]] = {}
         for (m, k), cells in healthy.items():
             prior = {c: (r + PRIOR / 2) / (n_ + PRIOR) for (kk, c), (n_, r) in pooled.items() if kk == k}
             tables.setdefault(m, {})[k] = _table(cells, broken.get((m, k), {}), cats, prior,
                                                  broken_right.get((m, k), {}))
         if fused is not None:
-            cells_f: dict[int, dict[str, list[int]]] = {}
-            for (labels, truth, _), y in zip(map(_with_conf, rows), fused):
-                kc = fused_category(y, labels)
-                if kc is not None:
-                    cell = cells_f.setdefault(kc[0], {}).setdefault(kc[1], [0, 0])
-                    cell[0] += 1
-                    cell[1] += y == truth
-            tables[FUSED] = {k: _table(c, {}, FUSED_CATEGORIES) for k, c in cells_f.items()}
+            tables[FUSED] = _fused_tables(rows, fused)
         return cls(tables)
 
     # ------------------------------------------------------------------ storage
@@ -411,3 +379,62 @@ def estimate_errors(windows: Sequence[tuple[str, float | None, float | None, int
             by_unit.setdefault(unit, []).append(abs(est - acc))
     return {**stats([e for v in by_unit.values() for e in v]),
             "by_unit": {u: stats(v) for u, v in sorted(by_unit.items())}}
+
+
+# ---------------------------------------------------------------------- fitting helpers
+
+
+def _count_healthy(expanded: list[tuple]) -> dict[tuple[str, int], dict[str, list[int]]]:
+    """(modality, k) -> category -> [seen, right] of the validation answers as they are."""
+    healthy: dict[tuple[str, int], dict[str, list[int]]] = {}
+    for labels, truth, conf in expanded:
+        for m, (k, cat) in categories(labels).items():
+            cell = healthy.setdefault((m, k), {}).setdefault(key(cat, conf.get(m)), [0, 0])
+            cell[0] += 1
+            cell[1] += labels[m] == truth
+    return healthy
+
+
+def _count_shuffled(expanded: list[tuple]) -> tuple[dict, dict]:
+    """A broken unit, simulated: each modality's answer replaced by another row's (shifted
+    by 1..``SHIFTS``); (modality, k) -> category -> how often seen, and how often right."""
+    broken: dict[tuple[str, int], dict[str, int]] = {}
+    broken_right: dict[tuple[str, int], dict[str, int]] = {}
+    n = len(expanded)
+    for shift in range(1, min(SHIFTS, n - 1) + 1):
+        for i, (labels, _, _) in enumerate(expanded):
+            donor, donor_conf = expanded[(i + shift) % n][0], expanded[(i + shift) % n][2]
+            for m in labels:
+                if m not in donor:
+                    continue
+                k_cat = categories({**labels, m: donor[m]}).get(m)
+                if k_cat is not None:
+                    counts = broken.setdefault((m, k_cat[0]), {})
+                    cat = key(k_cat[1], donor_conf.get(m))
+                    counts[cat] = counts.get(cat, 0) + 1
+                    right = broken_right.setdefault((m, k_cat[0]), {})
+                    right[cat] = right.get(cat, 0) + (donor[m] == expanded[i][1])
+    return broken, broken_right
+
+
+def _pooled(healthy: dict[tuple[str, int], dict[str, list[int]]]) -> dict[tuple[int, str], list[int]]:
+    """Every modality's cells together, by (k, category without its confidence bin): the prior of a rare one."""
+    pooled: dict[tuple[int, str], list[int]] = {}
+    for (m, k), cells in healthy.items():
+        for cat, (seen, right) in cells.items():
+            cell = pooled.setdefault((k, cat.rstrip("+-")), [0, 0])
+            cell[0] += seen
+            cell[1] += right
+    return pooled
+
+
+def _fused_tables(rows: Sequence[tuple], fused: Sequence[str]) -> dict[int, Table]:
+    """The ``fused`` unit's tables: how often the fused label is right, by how the modalities agree with it."""
+    cells_f: dict[int, dict[str, list[int]]] = {}
+    for (labels, truth, _), y in zip(map(_with_conf, rows), fused):
+        kc = fused_category(y, labels)
+        if kc is not None:
+            cell = cells_f.setdefault(kc[0], {}).setdefault(kc[1], [0, 0])
+            cell[0] += 1
+            cell[1] += y == truth
+    return {k: _table(c, {}, FUSED_CATEGORIES) for k, c in cells_f.items()}

@@ -314,25 +314,14 @@ def _mean(xs: list[float]) -> float | None:
 def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: list[_Record],
               flagged: Flagged | None = None) -> KpiSnapshot:
     unit = m not in (FUSED, UME)
-    if m == FUSED:
-        pairs = [(r.fused, r.fused_conf, r) for r in recs]
-    elif m == UME:
-        pairs = [(r.ume, None, r) for r in recs if r.ume is not None]
-    else:
-        pairs = [(r.labels[m], r.conf[m], r) for r in recs if m in r.labels]
+    pairs = _answers(m, recs)
     n = len(pairs)
     # A flat or frozen reading is its sensor's fault (a sensor_fault, per reading), not its
     # model's: a modality's accuracy and its estimate leave such readings out.
     live = [(pred, c, r) for pred, c, r in pairs if not unit or r.live(m)]
     labelled = [(pred, r.truth) for pred, _, r in live if r.truth is not None]
-    correct = sum(p == t for p, t in labelled)
-    low, high = wilson_interval(correct, len(labelled)) if labelled else (None, None)
     computed = [r for _, _, r in pairs]
     in_fusion = [r for r in computed if m not in r.masked]
-    # Dominance index: the fused label follows this modality while another present one disagrees.
-    dominant = [r.labels[m] == r.fused and any(lbl != r.fused for o, lbl in r.labels.items() if o != m)
-                for r in computed] if unit else []
-    skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
     ref = _best_reference(recs) if m == FUSED else {}
     est = [r.est[m][1] if flagged is not None and r.est[m][1] is not None and flagged(r.line_id, m, r.ts)
            else r.est[m][0] for _, _, r in live if m in r.est and r.est[m][0] is not None]
@@ -343,6 +332,34 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         window_start_ms=start,
         window_end_ms=end,
         n=n,
+        **_accuracy(labelled),
+        agreement=(sum(p == r.fused for p, _, r in pairs) / n) if n and m != FUSED else None,
+        mean_confidence=_mean([c for _, c, _ in pairs if c is not None]),
+        mean_entropy=_mean([r.entropy[m] for r in computed if m in r.entropy]) if unit else None,
+        mean_contribution=_mean([r.contributions.get(m, 0.0) for r in in_fusion]) if unit else None,
+        dominance=_mean([float(d) for d in _dominant(m, computed)]) if unit else None,
+        **_sensor_health(m, recs, computed, unit),
+        mean_latency_ms=_mean([r.latency_ms for r in recs]) if m == FUSED else None,
+        est_accuracy=_mean(est),
+        est_n=len(est),
+        **ref,
+    )
+
+
+def _answers(m: str, recs: list[_Record]) -> list[tuple[str, float | None, _Record]]:
+    """(answer, confidence, record) of unit ``m`` (a modality, ``fused`` or ``ume``) in each record it answered."""
+    if m == FUSED:
+        return [(r.fused, r.fused_conf, r) for r in recs]
+    if m == UME:
+        return [(r.ume, None, r) for r in recs if r.ume is not None]
+    return [(r.labels[m], r.conf[m], r) for r in recs if m in r.labels]
+
+
+def _accuracy(labelled: list[tuple[str, str]]) -> dict[str, Any]:
+    """The labelled KPIs of (answer, truth) pairs."""
+    correct = sum(p == t for p, t in labelled)
+    low, high = wilson_interval(correct, len(labelled)) if labelled else (None, None)
+    return dict(
         n_labelled=len(labelled),
         n_correct=correct,
         n_truth_classes=len({t for _, t in labelled}),
@@ -352,21 +369,25 @@ def _snapshot(scope: str, scope_id: str, m: str, start: int, end: int, recs: lis
         accuracy_low=low,
         accuracy_high=high,
         macro_f1=macro_f1([t for _, t in labelled], [p for p, _ in labelled]) if labelled else None,
-        agreement=(sum(p == r.fused for p, _, r in pairs) / n) if n and m != FUSED else None,
-        mean_confidence=_mean([c for _, c, _ in pairs if c is not None]),
-        mean_entropy=_mean([r.entropy[m] for r in computed if m in r.entropy]) if unit else None,
-        mean_contribution=_mean([r.contributions.get(m, 0.0) for r in in_fusion]) if unit else None,
-        dominance=_mean([float(d) for d in dominant]),
+    )
+
+
+def _dominant(m: str, computed: list[_Record]) -> list[bool]:
+    """Dominance index: the fused label follows this modality while another present one disagrees."""
+    return [r.labels[m] == r.fused and any(lbl != r.fused for o, lbl in r.labels.items() if o != m)
+            for r in computed]
+
+
+def _sensor_health(m: str, recs: list[_Record], computed: list[_Record], unit: bool) -> dict[str, Any]:
+    """Missing, masked, flat, frozen and skewed readings of modality ``m`` (zeros for ``fused`` and ``ume``)."""
+    skews = [abs(r.skew_ms[m]) for r in computed if unit and m in r.skew_ms]
+    return dict(
         missing_rate=sum(m in r.missing for r in recs) / len(recs) if unit else 0.0,
         masked_rate=sum(m in r.masked for r in recs) / len(recs) if unit else 0.0,
         n_flat=sum(m in r.flat for r in computed) if unit else 0,
         n_stuck=sum(m in r.stuck for r in computed) if unit else 0,
         n_missing=sum(m in r.missing for r in recs) if unit else 0,
         mean_abs_skew_ms=_mean(skews),
-        mean_latency_ms=_mean([r.latency_ms for r in recs]) if m == FUSED else None,
-        est_accuracy=_mean(est),
-        est_n=len(est),
-        **ref,
     )
 
 

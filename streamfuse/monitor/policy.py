@@ -191,34 +191,56 @@ class RollbackPolicy:
         if alert.scope not in self.config.act_on_scopes:
             return []
         self._prune(now)
-        if alert.status == "firing":
-            planned = self._plan_firing(alert, ctx)
-        elif alert.status == "resolved":
-            planned = self._plan_resolved(alert)
-        else:
-            return []
+        planned = self._plan(alert, ctx)
         if planned is None:
             return []
         action, scope, scope_id, extra = planned
+        refused = self._throttle(alert, action, scope, scope_id, now)
+        if refused is not None:
+            return refused
+        released = self._release(alert, extra.get("release", ()), scope, scope_id)
+        self._record(alert, action, scope, scope_id, extra)
+        if self.config.dry_run:
+            return self._suppress(alert, action, "dry_run")
+        return released + [self._command(alert, action, scope, scope_id, extra)]
+
+    def _plan(self, alert: Alert, ctx: PolicyContext) -> tuple[str, str, str, dict[str, Any]] | None:
+        if alert.status == "firing":
+            return self._plan_firing(alert, ctx)
+        if alert.status == "resolved":
+            return self._plan_resolved(alert)
+        return None
+
+    def _throttle(self, alert: Alert, action: str, scope: str, scope_id: str, now: int) -> list[Command] | None:
+        """The cooldown per (action, unit, scope) and the hourly cap: the suppression when
+        one holds ``action`` back, else ``None`` and the action counts against both
+        (issued or, in a dry run, as good as issued). Unmasking is exempt from both."""
+        if action == "unmask_modality":
+            return None
         unit = "" if action in FUSION_ACTIONS else alert.modality  # the fusion step is one unit
         key = (action, unit, scope, scope_id)
-        exempt = action == "unmask_modality"
-        if not exempt and now - self._last_action.get(key, now - self.config.cooldown_ms) < self.config.cooldown_ms:
+        if now - self._last_action.get(key, now - self.config.cooldown_ms) < self.config.cooldown_ms:
             return self._suppress(alert, action, "cooldown")
-        if not exempt and len(self._recent) >= self.config.max_actions_per_hour:
+        if len(self._recent) >= self.config.max_actions_per_hour:
             return self._suppress(alert, action, "rate_cap")
-        # Issued (or, in a dry run, as good as issued): remember it.
-        if not exempt:
-            self._last_action[key] = now
-            self._recent.append(now)
+        self._last_action[key] = now
+        self._recent.append(now)
+        return None
+
+    def _release(self, alert: Alert, others, scope: str, scope_id: str) -> list[Command]:
+        """Unmask ``others``, whose masks only label-free evidence held, now that a fault is measured."""
         released = []
-        for other in extra.get("release", ()):
+        for other in others:
             del self._masks[(other, scope, scope_id)]
             released.append(Command(
                 command_id=f"{alert.alert_id}:unmask_modality:{other}", action="unmask_modality",
                 issued_ms=alert.event_ms, modality=other, alert_id=alert.alert_id, scope=scope, scope_id=scope_id,
                 reason=f"{alert.kind} {alert.status}: {alert.summary} (measured: releases the mask of {other} "
                        "that only label-free evidence held, so the fusion keeps a modality)"))
+        return released
+
+    def _record(self, alert: Alert, action: str, scope: str, scope_id: str, extra: dict[str, Any]) -> None:
+        """The masks and rolled-back versions that ``action`` leaves in place."""
         if action == "mask_modality":
             self._masks[(alert.modality, scope, scope_id)] = [alert.alert_id]
             if alert.labels.get("evidence") == "agreement":
@@ -229,9 +251,10 @@ class RollbackPolicy:
             versions = self._rolled_back.setdefault(alert.modality, [])
             if extra["from_version"] not in versions:
                 versions.append(extra["from_version"])
-        if self.config.dry_run:
-            return self._suppress(alert, action, "dry_run")
-        command = Command(
+
+    @staticmethod
+    def _command(alert: Alert, action: str, scope: str, scope_id: str, extra: dict[str, Any]) -> Command:
+        return Command(
             command_id=f"{alert.alert_id}:{action}",
             action=action,
             issued_ms=alert.event_ms,
@@ -243,7 +266,6 @@ class RollbackPolicy:
             scope=scope,
             scope_id=scope_id,
         )
-        return released + [command]
 
     def _plan_firing(self, alert: Alert, ctx: PolicyContext) -> tuple[str, str, str, dict[str, Any]] | None:
         if alert.kind == "fusion_regression":

@@ -68,6 +68,34 @@ def test_the_monitor_passes_sasl_and_tls_settings_to_its_kafka_clients(tmp_path)
     assert "broker_credentials" not in faust_config(Settings(kafka_bootstrap="127.0.0.1:9"))  # PLAINTEXT
 
 
+def test_building_the_monitor_app_starts_nothing_and_leaves_faust_alone(tmp_path):
+    """``create_app`` binds no metrics port (``run_monitor`` serves them) and adds nothing
+    to faust's global transport registry: a Tansu profile's short fetch wait reaches the
+    app's consumer through the transport handed to that app."""
+    from faust.transport.drivers import TRANSPORTS
+
+    from streamfuse.faust_transport import Transport
+    from streamfuse.monitor.app import create_app
+
+    before = dict(TRANSPORTS.aliases)
+    port = free_port()
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(kafka_bootstrap="127.0.0.1:9", broker="tansu", redis_prefix=f"streamfuse-test:{tag}:",
+                 monitor={"app_id": f"monitor-{tag}", "metrics_port": port, "data_dir": str(tmp_path)})
+    app = create_app(s, {})
+    assert dict(TRANSPORTS.aliases) == before
+    assert type(app.transport) is Transport and type(app.producer_transport) is Transport
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens
+
+    async def fetch_wait() -> int:
+        consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        await consumer.stop()
+        return consumer._fetch_max_wait_ms
+
+    assert asyncio.run(fetch_wait()) == 20
+
+
 class TlsProxy:
     """Terminates TLS on a free port and forwards each connection to a plaintext broker."""
 

@@ -259,9 +259,9 @@ def test_consumer_config() -> None:
 def test_faust_config() -> None:
     t = faust_config(Settings(kafka_bootstrap="127.0.0.1:19092", broker="tansu", partitions=6))
     assert t["broker"] == "sfkafka20://127.0.0.1:19092"  # faust's transport with Tansu's short fetch wait
-    from faust.transport import by_url
+    from streamfuse.faust_transport import transport_for
 
-    consumer = by_url(t["broker"]).Consumer
+    consumer = transport_for(t["broker"]).Consumer
     assert consumer.__mro__[1].__module__ == "faust.transport.drivers.aiokafka"
     assert t["broker_session_timeout"] == 2.0 and t["broker_heartbeat_interval"] == 0.5
     assert t["producer_max_batch_size"] == 1 and t["producer_linger"] == 0.0

@@ -13,15 +13,9 @@ import random
 
 import pytest
 
-from streamfuse.monitor.detectors import (
-    AccuracyDegradation,
-    Dominance,
-    FusionRegression,
-    PageHinkley,
-    RateAlarm,
-    SkewAlarm,
-    paired_difference_interval,
-)
+from streamfuse.monitor.detectors import AccuracyDegradation, Dominance, PageHinkley
+from streamfuse.monitor.paired import FusionRegression, paired_difference_interval
+from streamfuse.monitor.sensor_faults import RateAlarm, SkewAlarm
 
 
 def run(det, windows) -> str:

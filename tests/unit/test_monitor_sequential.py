@@ -206,7 +206,7 @@ def test_resolved_alert_remembers_what_it_said_across_a_restart() -> None:
     assert any(e["what"] for e in state["episodes"].values())
     again = MonitorCore(calibration(), settings())
     again.load_state_dict(state, [])
-    fp, ep = next(iter(again._episodes.items()))
+    fp, ep = next(iter(again.episodes.open.items()))
     assert ep.what == state["episodes"][fp]["what"]
 
 
