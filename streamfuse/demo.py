@@ -249,16 +249,7 @@ def run_demo(settings: Settings, duration_s: float, faults: tuple[FaultSpec, ...
         observer.consumer.close()
         notifications = wait_for_deliveries(settings, observer, timeout_s=settings.alerts.group_wait_s + 10)
         summary = _summary(settings, observer, sim.stats, notifications, duration_s, faults)
-        if record_dir is not None:
-            from streamfuse.replay.recorder import record_demo
-
-            manifest = record_demo(settings, record_dir, start_ms, faults)
-            summary["recording"] = {"dir": str(record_dir), "records": manifest["counts"]}
-            console.print(f"recorded the run into {record_dir}")
-        if summary_path is not None:
-            summary_path.parent.mkdir(parents=True, exist_ok=True)
-            summary_path.write_text(json.dumps(summary, indent=2))
-            console.print(f"summary written to {summary_path}")
+        _keep(summary, settings, start_ms, faults, record_dir, summary_path, console)
         return summary
     finally:
         stop_children(procs)
@@ -304,3 +295,18 @@ def _summary(settings: Settings, observer: Observer, stats, notifications: dict[
                        for m, k in sorted(observer.kpis.items())},
         **fault_report(observer, faults, settings.monitor.kpi_window_ms, duration_s),
     }
+
+
+def _keep(summary: dict[str, Any], settings: Settings, start_ms: int, faults: tuple[FaultSpec, ...],
+          record_dir: Path | None, summary_path: Path | None, console) -> None:
+    """Record the run (``--record``) and write the summary (``--summary``), as asked."""
+    if record_dir is not None:
+        from streamfuse.replay.recorder import record_demo
+
+        manifest = record_demo(settings, record_dir, start_ms, faults)
+        summary["recording"] = {"dir": str(record_dir), "records": manifest["counts"]}
+        console.print(f"recorded the run into {record_dir}")
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2))
+        console.print(f"summary written to {summary_path}")
