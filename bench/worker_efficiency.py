@@ -23,8 +23,8 @@ One run, on this machine, with the demo models:
    time − sample publish time. The bound for p99 at 50 %: ``max_delay + 3 x`` one batch's compute time in the
    worker (``batch / worker_sps``: decode, models, fusion, encode), both printed.
 
-``--threads N`` sets torch's intra-op threads for both 1 and 2 (default: torch's, one
-per core).
+``--threads N`` sets torch's intra-op threads for both 1 and 2 (default: the worker's,
+``STREAMFUSE_WORKER__THREADS``; 0 = one per core).
 
 Prints the ratios and writes JSON (``--json PATH``).
 
@@ -163,11 +163,13 @@ def main() -> None:
     ap.add_argument("--max-delay-ms", type=int, default=20)
     ap.add_argument("--latency-seconds", type=float, default=20.0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: one per core)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: the worker's, STREAMFUSE_WORKER__THREADS; 0 = one per core)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = Settings().worker.threads if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
 
     device = resolve_device(args.device)
     base = Settings()
@@ -200,7 +202,7 @@ def main() -> None:
                 first = (cpu, done)
             if first is not None and done > (last or first)[1]:
                 last = (cpu, done)
-            time.sleep(0.005)
+            time.sleep(0.05)  # the bench's own polling runs in the worker's process: keep it rare
         thread.join(timeout=5)
         startup_cpu_ms = 1000 * (time.process_time() - c0) / len(samples)
         if first is None or last is None or last[1] <= first[1]:
