@@ -232,8 +232,6 @@ class ChaosRun:
         """0 samples lost, bounded duplicate predictions, every process alive, and every alert
         of ``kinds`` that the monitor published at the receiver exactly once (alerts of other
         kinds may be muted by inhibition, so only their count is checked: at most once)."""
-        from streamfuse.alerts.formats import iso
-
         self.check_alive()
         ids = set(self.sim.stats.sample_ids)
         counts = self.observer.prediction_counts
@@ -241,10 +239,19 @@ class ChaosRun:
         assert sum(n - 1 for n in counts.values()) <= max_duplicate_predictions, self.summary()
         got = self.received()
         assert all(n == 1 for n in got.values()), {k: n for k, n in got.items() if n > 1}
-        want = {(a["alert_id"].split("@")[0], a["status"], iso(int(a["alert_id"].split("@")[1])))
+        assert self.published_of(kinds), f"no {kinds} alert was published: {self.summary()}"
+        assert not self.undelivered(kinds), f"published but never received: {self.undelivered(kinds)}"
+
+    def published_of(self, kinds: tuple[str, ...] = ("sensor_fault",)) -> set[tuple[str, str, str]]:
+        """(fingerprint, status, startsAt) of every alert of ``kinds`` on the alerts topic."""
+        from streamfuse.alerts.formats import iso
+
+        return {(a["alert_id"].split("@")[0], a["status"], iso(int(a["alert_id"].split("@")[1])))
                 for a in self.observer.alerts if a["kind"] in kinds}
-        assert want, f"no {kinds} alert was published: {self.summary()}"
-        assert want <= set(got), f"published but never received: {want - set(got)}"
+
+    def undelivered(self, kinds: tuple[str, ...] = ("sensor_fault",)) -> set[tuple[str, str, str]]:
+        """Alerts of ``kinds`` published but not (yet) at the receiver."""
+        return self.published_of(kinds) - set(self.received())
 
 
 class Timed:

@@ -90,6 +90,8 @@ class MonitorCore:
         self.baselines_of = baselines_of
         self._baseline_versions: dict[str, str] | None = None  # the unit versions the baselines belong to
         self._catch_up = False  # evidence recovered from the KPI records at a restore, not judged yet
+        self._sensed: dict[str, int] = {}  # asset -> newest event time its sensor checks took
+        self._unsensed: list[tuple[int, str]] = []  # records a restore found newer than that, to check
         self.episodes = Episodes()
         estimator = self.evidence.estimate if calibration is not None else None
         self.kpis = KpiEngine(s.kpi_window_ms, s.label_grace_ms, s.max_pending_labels, s.flat_std, sink, estimator,
@@ -173,6 +175,7 @@ class MonitorCore:
         seen = (self.kpis.duplicates, self.kpis.late_predictions)
         out = Outputs(kpis=self.kpis.add_prediction(pred, source))
         fresh = seen == (self.kpis.duplicates, self.kpis.late_predictions)
+        self._recheck_sensors(out)
         if self._catch_up and self.sequential is not None:  # evidence recovered at a restore
             self._catch_up = False
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
@@ -195,23 +198,41 @@ class MonitorCore:
         the same as the asset's previous one (a frozen sensor); each sensor's
         ``flatline`` / ``stuck`` fault is judged here, reading by reading
         (:class:`~streamfuse.monitor.detectors.RecentRate`), not per window."""
-        s = self.settings
         rec = self.kpis.record(pred.sample_id)  # judged flat or frozen (restart-safe) when recorded
         flat, stuck = (set(rec.flat), set(rec.stuck)) if rec is not None else (set(), set())
-        sensors = sorted(set(pred.signal_std) | set(pred.digest))
+        sensors = {m: m in pred.digest for m in sorted(set(pred.signal_std) | set(pred.digest))}
+        self._sensor_checks(pred.asset_id, pred.ts_ms, sensors, flat, stuck, out)
+        return flat | stuck
+
+    def _sensor_checks(self, asset: str, ts: int, sensors: dict[str, bool], flat: set[str], stuck: set[str],
+                       out: Outputs) -> None:
+        """One reading of each of an asset's ``sensors`` (name -> whether it had a digest,
+        which the frozen check needs) into its ``flatline`` / ``stuck`` detectors."""
+        s = self.settings
         for check, bad in (("flatline", flat), ("stuck", stuck)):
-            for m in sensors:
-                if check == "stuck" and m not in pred.digest:
+            for m, digested in sensors.items():
+                if check == "stuck" and not digested:
                     continue
-                det = self.detectors.get(DetKey("sensor_fault", check, "asset", pred.asset_id, m),
-                                     lambda: sf.RecentRate(s.sensor_fault_readings, s.sensor_fault_rate))
+                det = self.detectors.get(DetKey("sensor_fault", check, "asset", asset, m),
+                                         lambda: sf.RecentRate(s.sensor_fault_readings, s.sensor_fault_rate))
                 det.update(m in bad)
                 if det.changed:
                     n = round(det.last * len(det.state_dict()["recent"]))
-                    self._emit(out, "sensor_fault", "firing" if det.firing else "resolved", m, "asset",
-                               pred.asset_id, pred.ts_ms, det.last, s.sensor_fault_rate,
+                    self._emit(out, "sensor_fault", "firing" if det.firing else "resolved", m, "asset", asset, ts,
+                               det.last, s.sensor_fault_rate,
                                f"{check}: {n} of the latest {s.sensor_fault_readings} readings", {"fault": check})
-        return flat | stuck
+        self._sensed[asset] = max(self._sensed.get(asset, ts), ts)
+
+    def _recheck_sensors(self, out: Outputs) -> None:
+        """After a restore: the sensor checks of the recorded readings the checkpoint had not
+        seen (their predictions are not delivered again, or only as duplicates), in event
+        time order, before anything newer — so a sensor fault fires at the reading it did in
+        the uninterrupted monitor, under the same alert id."""
+        pending, self._unsensed = self._unsensed, []
+        for _, sid in pending:
+            rec = self.kpis.record(sid)
+            if rec is not None:
+                self._sensor_checks(rec.asset_id, rec.ts, rec.sensors, set(rec.flat), set(rec.stuck), out)
 
     def on_ack(self, ack: Ack) -> None:
         p = self._pending.get(ack.command_id)
@@ -304,6 +325,7 @@ class MonitorCore:
             "lines": self._lines,
             "pending": self._pending,
             "policy": self.policy.state_dict(),
+            "sensed": dict(self._sensed),
         }
 
     def load_state_dict(self, state: dict[str, Any], entries) -> None:
@@ -332,3 +354,7 @@ class MonitorCore:
         # Detectors are made lazily (their settings come from the baselines); each takes
         # its saved state when it is made.
         self.detectors.load_state_dict(state.get("detectors", []))
+        if "sensed" in state:  # (a checkpoint from before this field: nothing to compare with)
+            self._sensed = dict(state["sensed"])
+            self._unsensed = sorted((r.ts, sid) for sid, r in self.kpis.open_records()
+                                    if r.ts > self._sensed.get(r.asset_id, r.ts - 1))

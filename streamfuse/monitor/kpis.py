@@ -49,6 +49,9 @@ class _Record:
     truth: str | None = None
     est: dict[str, list] = field(default_factory=dict)  # unit -> label-free [P(right) if healthy, if broken]
     ts: int = 0
+    # The sensors the prediction reported on (signal spread or payload digest), each with
+    # whether it had a digest: a restored monitor replays its per-reading sensor checks.
+    sensors: dict[str, bool] = field(default_factory=dict)
 
     def live(self, m: str) -> bool:
         """Whether modality ``m``'s reading was neither flat nor frozen (a dead reading is its
@@ -290,6 +293,7 @@ class KpiEngine:
             dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
             pred.latency_ms, self._pending.pop(pred.sample_id, None),
             self.estimator(pred) if self.estimator is not None else {}, pred.ts_ms,
+            {m: m in pred.digest for m in sorted(set(pred.signal_std) | set(pred.digest))},
         )
 
     def _snapshots(self, window: _Window, scopes: tuple[str, ...] = ("global", "line", "asset")) -> list[KpiSnapshot]:

@@ -341,3 +341,33 @@ def test_restart_from_a_checkpoint_older_than_the_records_loses_no_evidence() ->
     a3, c3, _ = run(second, pairs[290:])
     assert {(a.alert_id, a.status) for a in a1 + a2 + a3} == {(a.alert_id, a.status) for a in expected[0]}
     assert {c.command_id for c in c1 + c2 + c3} == {c.command_id for c in expected[1]}
+
+
+def test_restart_from_a_checkpoint_older_than_the_records_fires_a_sensor_fault_under_the_same_id() -> None:
+    # A microphone goes flat between the last checkpoint and a kill: the readings in between
+    # are only in the KPI records (their predictions come again as duplicates, or not at
+    # all). The restored monitor checks them before anything newer, so the flatline fires
+    # at the reading it did without the kill, under the same alert id.
+    def muted_from(step: int):
+        for i, (pred, label) in enumerate(stream(40, None, flat=())):
+            if i >= step:
+                pred = dataclasses.replace(pred, signal_std={**pred.signal_std, "audio": 0.0})
+            yield pred, label
+
+    pairs = list(muted_from(116))
+    expected = run(MonitorCore(calibration(), settings()), pairs)
+    assert [a for a in expected[0] if a.kind == "sensor_fault"], "the flat microphone fires"
+    for redelivered in (False, True):
+        first = MonitorCore(calibration(), settings())
+        records: dict = {}
+        first.kpis.sink = lambda k, v: records.pop(k, None) if v is None else records.__setitem__(k, v)
+        a1, c1, _ = run(first, pairs[:112])
+        checkpoint = first.state_dict()
+        a2, c2, _ = run(first, pairs[112:140])
+        assert [a for a in a2 if a.kind == "sensor_fault"], "the fault fired between the checkpoint and the kill"
+        second = MonitorCore(calibration(), settings())
+        second.load_state_dict(checkpoint, list(records.items()))
+        second.kpis.sink = first.kpis.sink
+        a3, c3, _ = run(second, pairs[112:] if redelivered else pairs[140:])
+        assert {(a.alert_id, a.status) for a in a1 + a2 + a3} == {(a.alert_id, a.status) for a in expected[0]}
+        assert {c.command_id for c in c1 + c2 + c3} == {c.command_id for c in expected[1]}
