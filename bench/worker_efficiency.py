@@ -11,11 +11,16 @@ One run, on this machine, with the demo models:
    drained by one InferenceWorker (measured between its first and last prediction; the
    predictions are read after the worker stopped, so nothing else runs in its process).
    Its process CPU time per sample (every thread of it: intake, models, outbox), from its
-   first batch to its last like ``worker_sps``, is ``worker_cpu_ms`` (with the start-up —
+   first batch to its last like ``worker_sps``, less the bench's own polling thread, is
+   ``worker_cpu_ms`` (with the start-up —
    model tracing, joining the group — spread over the samples:
    ``worker_cpu_ms_with_startup``); ``cpu_ratio = model_cpu_ms / worker_cpu_ms`` is the share of the
    worker's CPU that goes to the models. The broker runs in its own process, on the same
-   cores: ``ratio`` (wall) pays for it, ``cpu_ratio`` does not;
+   cores: ``ratio`` (wall) pays for it, ``cpu_ratio`` does not. ``cpu_breakdown_ms`` says
+   where the worker's CPU goes, per thread: the models measured in place (the thread CPU
+   of its forward passes, ``model_cpu_ms_in_place``; ``cpu_ratio_in_place`` is its share),
+   the rest of the worker thread (decoding, fusion, contributions, encoding, producing),
+   the intake thread and librdkafka's threads;
 3. capacity with the publisher running (``capacity_with_publisher_sps``): a publisher in
    its own process offers ``worker_sps`` samples/s on the same cores; the worker's rate
    until the publisher ends. Then latency p50 / p99 at 50 % and 80 % of that capacity:
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -83,6 +89,42 @@ def model_only(bundle, samples, batch: int, repeats: int, eager: bool = False) -
     return n * repeats / wall, 1000 * cpu / (n * repeats)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each thread of this process, by role: the
+    worker's Python threads by name, librdkafka's by its ``rdk:`` names, the rest (torch's
+    OpenMP pool) as ``native``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        role = names.get(int(tid)) or ("librdkafka" if comm.startswith("rdk:") else "native")
+        role = {"MainThread": "bench (polling)", "sf-feeder": "intake (feeder)"}.get(role, role)
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class ModelClock:
+    """The CPU time of the models' forward passes inside the worker: the calling thread's
+    CPU around ``Bundle.forward`` (exact with one torch thread; with more, the pool's
+    threads run the models too and are reported as ``native``)."""
+
+    def __init__(self, bundle) -> None:
+        self.seconds, self._forward = 0.0, bundle.forward
+        bundle.forward = self
+
+    def __call__(self, modality, x):
+        t = time.thread_time()
+        try:
+            return self._forward(modality, x)
+        finally:
+            self.seconds += time.thread_time() - t
+
+
 def collect_predictions(settings: Settings, n: int, timeout_s: float) -> list[Prediction]:
     consumer = make_consumer(settings, None, "bench-reader")
     from kafka import TopicPartition
@@ -102,7 +144,7 @@ def collect_predictions(settings: Settings, n: int, timeout_s: float) -> list[Pr
 
 def run_worker(settings: Settings, bundle, n: int) -> tuple[InferenceWorker, threading.Thread]:
     worker = InferenceWorker(settings, bundle, worker_id="bench")
-    thread = threading.Thread(target=worker.run, kwargs={"max_samples": n}, daemon=True)
+    thread = threading.Thread(target=worker.run, kwargs={"max_samples": n}, daemon=True, name="worker")
     thread.start()
     return worker, thread
 
@@ -193,22 +235,35 @@ def main() -> None:
         ensure_topics(settings)
         publish(settings, samples)  # a backlog: the worker runs flat out
         c0 = time.process_time()
+        clock = ModelClock(bundle)
         worker, thread = run_worker(settings, bundle, len(samples))
-        first = last = None  # (process CPU s, samples processed) at the first and the last batch
+        # (process CPU s, samples processed, per-thread CPU, models' CPU) at the first and the last batch
+        first = last = None
         deadline = time.monotonic() + 600
         while thread.is_alive() and time.monotonic() < deadline:
             done, cpu = worker.processed, time.process_time()
             if done and first is None:
-                first = (cpu, done)
+                first = (cpu, done, thread_cpu(), clock.seconds)
             if first is not None and done > (last or first)[1]:
-                last = (cpu, done)
+                last = (cpu, done, thread_cpu(), clock.seconds)
             time.sleep(0.05)  # the bench's own polling runs in the worker's process: keep it rare
+        bundle.forward = clock._forward
         thread.join(timeout=5)
         startup_cpu_ms = 1000 * (time.process_time() - c0) / len(samples)
         if first is None or last is None or last[1] <= first[1]:
             raise SystemExit("the worker did not process its backlog")
         # Steady state, as worker_sps: from its first batch to its last (start-up excluded)
-        worker_cpu_ms = 1000 * (last[0] - first[0]) / (last[1] - first[1])
+        n_steady = last[1] - first[1]
+        # Where the worker's CPU goes (per sample): the models measured in place, the rest
+        # of the worker thread, the intake thread, librdkafka's threads; the bench's own
+        # polling runs in this process too, and is not the worker's.
+        breakdown = {k: 1000 * (v - first[2].get(k, 0.0)) / n_steady for k, v in last[2].items()}
+        polling_ms = breakdown.pop("bench (polling)", 0.0)
+        worker_cpu_ms = 1000 * (last[0] - first[0]) / n_steady - polling_ms
+        in_situ_ms = 1000 * (last[3] - first[3]) / n_steady
+        breakdown["models (in place)"] = in_situ_ms
+        breakdown["worker thread, besides the models"] = breakdown.pop("worker", 0.0) - in_situ_ms
+        breakdown = {k: round(v, 4) for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]) if v > 0}
         preds = collect_predictions(settings, len(samples), timeout_s=60)
         produced = sorted(p.produced_ms for p in preds)
         first_batch = sum(1 for t in produced if t == produced[0])
@@ -217,6 +272,11 @@ def main() -> None:
         print(f"worker (Kafka in -> out): {worker_sps:8.1f} samples/s  ratio {worker_sps / ref:.3f};  "
               f"{worker_cpu_ms:.3f} CPU-ms per sample  cpu_ratio {cpu_ratio:.3f}  "
               f"(with the start-up {startup_cpu_ms:.3f} CPU-ms per sample)")
+        print("  where the worker's CPU goes, ms per sample: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in breakdown.items())
+              + f"  (the bench's own polling, not counted: {polling_ms:.3f})")
+        print(f"  models in place / worker: {in_situ_ms / worker_cpu_ms:.3f} (in place the models take "
+              f"{in_situ_ms / model_cpu_ms:.2f}x their CPU alone)")
 
         batch_ms = 1000 * args.batch / worker_sps
         bound_ms = args.max_delay_ms + 3 * batch_ms
@@ -256,6 +316,10 @@ def main() -> None:
         "worker_cpu_ms": round(worker_cpu_ms, 4),
         "worker_cpu_ms_with_startup": round(startup_cpu_ms, 4),
         "cpu_ratio": round(cpu_ratio, 3),
+        "cpu_breakdown_ms": breakdown,
+        "model_cpu_ms_in_place": round(in_situ_ms, 4),
+        "cpu_ratio_in_place": round(in_situ_ms / worker_cpu_ms, 3),
+        "bench_polling_cpu_ms": round(polling_ms, 4),
         "capacity_with_publisher_sps": round(capacity, 1),
         "p99_ms": latency[50]["p99_ms"],
         "p99_bound_ms": round(bound_ms, 1),
