@@ -105,8 +105,8 @@ def test_opcua_end_to_end_with_a_server_restart(settings, certs, tmp_path: Path)
         stopped_at = len(server.written)
         wait(lambda: not gw.subscribed.is_set(), "the gateway to notice the server is gone", 10, gateway)
         time.sleep(0.5)  # the server stays down for a while: slots due meanwhile are never written
+        restarted_at = len(server.written)  # before the start: its first tick can beat a len() after it
         server.start()
-        restarted_at = len(server.written)
         wait(lambda: gw.sessions >= 2 and len({e.ts_ms for e in out.events if e.ts_ms > server.written[stopped_at][2]})
              >= 4, "readings after the restart", 30, gateway, poll=out.poll)
         server.stop()
