@@ -321,53 +321,42 @@ def test_a_healthy_line_in_the_stuck_answer_is_not_attributed() -> None:
     assert "line-1" in first and "line-0" not in first, first
 
 
-def test_restart_from_a_checkpoint_older_than_the_records_loses_no_evidence() -> None:
-    # Killed after the fault's alert, with the last checkpoint from before the fault: the KPI
-    # records (written per prediction) are newer than the checkpoint, and the predictions in
-    # between are not delivered again (their offsets were committed). Their evidence comes
-    # back from the records, and the alerts are the uninterrupted monitor's, same ids.
-    pairs = list(stream(60, fault_at_s=30))
+def assert_restart_changes_nothing(pairs, checkpoint_at: int, kill_at: int, kind: str,
+                                   redelivered: bool = False) -> None:
+    """Checkpoint after ``checkpoint_at`` predictions, kill after ``kill_at`` (an alert of
+    ``kind`` having fired in between), restore from that checkpoint and the KPI records
+    (written per prediction, so newer than it), go on from ``kill_at`` — or from the
+    checkpoint, the predictions in between ``redelivered`` as duplicates: the alerts and
+    commands are the uninterrupted monitor's, same ids."""
     expected = run(MonitorCore(calibration(), settings()), pairs)
     first = MonitorCore(calibration(), settings())
     records: dict = {}
     first.kpis.sink = lambda k, v: records.pop(k, None) if v is None else records.__setitem__(k, v)
-    a1, c1, _ = run(first, pairs[:240])
+    a1, c1, _ = run(first, pairs[:checkpoint_at])
     checkpoint = first.state_dict()
-    a2, c2, _ = run(first, pairs[240:290])
-    assert [a for a in a2 if a.status == "firing"], "the fault fired between the checkpoint and the kill"
+    a2, c2, _ = run(first, pairs[checkpoint_at:kill_at])
+    assert [a for a in a2 if a.kind == kind and a.status == "firing"], "it fired between the checkpoint and the kill"
     second = MonitorCore(calibration(), settings())
     second.load_state_dict(checkpoint, list(records.items()))
     second.kpis.sink = first.kpis.sink
-    a3, c3, _ = run(second, pairs[290:])
+    a3, c3, _ = run(second, pairs[checkpoint_at if redelivered else kill_at:])
     assert {(a.alert_id, a.status) for a in a1 + a2 + a3} == {(a.alert_id, a.status) for a in expected[0]}
     assert {c.command_id for c in c1 + c2 + c3} == {c.command_id for c in expected[1]}
 
 
-def test_restart_from_a_checkpoint_older_than_the_records_fires_a_sensor_fault_under_the_same_id() -> None:
+def test_restart_from_a_checkpoint_older_than_the_records_loses_no_evidence() -> None:
+    # Killed after the fault's alert, with the last checkpoint from before the fault; the
+    # predictions in between are not delivered again (their offsets were committed). Their
+    # evidence comes back from the records.
+    assert_restart_changes_nothing(list(stream(60, fault_at_s=30)), 240, 290, "degradation")
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
+def test_restart_from_a_checkpoint_older_than_the_records_fires_a_sensor_fault_under_the_same_id(redelivered) -> None:
     # A microphone goes flat between the last checkpoint and a kill: the readings in between
     # are only in the KPI records (their predictions come again as duplicates, or not at
     # all). The restored monitor checks them before anything newer, so the flatline fires
     # at the reading it did without the kill, under the same alert id.
-    def muted_from(step: int):
-        for i, (pred, label) in enumerate(stream(40, None, flat=())):
-            if i >= step:
-                pred = dataclasses.replace(pred, signal_std={**pred.signal_std, "audio": 0.0})
-            yield pred, label
-
-    pairs = list(muted_from(116))
-    expected = run(MonitorCore(calibration(), settings()), pairs)
-    assert [a for a in expected[0] if a.kind == "sensor_fault"], "the flat microphone fires"
-    for redelivered in (False, True):
-        first = MonitorCore(calibration(), settings())
-        records: dict = {}
-        first.kpis.sink = lambda k, v: records.pop(k, None) if v is None else records.__setitem__(k, v)
-        a1, c1, _ = run(first, pairs[:112])
-        checkpoint = first.state_dict()
-        a2, c2, _ = run(first, pairs[112:140])
-        assert [a for a in a2 if a.kind == "sensor_fault"], "the fault fired between the checkpoint and the kill"
-        second = MonitorCore(calibration(), settings())
-        second.load_state_dict(checkpoint, list(records.items()))
-        second.kpis.sink = first.kpis.sink
-        a3, c3, _ = run(second, pairs[112:] if redelivered else pairs[140:])
-        assert {(a.alert_id, a.status) for a in a1 + a2 + a3} == {(a.alert_id, a.status) for a in expected[0]}
-        assert {c.command_id for c in c1 + c2 + c3} == {c.command_id for c in expected[1]}
+    pairs = [(dataclasses.replace(p, signal_std={**p.signal_std, "audio": 0.0}) if i >= 116 else p, label)
+             for i, (p, label) in enumerate(stream(40, None))]
+    assert_restart_changes_nothing(pairs, 112, 140, "sensor_fault", redelivered)
