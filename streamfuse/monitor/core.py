@@ -46,7 +46,7 @@ from streamfuse.monitor import sensor_faults as sf
 from streamfuse.monitor.alerting import AGREEMENT, Episodes
 from streamfuse.monitor.detector_bank import DetectorBank, DetKey
 from streamfuse.monitor.evidence import Calibration
-from streamfuse.monitor.kpis import FUSED, KpiEngine, Sink
+from streamfuse.monitor.kpis import FUSED, KpiEngine, Sink, sensors_of
 from streamfuse.monitor.labelfree import MIN_ANSWERS, SampleEvidence, answers
 from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
 from streamfuse.monitor.sequential import SeqKey, SequentialDetection, Transition
@@ -199,9 +199,11 @@ class MonitorCore:
         ``flatline`` / ``stuck`` fault is judged here, reading by reading
         (:class:`~streamfuse.monitor.detectors.RecentRate`), not per window."""
         rec = self.kpis.record(pred.sample_id)  # judged flat or frozen (restart-safe) when recorded
-        flat, stuck = (set(rec.flat), set(rec.stuck)) if rec is not None else (set(), set())
-        sensors = {m: m in pred.digest for m in sorted(set(pred.signal_std) | set(pred.digest))}
-        self._sensor_checks(pred.asset_id, pred.ts_ms, sensors, flat, stuck, out)
+        if rec is None:
+            self._sensor_checks(pred.asset_id, pred.ts_ms, sensors_of(pred), set(), set(), out)
+            return set()
+        flat, stuck = set(rec.flat), set(rec.stuck)
+        self._sensor_checks(pred.asset_id, pred.ts_ms, rec.sensors, flat, stuck, out)
         return flat | stuck
 
     def _sensor_checks(self, asset: str, ts: int, sensors: dict[str, bool], flat: set[str], stuck: set[str],

@@ -59,6 +59,12 @@ class _Record:
         return m not in self.flat and m not in self.stuck
 
 
+def sensors_of(pred: Prediction) -> dict[str, bool]:
+    """The sensors a prediction reports on (a signal spread or a payload digest), each with
+    whether it has a digest (the frozen-reading check needs one)."""
+    return {m: m in pred.digest for m in sorted(set(pred.signal_std) | set(pred.digest))}
+
+
 def _stored(rec: _Record) -> dict[str, Any]:
     """The record as a map for the state table. Shallow: a record's containers are built
     fresh for it and never changed afterwards (only ``truth`` is set), so they can be
@@ -293,7 +299,7 @@ class KpiEngine:
             dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
             pred.latency_ms, self._pending.pop(pred.sample_id, None),
             self.estimator(pred) if self.estimator is not None else {}, pred.ts_ms,
-            {m: m in pred.digest for m in sorted(set(pred.signal_std) | set(pred.digest))},
+            sensors_of(pred),
         )
 
     def _snapshots(self, window: _Window, scopes: tuple[str, ...] = ("global", "line", "asset")) -> list[KpiSnapshot]:
