@@ -36,8 +36,9 @@ def _bits(players: np.ndarray) -> np.ndarray:
     return (players.astype(np.int64) << np.arange(players.shape[1])).sum(axis=1)
 
 
-def subset_table(fuse, players: np.ndarray, fused_label: np.ndarray) -> np.ndarray:
-    """Fill the subset table with one call of the fusion on every subset at once.
+def subset_table(fuse, players: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fused decision and its subset table, from one call of the fusion on every
+    subset at once (the full subset's rows are the fusion of each row's players).
 
     Args:
         fuse: ``fuse(use) -> [K, C]`` probabilities for a ``[K, M]`` bool mask of the
@@ -45,11 +46,11 @@ def subset_table(fuse, players: np.ndarray, fused_label: np.ndarray) -> np.ndarr
             subset-major (row ``s * B + b`` is row ``b`` under subset ``s``). Rows with no
             modality must give the uniform distribution.
         players: ``[B, M]`` bool, each row's modalities in the fusion.
-        fused_label: ``[B]`` int, the fused label ``ŷ`` of each row.
 
     Returns:
-        ``[B, 2**M]`` probabilities of ``ŷ`` per subset (subsets reaching outside a row's
-        players are evaluated on their intersection with the players).
+        ``(fused, values)``: ``[B, C]`` the fusion of each row's players, and ``[B, 2**M]``
+        the probability of each row's fused label ``ŷ = argmax(fused)`` per subset (subsets
+        reaching outside a row's players are evaluated on their intersection with them).
 
     Examples:
         >>> import numpy as np
@@ -58,14 +59,16 @@ def subset_table(fuse, players: np.ndarray, fused_label: np.ndarray) -> np.ndarr
         ...     w = use[..., None]
         ...     k = w.sum(axis=1)
         ...     return np.where(k > 0, (p * w).sum(axis=1) / np.maximum(k, 1), 0.5)
-        >>> subset_table(ume, np.array([[True, True]]), np.array([0])).round(2).tolist()
-        [[0.5, 0.9, 0.6, 0.75]]
+        >>> fused, values = subset_table(ume, np.array([[True, True]]))
+        >>> fused.round(2).tolist(), values.round(2).tolist()
+        ([[0.75, 0.25]], [[0.5, 0.9, 0.6, 0.75]])
     """
     b, m = players.shape
     masks = subset_masks(m)
     use = (players[None, :, :] & masks[:, None, :]).reshape(-1, m)
     probs = np.asarray(fuse(use)).reshape(2**m, b, -1)
-    return probs[:, np.arange(b), np.broadcast_to(fused_label, (b,))].T.astype(np.float64)
+    fused = probs[-1]  # the full subset: each row's players
+    return fused, probs[:, np.arange(b), fused.argmax(axis=1)].T.astype(np.float64)
 
 
 def leave_one_out_shares(values: np.ndarray, players: np.ndarray) -> np.ndarray:

@@ -98,9 +98,7 @@ def explain(bundle: Bundle, enc: Encoded, masked: torch.Tensor, mode: str) -> Ex
         masked: ``[B, M]`` from :func:`masked_matrix`.
         mode: the fusion mode.
     """
-    use = enc.computed & ~masked
-    fused = bundle.fuse(enc, use, mode).numpy()
-    players, y = use.numpy(), fused.argmax(axis=1)
+    players = (enc.computed & ~masked).numpy()
     n = players.shape[0]
 
     def fuse_subsets(subsets: np.ndarray) -> np.ndarray:  # all subsets in one call
@@ -109,7 +107,8 @@ def explain(bundle: Bundle, enc: Encoded, masked: torch.Tensor, mode: str) -> Ex
                         enc.computed.repeat(k, 1), [], {})
         return bundle.fuse(tiled, torch.from_numpy(subsets), mode).numpy()
 
-    values = subset_table(fuse_subsets, players, y)
+    fused, values = subset_table(fuse_subsets, players)
+    y = fused.argmax(axis=1)
     shapley = shapley_values(values, players) if players.shape[1] <= MAX_SHAPLEY_MODALITIES else None
     probs = enc.modality_probs.numpy()
     conf, ent = confidence_entropy(probs)
@@ -146,29 +145,34 @@ def assemble(samples: Sequence[Sample], enc: Encoded, masked: torch.Tensor, ex: 
     shapley = ex.shapley.tolist() if ex.shapley is not None else None
     head = {"schema": Prediction.SCHEMA}
     versions, pack = ctx.versions, msgpack.Packer(use_bin_type=True).pack
+    every = list(range(len(mods)))
     out, unusable = [], []
     for i, s in enumerate(samples):
         if not any(players[i]):
             unusable.append(i)
             continue
-        present = [(j, m) for j, m in enumerate(mods) if computed[i][j]]
-        fused_in = [(j, m) for j, m in present if players[i][j]]
+        # the common row has every modality: its columns are the rows of the arrays as they are
+        cols = every if all(computed[i]) else [j for j in every if computed[i][j]]
+        names = mods if cols is every else [mods[j] for j in cols]
+        fused_in = [(j, mods[j]) for j in cols if players[i][j]]
         readings = s.readings
+
+        def present(row: list, cols: list[int] = cols) -> dict:
+            return dict(zip(names, row if cols is every else [row[j] for j in cols]))
+
         # Field order is Prediction's (to_map's), so the bytes are what encode() gives.
         out.append((i, pack({
             **head, "sample_id": s.sample_id, "asset_id": s.asset_id, "ts_ms": s.ts_ms, "classes": classes,
             "fused_probs": fused[i], "fused_label": classes[label[i]], "fusion_mode": ctx.fusion_mode,
-            "modality_probs": {m: probs[i][j] for j, m in present}, "line_id": s.line_id,
+            "modality_probs": present(probs[i]), "line_id": s.line_id,
             "missing": [m for j, m in enumerate(mods) if not computed[i][j]],
-            "masked": [m for j, m in present if masked_l[i][j]],
+            "masked": [mods[j] for j in cols if masked_l[i][j]],
             "contributions": {m: shares[i][j] for j, m in fused_in},
             "shapley": {m: shapley[i][j] for j, m in fused_in} if shapley is not None else {},
-            "confidence": {m: conf[i][j] for j, m in present},
-            "entropy": {m: ent[i][j] for j, m in present},
-            "agreement": {m: agree[i][j] for j, m in present},
-            "signal_std": {m: stds[i][j] for j, m in present},
-            "digest": {m: zlib.crc32(readings[m].payload) for _, m in present},
-            "skew_ms": {m: readings[m].ts_ms - s.ts_ms for _, m in present},
+            "confidence": present(conf[i]), "entropy": present(ent[i]), "agreement": present(agree[i]),
+            "signal_std": present(stds[i]),
+            "digest": {m: zlib.crc32(readings[m].payload) for m in names},
+            "skew_ms": {m: readings[m].ts_ms - s.ts_ms for m in names},
             "versions": versions, "worker_id": ctx.worker_id, "produced_ms": ctx.produced_ms,
             "latency_ms": ctx.latency_ms,
         })))

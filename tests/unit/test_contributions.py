@@ -20,8 +20,9 @@ def ume_game(probs: np.ndarray, players: np.ndarray):
         k = w.sum(axis=1)
         return np.where(k > 0, (p * w).sum(axis=1) / np.maximum(k, 1), 1.0 / c)
 
-    y = fuse(players).argmax(axis=1)
-    return subset_table(fuse, players, y), fuse, y
+    fused, values = subset_table(fuse, players)
+    np.testing.assert_array_equal(fused, fuse(players))
+    return values, fuse, fused.argmax(axis=1)
 
 
 def random_case(seed: int, b: int = 100, m: int = 3, c: int = 4):
