@@ -207,7 +207,7 @@ class Bundle:
                 batch = batch_tensor_checked(cfg, [samples[i][m] for i in chunk], self.device)
                 if batch.indices:
                     f, logits = self.forward(m, batch.tensor)
-                    good = [chunk[k] for k in batch.indices]
+                    good = _rows([chunk[k] for k in batch.indices])
                     probs[good, j] = logits.float().softmax(dim=-1).cpu()
                     feats[good] = f.float().cpu()
                     computed[good, j] = True
@@ -334,3 +334,16 @@ class Bundle:
                              f"this bundle {list(self.classes)}; activate a version trained on the same "
                              "classes", self.path)
         return model
+
+
+def _rows(rows: list[int]) -> slice | torch.Tensor:
+    """An index for ``rows`` (ascending, distinct): a slice when they are consecutive, the
+    common case of a batch whose readings all decoded (slices skip the index tensor).
+
+    Examples:
+        >>> _rows([3, 4, 5]), _rows([0, 2]).tolist()
+        (slice(3, 6, None), [0, 2])
+    """
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows)

@@ -27,6 +27,7 @@ from streamfuse.models.bundle_io import load_bundle, read_manifest, save_bundle
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import create_model
 from streamfuse.models.fusion import ume
+from streamfuse.models import preprocess
 from streamfuse.models.preprocess import batch_tensor, batch_tensor_checked
 from streamfuse.models.train import TrainConfig, TrainOptions, train_bundle
 
@@ -222,6 +223,18 @@ def test_preprocess_reports_signal_spread_for_sensor_health():
     ser = series_event(0, rng)
     out = batch_tensor_checked(cfg("series"), [SensorEvent("e", "a", "series", 0, bytes(64)), ser])
     assert out.signal_std.tolist() == pytest.approx([0.0, np.frombuffer(ser.payload, "<f4").std()], rel=1e-6)
+
+
+def test_grey_spread_is_the_float32_std_of_the_luma():
+    """The two-pass float64 spread gives the very float32 values of ``std(correction=0)``
+    (the worker publishes them; a flat or frozen camera is judged on them)."""
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    for k in range(12):
+        x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        x = [x, (x // 50) * 3 + 100, x.clamp(120, 124)][k % 3]
+        expected = (x.float() * weights).sum(dim=1).flatten(1).std(dim=1, correction=0)
+        assert torch.equal(preprocess._grey_std(x), expected)
 
 
 @pytest.mark.parametrize("modality", ["image", "audio", "series"])
