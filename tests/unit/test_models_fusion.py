@@ -279,7 +279,7 @@ def test_quality_fusion_judges_each_row_alone_and_leaves_agreeing_rows_at_ume():
     from streamfuse.models.fusion import quality, ume
     from streamfuse.monitor.evidence import Calibration
 
-    mods, classes = ("image", "audio", "series"), "ab"
+    mods = ("image", "audio", "series")
     rows = [({m: y for m in mods}, y) for y in "abab"] * 10 + [({"image": "a", "audio": "b", "series": "b"}, "b")] * 4
     cal = Calibration.fit(rows)
     odd = [[1.0, 0.0], [0.3, 0.7], [0.4, 0.6]]  # the camera is the odd one out
