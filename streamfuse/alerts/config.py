@@ -18,6 +18,12 @@ class InhibitRuleSettings(BaseModel):
     equal: list[str] = []
 
 
+# A broken sensor explains the degradation of its own modality on its own asset (the one
+# default rule: the dispatcher's settings and the lifecycle's DEFAULT_INHIBIT_RULES).
+DEFAULT_INHIBIT = InhibitRuleSettings(source=["kind=sensor_fault"], target=["kind=degradation"],
+                                      equal=["asset", "modality"])
+
+
 class AlertSettings(BaseModel):
     group: str = "sf-alert-dispatch"  # consumer group of `streamfuse alerts dispatch`
     allow_private_targets: bool = False  # webhooks to 10/8, 172.16/12, 192.168/16, loopback
@@ -31,9 +37,7 @@ class AlertSettings(BaseModel):
     # Retries: exponential backoff from `backoff_initial_s`, doubling, capped, with jitter.
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
-    inhibit_rules: list[InhibitRuleSettings] = [
-        InhibitRuleSettings(source=["kind=sensor_fault"], target=["kind=degradation"], equal=["asset", "modality"])
-    ]
+    inhibit_rules: list[InhibitRuleSettings] = [DEFAULT_INHIBIT]
     external_url: str = ""  # this deployment's dashboard; webhook `externalURL` and alerts' `generatorURL`
     # HTTP API of `streamfuse alerts serve`.
     api_host: str = "127.0.0.1"

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from streamfuse.alerts.config import DEFAULT_INHIBIT
 from streamfuse.alerts.errors import InvalidDuration, InvalidMatcher, InvalidSubscription
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
@@ -195,7 +196,6 @@ class InhibitRule:
         return cls(parse_matchers(source), parse_matchers(target), tuple(equal))
 
 
-# A broken sensor explains the degradation of its own modality on its own asset.
 DEFAULT_INHIBIT_RULES: tuple[InhibitRule, ...] = (
-    InhibitRule.from_config(["kind=sensor_fault"], ["kind=degradation"], ["asset", "modality"]),
+    InhibitRule.from_config(DEFAULT_INHIBIT.source, DEFAULT_INHIBIT.target, DEFAULT_INHIBIT.equal),
 )
