@@ -152,28 +152,38 @@ def assemble(samples: Sequence[Sample], enc: Encoded, masked: torch.Tensor, ex: 
             unusable.append(i)
             continue
         # the common row has every modality: its columns are the rows of the arrays as they are
-        cols = every if all(computed[i]) else [j for j in every if computed[i][j]]
-        names = mods if cols is every else [mods[j] for j in cols]
+        complete = all(computed[i])
+        cols = every if complete else [j for j in every if computed[i][j]]
+        names = mods if complete else [mods[j] for j in cols]
+        pick = None if complete else cols
         fused_in = [(j, mods[j]) for j in cols if players[i][j]]
         readings = s.readings
-
-        def present(row: list, cols: list[int] = cols) -> dict:
-            return dict(zip(names, row if cols is every else [row[j] for j in cols]))
 
         # Field order is Prediction's (to_map's), so the bytes are what encode() gives.
         out.append((i, pack({
             **head, "sample_id": s.sample_id, "asset_id": s.asset_id, "ts_ms": s.ts_ms, "classes": classes,
             "fused_probs": fused[i], "fused_label": classes[label[i]], "fusion_mode": ctx.fusion_mode,
-            "modality_probs": present(probs[i]), "line_id": s.line_id,
+            "modality_probs": _present(names, probs[i], pick), "line_id": s.line_id,
             "missing": [m for j, m in enumerate(mods) if not computed[i][j]],
             "masked": [mods[j] for j in cols if masked_l[i][j]],
             "contributions": {m: shares[i][j] for j, m in fused_in},
             "shapley": {m: shapley[i][j] for j, m in fused_in} if shapley is not None else {},
-            "confidence": present(conf[i]), "entropy": present(ent[i]), "agreement": present(agree[i]),
-            "signal_std": present(stds[i]),
+            "confidence": _present(names, conf[i], pick), "entropy": _present(names, ent[i], pick),
+            "agreement": _present(names, agree[i], pick), "signal_std": _present(names, stds[i], pick),
             "digest": {m: zlib.crc32(readings[m].payload) for m in names},
             "skew_ms": {m: readings[m].ts_ms - s.ts_ms for m in names},
             "versions": versions, "worker_id": ctx.worker_id, "produced_ms": ctx.produced_ms,
             "latency_ms": ctx.latency_ms,
         })))
     return out, unusable
+
+
+def _present(names: Sequence[str], row: list, cols: list[int] | None) -> dict:
+    """``{modality: value}`` of one row's present modalities (``cols``: their columns;
+    None when every modality is present).
+
+    Examples:
+        >>> _present(("image", "audio"), [0.5, 0.25], None), _present(("audio",), [0.5, 0.25], [1])
+        ({'image': 0.5, 'audio': 0.25}, {'audio': 0.25})
+    """
+    return dict(zip(names, row if cols is None else [row[j] for j in cols]))
