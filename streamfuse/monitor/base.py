@@ -40,6 +40,21 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
         raise DetectorValueError(f"{name} must be in {span}, got {value!r}")
 
 
+def _check_positive(name: str, value: Any) -> None:
+    if not value > 0:
+        raise DetectorValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _hysteresis(value: float | None, limit_name: str, limit: float, default: float, default_name: str) -> float:
+    """``value`` checked to lie in ``[0, limit]``, or ``default`` for None."""
+    if value is None:
+        return default
+    if not 0.0 <= value <= limit:
+        raise DetectorValueError(f"hysteresis must be in [0, {limit_name}={limit}], or None for {default_name}, "
+                                 f"got {value!r}")
+    return value
+
+
 class Detector:
     """The base of every detector: window counts, hysteresis streaks, the last value
     that counted, and their serialization.

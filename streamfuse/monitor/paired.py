@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from streamfuse.monitor.base import Detector, DetectorValueError, _check_counts
+from streamfuse.monitor.base import Detector, DetectorValueError, _check_counts, _check_positive, _hysteresis
 
 
 def paired_difference_interval(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
@@ -98,12 +98,8 @@ class FusionRegression(Detector):
     ) -> None:
         if not 0.0 <= margin < 1.0:
             raise DetectorValueError(f"margin must be in [0, 1), got {margin!r}")
-        if hysteresis is None:
-            hysteresis = margin
-        if not 0.0 <= hysteresis <= margin:
-            raise DetectorValueError(f"hysteresis must be in [0, margin={margin}], or None for margin, got {hysteresis!r}")
-        if not z > 0:
-            raise DetectorValueError(f"z must be > 0, got {z!r}")
+        hysteresis = _hysteresis(hysteresis, "margin", margin, margin, "margin")
+        _check_positive("z", z)
         self._init_windows(fire_windows, resolve_windows, min_n)
         self.margin = margin
         self.z = z

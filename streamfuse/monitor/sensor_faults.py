@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from streamfuse.monitor.base import (
-    Detector, DetectorValueError, _check_counts, _check_finite, _check_int, _check_range,
+    Detector, DetectorValueError, _check_counts, _check_finite, _check_int, _check_positive, _check_range, _hysteresis,
 )
 from streamfuse.monitor.stats import wilson_interval
 
@@ -122,13 +122,8 @@ class RateAlarm(Detector):
     ) -> None:
         if not 0.0 <= threshold < 1.0:
             raise DetectorValueError(f"threshold must be in [0, 1), got {threshold!r}")
-        if hysteresis is None:
-            hysteresis = threshold / 2
-        if not 0.0 <= hysteresis <= threshold:
-            raise DetectorValueError(f"hysteresis must be in [0, threshold={threshold}], or None for half of it, "
-                             f"got {hysteresis!r}")
-        if not z > 0:
-            raise DetectorValueError(f"z must be > 0, got {z!r}")
+        hysteresis = _hysteresis(hysteresis, "threshold", threshold, threshold / 2, "half of it")
+        _check_positive("z", z)
         self._init_windows(fire_windows, resolve_windows, min_n)
         self.threshold = threshold
         self.hysteresis = hysteresis
