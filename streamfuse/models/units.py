@@ -76,7 +76,9 @@ def bundle_units(bundle_dir: Path) -> list[tuple[dict[str, Any], Path | None]]:
 
 
 def write_unit(root: Path, manifest: Mapping[str, Any], weights: Path | None) -> Path:
-    """Store a unit under ``root/<unit>/<version>`` (atomically; a no-op if it exists).
+    """Store a unit under ``root/<unit>/<version>`` (atomically). A version that exists with
+    the same weights keeps them and takes this manifest (the same weights retrained or
+    recalibrated: their validation baseline, calibration and spread range are the newest).
 
     Raises:
         ModelError: the version exists with other weights (a corrupted store).
@@ -86,6 +88,10 @@ def write_unit(root: Path, manifest: Mapping[str, Any], weights: Path | None) ->
         have = read_unit_manifest(final)
         if (have.get("weights") or {}).get("sha256") != (manifest.get("weights") or {}).get("sha256"):
             raise ModelError(f"{final} holds other weights under the same version id; remove it and {_FIX}", final)
+        if have != dict(manifest):
+            tmp = final / f".{UNIT_MANIFEST}.tmp-{os.getpid()}"
+            tmp.write_text(_manifest_json(manifest))
+            os.replace(tmp, final / UNIT_MANIFEST)
         return final
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,12 +102,16 @@ def write_unit(root: Path, manifest: Mapping[str, Any], weights: Path | None) ->
             if file_sha256(tmp / UNIT_WEIGHTS) != manifest["weights"]["sha256"]:
                 raise ModelError(f"{weights} changed while it was copied, or does not match its manifest; {_FIX}",
                                  weights)
-        (tmp / UNIT_MANIFEST).write_text(json.dumps(dict(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        (tmp / UNIT_MANIFEST).write_text(_manifest_json(manifest))
         shutil.rmtree(final, ignore_errors=True)  # a half-written leftover without unit.json
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _manifest_json(manifest: Mapping[str, Any]) -> str:
+    return json.dumps(dict(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def read_unit_manifest(path: Path) -> dict[str, Any]:

@@ -241,6 +241,12 @@ def test_unit_loading_refuses_pickles_truncation_shapes_and_other_manifests(tmp_
     root = tmp_path / "units"
     dirs = {man["unit"]: write_unit(root, man, w) for man, w in bundle_units(tmp_path / "b")}
     assert write_unit(root, *bundle_units(tmp_path / "b")[0]) == dirs["image"]  # idempotent
+    # the same weights imported again with a newer baseline (recalibrated): the newest is kept
+    man, w = bundle_units(tmp_path / "b")[0]
+    newer = {**man, "baseline": {**man["baseline"], "spread": {"lo": 1.0, "hi": 9.0, "p_out": 0.01, "n": 10}}}
+    write_unit(root, newer, w)
+    assert load_unit_dir(dirs["image"]).baseline["spread"]["hi"] == 9.0
+    assert write_unit(root, man, w) == dirs["image"] and "spread" not in load_unit_dir(dirs["image"]).baseline
     assert isinstance(load_unit_dir(dirs["fusion"]).module, FusionUnit)
     unit = load_unit_dir(dirs["series"])
     assert unit.version == unit.module.sf_config.version and unit.baseline["n"] == 10
