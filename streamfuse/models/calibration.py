@@ -4,22 +4,25 @@ Each validation sample's per-modality answers (the stage-1 models, or the UMT en
 when those are served) and the fused answer go into
 :meth:`streamfuse.monitor.evidence.Calibration.fit`; the tables are stored with each
 unit's baseline (``baselines.<unit>.calibration``) so that they travel with the unit
-through the registry to the monitor and the workers.
+through the registry to the monitor and the workers. Each modality's healthy
+signal-spread range (:class:`streamfuse.monitor.spread.SpreadRange`, from the same split's
+raw readings) goes with them (``baselines.<unit>.spread``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from streamfuse.monitor.evidence import FUSED, Calibration
+from streamfuse.monitor.spread import SpreadRange
 
-__all__ = ["attach_calibration", "calibrate_bundle", "class_recall", "fit_calibration"]
+__all__ = ["attach_calibration", "calibrate_bundle", "class_recall", "fit_calibration", "fit_spread"]
 PRIOR_N = 2.0  # pseudo-samples at the unit's overall accuracy behind each class's recall
 
 
@@ -77,18 +80,33 @@ def class_recall(probs: torch.Tensor, present: torch.Tensor, y: torch.Tensor, or
     return out
 
 
+def fit_spread(spread: Mapping[str, torch.Tensor]) -> dict[str, SpreadRange]:
+    """modality -> its healthy signal-spread range, from one split's readings (those with
+    too few readings get none).
+
+    Examples:
+        >>> fit_spread({"image": torch.arange(10.0, 250.0), "audio": torch.ones(3)})
+        {'image': SpreadRange(lo=5.5, hi=496.0, p_out=0.004132231, n=240)}
+    """
+    fitted = {m: SpreadRange.fit(v.float().tolist()) for m, v in sorted(spread.items())}
+    return {m: r for m, r in fitted.items() if r is not None}
+
+
 def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration,
-                       recall: dict[str, dict[str, float]] | None = None) -> None:
-    """Store each unit's tables (and per-class recall, :func:`class_recall`) with its
-    baseline (``fused`` with the fusion's); the baselines' maps are replaced, not changed
-    (the candidates' records share them)."""
+                       recall: dict[str, dict[str, float]] | None = None,
+                       spread: Mapping[str, SpreadRange] | None = None) -> None:
+    """Store each unit's tables (and per-class recall, :func:`class_recall`, and its
+    spread range, :func:`fit_spread`) with its baseline (``fused`` with the fusion's); the
+    baselines' maps are replaced, not changed (the candidates' records share them)."""
     for unit, base in list(baselines.items()):
         if not isinstance(base, MutableMapping):
             continue
         tables = cal.unit_dict(FUSED if unit == "fused" else unit)
-        extra = {"calibration": tables} if tables else {}
+        extra: dict[str, Any] = {"calibration": tables} if tables else {}
         if recall and unit in recall:
             extra["recall"] = recall[unit]
+        if spread and unit in spread:
+            extra["spread"] = spread[unit].to_dict()
         if extra:
             baselines[unit] = {**base, **extra}
 
@@ -124,8 +142,10 @@ def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[s
     fused = bundle.fuse(enc, enc.computed)
     cal = fit_calibration(enc.modality_probs, enc.computed, y, fused, bundle.modalities, bundle.classes)
     recall = class_recall(enc.modality_probs, enc.computed, y, bundle.modalities, bundle.classes)
+    spread = fit_spread({m: enc.signal_std[enc.computed[:, j], j] for j, m in enumerate(bundle.modalities)
+                         if enc.signal_std is not None})
     manifest = json.loads((path / MANIFEST).read_text())
-    attach_calibration(manifest["baselines"], cal, recall)
+    attach_calibration(manifest["baselines"], cal, recall, spread)
     check_manifest(manifest, path)
     tmp = path / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")

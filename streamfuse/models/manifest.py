@@ -148,7 +148,7 @@ def check_manifest(man: Any, where: Path) -> None:
 
 def _check_scores(section: str, scores: Any, fail: Any) -> None:
     """``baselines`` / ``test``: per unit, Top-1 and macro-F1 in [0, 1], and optionally a
-    calibration and a per-class recall in [0, 1]."""
+    calibration, a per-class recall in [0, 1] and a signal-spread range."""
     if not isinstance(scores, dict):
         raise fail(f"{section} must be a map")
     for unit, values in scores.items():
@@ -159,6 +159,8 @@ def _check_scores(section: str, scores: Any, fail: Any) -> None:
             raise fail(f"{section}.{unit} needs top1 and macro_f1 in [0, 1]")
         if values.get("calibration") is not None:
             _check_calibration(unit, values["calibration"], fail)
+        if values.get("spread") is not None:
+            _check_spread(section, unit, values["spread"], fail)
         recall = values.get("recall")
         if recall is not None and not (isinstance(recall, dict) and all(
                 isinstance(v, (int, float)) and 0 <= v <= 1 for v in recall.values())):
@@ -173,6 +175,16 @@ def _check_calibration(unit: str, cal: Any, fail: Any) -> None:
         Calibration.from_dict({unit: cal})
     except (ConfigError, AttributeError) as exc:
         raise fail(f"baselines.{unit}.calibration: {exc}") from None
+
+
+def _check_spread(section: str, unit: str, spread: Any, fail: Any) -> None:
+    from streamfuse.errors import ConfigError
+    from streamfuse.monitor.spread import SpreadRange
+
+    try:
+        SpreadRange.from_dict(spread)
+    except ConfigError as exc:
+        raise fail(f"{section}.{unit}.spread: {exc}") from None
 
 
 def _check_fusion(fusion: dict[str, Any], mods: list[str], classes: list[str], fail: Any) -> None:

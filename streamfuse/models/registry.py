@@ -256,8 +256,8 @@ class Registry:
                                     "activate units trained on the same classes", unit)
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Validation Top-1 / macro-F1 (and ``calibration`` where the unit has one) of the active
-        versions: modality -> scores, plus ``"fused"``."""
+        """Validation Top-1 / macro-F1 (and ``calibration``, ``recall`` and ``spread`` where the
+        unit has them) of the active versions: modality -> scores, plus ``"fused"``."""
         return self.baselines_of(self.active())
 
     def baselines_of(self, versions: Mapping[str, str]) -> dict[str, dict[str, float]]:
@@ -274,7 +274,7 @@ class Registry:
                 unit = modality
             if "top1" in base and "macro_f1" in base:
                 out["fused" if unit == "fusion" else unit] = {"top1": base["top1"], "macro_f1": base["macro_f1"]}
-                for extra in ("calibration", "recall"):  # label-free evidence; per-class accuracy
+                for extra in ("calibration", "recall", "spread"):  # label-free evidence; per-class accuracy
                     if base.get(extra):
                         out["fused" if unit == "fusion" else unit][extra] = base[extra]
         return out

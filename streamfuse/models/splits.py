@@ -9,7 +9,7 @@ model trains on the cached tensors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,12 +37,15 @@ class Split:
         y: ``[N]`` class ids (int64, on the training device).
         rows: modality -> ``[n_m]`` sample rows whose reading decoded (CPU int64).
         z: modality -> front-end output of those rows (on the training device).
+        spread: modality -> ``[n_m]`` signal spread of those rows' raw readings (CPU float32,
+            what a served prediction reports as ``signal_std``).
     """
 
     name: str
     y: torch.Tensor
     rows: dict[str, torch.Tensor]
     z: dict[str, torch.Tensor]
+    spread: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -83,15 +86,17 @@ def prepare_split(
     """Decode every modality's readings of ``pairs`` and run the front ends once."""
     rows: dict[str, torch.Tensor] = {}
     z: dict[str, torch.Tensor] = {}
+    spread: dict[str, torch.Tensor] = {}
     for m, cfg in configs.items():
         have = [i for i, (sample, _) in enumerate(pairs) if m in sample.readings]
         batch = batch_tensor_checked(cfg, [pairs[i][0].readings[m] for i in have], dev)
         rows[m] = torch.as_tensor([have[k] for k in batch.indices], dtype=torch.long)
+        spread[m] = batch.signal_std
         frontend = create_frontend(cfg).to(dev)
         x = batch.tensor if len(batch.tensor) else torch.zeros(1, *batch.tensor.shape[1:], device=dev)
         with torch.no_grad():  # an empty split still gets the right feature shape: [0, ...]
             z[m] = torch.cat([frontend(part) for part in x.split(CHUNK)])[: len(batch.tensor)]
-    return Split(name, torch.as_tensor(y, dtype=torch.long, device=dev), rows, z)
+    return Split(name, torch.as_tensor(y, dtype=torch.long, device=dev), rows, z, spread)
 
 
 def branch_outputs(

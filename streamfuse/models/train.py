@@ -25,7 +25,7 @@ from streamfuse.clock import now_ms
 from streamfuse.errors import ModelError
 from streamfuse.events import MODALITIES
 from streamfuse.models.bundle_io import save_bundle, weights_digest
-from streamfuse.models.calibration import attach_calibration, class_recall, fit_calibration
+from streamfuse.models.calibration import attach_calibration, class_recall, fit_calibration, fit_spread
 from streamfuse.models.config import ModalityConfig, default_config
 from streamfuse.models.encoders import SensorModel
 from streamfuse.models.fusion import FusionSet, fusion_version
@@ -173,7 +173,7 @@ class _Trained:
     info: dict[str, Any]  # modality -> stage-1 summary
     cands: list[Candidate]  # UME first
     chosen: Candidate
-    calibration: tuple[Any, Any]  # of the served units, and their per-class recall
+    calibration: tuple[Any, Any, Any]  # of the served units, their per-class recall and spread ranges
     report: dict[str, Any] | None  # the comparison table (``compare``)
     seconds: dict[str, float]
 
@@ -290,7 +290,7 @@ def _train_fusion(
     cfg: TrainConfig, dev: torch.device, progress: Progress | None, deadline: float | None,
 ) -> tuple[list[Candidate], Candidate, Any]:
     """Stage 2: the fusion candidates (UME first, then the learned modes and MMLoRA), the
-    one chosen, and its calibration and per-class recall."""
+    one chosen, and its calibration, per-class recall and spread ranges."""
     fopts = cfg.fusion_options
     cands, outs = train_stage2(stage1, splits, order, MODES_FOR[cfg.fusion], cfg.umt_weight, fopts, cfg.seed, dev,
                                progress)
@@ -357,8 +357,8 @@ def _manifest(
 
 def _calibrate(chosen: Any, outs: dict[str, Any], splits: dict[str, Any], order: list[str],
                classes: tuple[str, ...], dev: torch.device) -> Any:
-    """The label-free calibration of the served units and their per-class recall, on the
-    validation split."""
+    """The label-free calibration of the served units, their per-class recall and each
+    modality's signal-spread range, on the validation split."""
     from streamfuse.models.fusion import ume
     from streamfuse.models.splits import run_models
     from streamfuse.models.stage2 import _fused
@@ -367,7 +367,8 @@ def _calibrate(chosen: Any, outs: dict[str, Any], splits: dict[str, Any], order:
     fused = (_fused(chosen.fusion, chosen.mode, val) if chosen.fusion is not None and chosen.mode in chosen.fusion.modes
              else ume(val.probs, val.present))
     return (fit_calibration(val.probs, val.present, splits["val"].y, fused, order, classes),
-            class_recall(val.probs, val.present, splits["val"].y, order, classes))
+            class_recall(val.probs, val.present, splits["val"].y, order, classes),
+            fit_spread(splits["val"].spread))
 
 
 def preset_options(preset: str, **changes: Any) -> TrainOptions:

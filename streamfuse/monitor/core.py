@@ -9,8 +9,9 @@ sequential detectors (:mod:`~streamfuse.monitor.labelfree`,
 (:mod:`~streamfuse.monitor.policy`); it owns their checkpoint (:meth:`MonitorCore.state_dict`).
 
 Label-free, per sample (:mod:`streamfuse.monitor.sequential`), when the bundle carries a
-calibration: each modality's agreement with the others feeds a CUSUM per (fleet | line,
-modality) under the one false-alarm budget; a firing one is a ``degradation`` alert
+calibration: each modality's agreement with the others, and its reading's signal spread
+against the validation range (:mod:`~streamfuse.monitor.spread`), feed a CUSUM per
+(fleet | line, modality) under the one false-alarm budget; a firing one is a ``degradation`` alert
 (label ``evidence=agreement``), decided in event-time steps of ``decision_step_ms``,
 seconds after a fault starts and long before any label. Every window also carries the
 label-free accuracy estimate (``est_accuracy``) beside the labelled one.
@@ -50,6 +51,7 @@ from streamfuse.monitor.kpis import FUSED, KpiEngine, Sink, sensors_of
 from streamfuse.monitor.labelfree import MIN_ANSWERS, SampleEvidence, answers
 from streamfuse.monitor.policy import PolicyConfig, PolicyContext, RollbackPolicy
 from streamfuse.monitor.sequential import SeqKey, SequentialDetection, Transition
+from streamfuse.monitor.spread import ranges_from_baselines, spread_evidence
 from streamfuse.monitor.windows import WindowDetection
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class MonitorCore:
         self.baselines = {m: b for m, b in baselines.items() if m != FUSED}
         calibration = Calibration.from_baselines(baselines)
         self.evidence = SampleEvidence(calibration)
+        self.spread_ranges = ranges_from_baselines(baselines)
         self.baselines_of = baselines_of
         self._baseline_versions: dict[str, str] | None = None  # the unit versions the baselines belong to
         self._catch_up = False  # evidence recovered from the KPI records at a restore, not judged yet
@@ -99,7 +102,7 @@ class MonitorCore:
         self.policy = RollbackPolicy(PolicyConfig.from_settings(s))
         self.sequential = SequentialDetection(s.false_alarms_per_day, s.decision_step_ms, s.attribution_alpha,
                                               max(1, len(self.baselines)), self.evidence.llr,
-                                              MIN_ANSWERS, self.episodes.measured_broken) \
+                                              MIN_ANSWERS, self.episodes.measured_broken, self._spread_llr) \
             if calibration else None
         self.detectors = DetectorBank()
         self.windows = WindowDetection(s, self.baselines, self.detectors, self.episodes, self._emit,
@@ -161,6 +164,11 @@ class MonitorCore:
         calibration = Calibration.from_baselines(baselines)
         if calibration is not None:
             self.evidence.recalibrate(calibration)
+        fresh = ranges_from_baselines(baselines)
+        for m in baselines:
+            self.spread_ranges.pop(m, None)
+            if m in fresh:
+                self.spread_ranges[m] = fresh[m]
 
     def on_prediction(self, pred: Prediction, source: str = "") -> Outputs:
         self._follow_versions(pred.versions)
@@ -187,7 +195,7 @@ class MonitorCore:
         if self.sequential is not None:
             if fresh:
                 labels, conf = answers(pred, dead)
-                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf)
+                self.sequential.add(pred.ts_ms, pred.sample_id, pred.line_id, labels, conf, pred.signal_std)
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
                 self._on_sequential(out, t)
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
@@ -266,6 +274,9 @@ class MonitorCore:
 
     # ------------------------------------------------------------------ label-free evidence
 
+    def _spread_llr(self, spread: dict[str, float]) -> dict[str, float]:
+        return spread_evidence(self.spread_ranges, spread)
+
     def _flagged(self, line_id: str, unit: str, ts: int) -> bool:
         return self.sequential is not None and self.sequential.flagged(line_id, unit, ts)
 
@@ -273,7 +284,9 @@ class MonitorCore:
         """The labels are the ground truth: a label-free alarm on a modality whose labelled
         accuracy met its expectation for ``resolve_windows`` windows in a row is resolved.
         (Two broken sensors stuck on the same answer can make a healthy third one look like
-        the odd one out; its labels clear it.)"""
+        the odd one out; its labels clear it.) Not while most of the modality's readings
+        since the alarm were out of their spread range: a fogged camera stuck on the class
+        its line's machines are in is right by coincidence."""
         if self.sequential is None or k.scope not in ("global", "line"):
             return
         good = det.state_dict()["good"]
@@ -292,7 +305,8 @@ class MonitorCore:
     def _on_sequential(self, out: Outputs, t: Transition, why: str = "") -> None:
         k = t.key
         how = "attributed from the fleet-wide evidence" if t.attributed else "label-free CUSUM"
-        what = why or (f"disagrees with the other sensors: {t.statistic:.1f} >= {t.threshold:.1f} nats of evidence "
+        what = why or (f"label-free evidence (its answers against the other sensors', its signal spread against "
+                       f"the validation range): {t.statistic:.1f} >= {t.threshold:.1f} nats "
                        f"({how}, budget {self.settings.false_alarms_per_day:g} false alarms/day)")
         self._emit(out, "degradation", "firing" if t.firing else "resolved", k.modality, k.scope, k.scope_id,
                    t.at_ms, round(t.statistic, 3), round(t.threshold, 3), what, AGREEMENT)
@@ -352,7 +366,7 @@ class MonitorCore:
             # redelivered events are duplicates), and is judged before anything else.
             self._catch_up = self.sequential.recover([
                 (r.ts, sid, r.line_id, {m: y for m, y in r.labels.items() if r.live(m)},
-                 {m: c for m, c in r.conf.items() if r.live(m)}) for sid, r in self.kpis.open_records()]) > 0
+                 {m: c for m, c in r.conf.items() if r.live(m)}, r.spread) for sid, r in self.kpis.open_records()]) > 0
         # Detectors are made lazily (their settings come from the baselines); each takes
         # its saved state when it is made.
         self.detectors.load_state_dict(state.get("detectors", []))

@@ -52,6 +52,7 @@ class _Record:
     # The sensors the prediction reported on (signal spread or payload digest), each with
     # whether it had a digest: a restored monitor replays its per-reading sensor checks.
     sensors: dict[str, bool] = field(default_factory=dict)
+    spread: dict[str, float] = field(default_factory=dict)  # each reading's signal spread (label-free evidence)
 
     def live(self, m: str) -> bool:
         """Whether modality ``m``'s reading was neither flat nor frozen (a dead reading is its
@@ -299,7 +300,7 @@ class KpiEngine:
             dict(pred.contributions), list(pred.missing), list(pred.masked), flat, stuck, dict(pred.skew_ms),
             pred.latency_ms, self._pending.pop(pred.sample_id, None),
             self.estimator(pred) if self.estimator is not None else {}, pred.ts_ms,
-            sensors_of(pred),
+            sensors_of(pred), dict(pred.signal_std),
         )
 
     def _snapshots(self, window: _Window, scopes: tuple[str, ...] = ("global", "line", "asset")) -> list[KpiSnapshot]:

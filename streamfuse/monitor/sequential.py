@@ -2,7 +2,9 @@
 
 Each prediction gives every computed modality one evidence value: the log-likelihood
 ratio of its agreement category, broken vs healthy (:mod:`streamfuse.monitor.evidence`,
-calibrated on the validation split). Page's CUSUM (:class:`Cusum`) adds them up per
+calibrated on the validation split), plus that of its reading's signal spread against the
+split's healthy range (:mod:`streamfuse.monitor.spread`: a fogged camera stuck on the
+class its machine is in agrees, but its picture is out of range). Page's CUSUM (:class:`Cusum`) adds them up per
 (scope, modality) and raises the alarm at a threshold ``h``.
 
 **The budget.** For a CUSUM of exact log-likelihood ratios the mean time between false
@@ -36,130 +38,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from streamfuse.errors import ConfigError
-from streamfuse.monitor.base import Detector, DetectorValueError, _check_finite, _check_range
+from streamfuse.monitor.base import _check_range
+from streamfuse.monitor.cusum import Cusum, budget_threshold, check_budget
 
-DAY_S = 86_400
-MAX_FALSE_ALARMS_PER_DAY = 10_000.0  # beyond this a "budget" is no longer a guard
+__all__ = ["Cusum", "SeqKey", "SequentialDetection", "Transition", "budget_threshold", "check_budget"]
 MAX_EPISODES = 20  # alarm episodes kept per detector (for the estimate of past windows)
-
-
-def budget_threshold(false_alarms_per_day: float, detectors: int, samples_per_s: float) -> float:
-    """The CUSUM threshold ``h`` (nats) that keeps ``detectors`` detectors, each seeing
-    ``samples_per_s`` samples a second, within ``false_alarms_per_day`` together.
-
-    Raises:
-        ConfigError: a budget outside ``(0, 10000]`` a day, or no detector.
-
-    Examples:
-        >>> round(budget_threshold(1.0, 9, 8.0), 2)
-        15.64
-        >>> round(budget_threshold(24.0, 9, 8.0), 2)   # one a hour: 3.2 nats less
-        12.47
-        >>> budget_threshold(0, 9, 8.0)
-        Traceback (most recent call last):
-        ...
-        streamfuse.errors.ConfigError: false_alarms_per_day must be in (0, 10000.0], got 0
-    """
-    check_budget(false_alarms_per_day)
-    if detectors < 1:
-        raise ConfigError(f"budget_threshold needs at least one detector, got {detectors}")
-    per_day = max(samples_per_s, 1e-9) * DAY_S
-    return max(1.0, math.log(detectors * per_day / false_alarms_per_day))
-
-
-def check_budget(false_alarms_per_day: Any) -> float:
-    """The budget, or a ConfigError that names the value and the allowed range."""
-    ok = isinstance(false_alarms_per_day, (int, float)) and not isinstance(false_alarms_per_day, bool)
-    if not ok or not math.isfinite(false_alarms_per_day) or not 0 < false_alarms_per_day <= MAX_FALSE_ALARMS_PER_DAY:
-        raise ConfigError(f"false_alarms_per_day must be in (0, {MAX_FALSE_ALARMS_PER_DAY}], got "
-                          f"{false_alarms_per_day!r}")
-    return float(false_alarms_per_day)
-
-
-class Cusum(Detector):
-    """Page's CUSUM on per-sample log-likelihood ratios, with a recovery CUSUM.
-
-    ``S = max(0, S + llr)`` fires at ``S >= threshold``. While firing, the evidence for
-    healthy, ``R = max(0, R - llr)``, resolves the alarm at ``R >= resolve_threshold``;
-    then both restart from zero (Page's restart after an alarm). ``threshold`` may be
-    changed between updates (the monitor derives it from the budget and the sample
-    rate); :meth:`fire` raises the alarm from outside (fleet attribution).
-
-    Args:
-        threshold: ``h`` in nats (> 0).
-        resolve_threshold: nats of healthy evidence that resolve; None = ``threshold``.
-
-    Examples:
-        >>> import random
-        >>> rng = random.Random(4)
-        >>> det = Cusum(threshold=8.0)
-        >>> history = []
-        >>> for i in range(60):
-        ...     broken = 20 <= i < 40
-        ...     odd = rng.random() < (0.6 if broken else 0.05)   # the sensor is the odd one out
-        ...     det.update(2.5 if odd else -0.9)
-        ...     history.append("F" if det.firing else ".")
-        >>> "".join(history)
-        '..............................FFFFFFFFFFFFFFFF..............'
-        >>> det.state_dict()["firing"], round(det.statistic, 1)
-        (False, 0.0)
-    """
-
-    def __init__(self, threshold: float, resolve_threshold: float | None = None) -> None:
-        _check_range("threshold", threshold, 0.0, math.inf, low_open=True, high_open=True)
-        if resolve_threshold is not None:
-            _check_range("resolve_threshold", resolve_threshold, 0.0, math.inf, low_open=True, high_open=True)
-        self.threshold = threshold
-        self.resolve_threshold = resolve_threshold
-        self.reset()
-
-    def reset(self) -> None:
-        super().reset()
-        self._s = 0.0
-        self._r = 0.0
-        self._n = 0
-
-    def update(self, llr: float) -> None:
-        """One sample's log-likelihood ratio (broken vs healthy)."""
-        if isinstance(llr, bool) or not isinstance(llr, (int, float)):
-            raise DetectorValueError(f"llr must be a number, got {llr!r}")
-        _check_finite("llr", llr)
-        self._changed = False
-        self._n += 1
-        self._s = max(0.0, self._s + llr)
-        if not self._firing:
-            if self._s >= self.threshold:
-                self._firing, self._changed, self._r = True, True, 0.0
-            return
-        self._r = max(0.0, self._r - llr)
-        limit = self.threshold if self.resolve_threshold is None else self.resolve_threshold
-        if self._r >= limit:
-            self._firing, self._changed = False, True
-            self._s = self._r = 0.0
-
-    def fire(self) -> None:
-        """Open the alarm now (attributed from a wider scope); a no-op when firing."""
-        self._changed = False
-        if not self._firing:
-            self._firing, self._changed, self._r = True, True, 0.0
-
-    @property
-    def statistic(self) -> float:
-        """``S``, the evidence that the unit is broken, in nats."""
-        return self._s
-
-    @property
-    def n(self) -> int:
-        """Samples seen."""
-        return self._n
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"s": self._s, "r": self._r, "n": self._n, "firing": self._firing}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
-        self._s, self._r, self._n = float(state["s"]), float(state["r"]), int(state["n"])
-        self._firing = bool(state["firing"])
 
 
 @dataclass(frozen=True, order=True)
@@ -213,6 +96,9 @@ class SequentialDetection:
         modalities_hint: how many modalities count toward ``D`` before they are seen.
         evidence: ``(labels, confidences) -> {modality: LLR}`` of one sample (the
             calibration's, see :func:`streamfuse.monitor.evidence.sample_evidence`).
+        spread: ``{modality: signal spread} -> {modality: LLR}`` of one sample's readings
+            (see :func:`streamfuse.monitor.spread.spread_evidence`), added to the above; it
+            needs no partner, so it counts in samples with fewer than ``min_answers`` too.
         measured_broken: ``(line, modality) -> bool``: judged broken by other means there
             (its labelled accuracy); left out of the others' evidence like a firing one.
         min_answers: a sample with fewer answers is no evidence (the monitor uses 3: when
@@ -238,7 +124,8 @@ class SequentialDetection:
 
     def __init__(self, false_alarms_per_day: float = 1.0, step_ms: int = 1000, attribution_alpha: float = 0.01,
                  modalities_hint: int = 3, evidence: Callable[[dict, dict], dict[str, float]] | None = None,
-                 min_answers: int = 2, measured_broken: Callable[[str, str], bool] | None = None) -> None:
+                 min_answers: int = 2, measured_broken: Callable[[str, str], bool] | None = None,
+                 spread: Callable[[dict[str, float]], dict[str, float]] | None = None) -> None:
         self.false_alarms_per_day = check_budget(false_alarms_per_day)
         if isinstance(step_ms, bool) or not isinstance(step_ms, int) or step_ms < 1:
             raise ConfigError(f"step_ms must be an integer >= 1, got {step_ms!r}")
@@ -249,6 +136,7 @@ class SequentialDetection:
         self.min_answers = max(2, min_answers)
         self.measured_broken = measured_broken or (lambda line_id, modality: False)
         self.evidence = evidence or (lambda labels, conf: {})
+        self.spread = spread or (lambda values: {})
         self.reset()
 
     def reset(self) -> None:
@@ -257,32 +145,37 @@ class SequentialDetection:
         self._zero_at: dict[SeqKey, int] = {}  # last sample time the statistic was 0 (change-point estimate)
         self._episodes: dict[SeqKey, list[list[int | None]]] = {}  # [change point, resolved at | None]
         self._rates: dict[tuple[str, str], _Rate] = {}
-        self._buffer: dict[str, tuple[int, str, dict[str, str], dict[str, float]]] = {}  # id -> (ts, line, labels, conf)
+        self._buffer: dict[str, tuple[int, str, dict[str, str], dict[str, float], dict[str, float]]] = {}
+        # sample id -> (ts, line, labels, confidences, signal spreads)
         self._next_tick: int | None = None
         self._answers: dict[SeqKey, dict[str, int]] = {}  # firing detector -> its modality's answers since
+        self._out: dict[SeqKey, list[int]] = {}  # firing detector -> [readings out of range, judged] since
         self._vetoed: set[SeqKey] = set()  # lines the labels cleared: no attribution until the fleet resolves
 
     # ------------------------------------------------------------------ input
 
-    def add(self, ts_ms: int, sample_id: str, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> None:
-        """Buffer one sample's answers (modality -> label, confidence); :meth:`advance` consumes them."""
-        if len(labels) < self.min_answers or sample_id in self._buffer:
+    def add(self, ts_ms: int, sample_id: str, line_id: str, labels: dict[str, str], conf: dict[str, float],
+            spread: dict[str, float] | None = None) -> None:
+        """Buffer one sample's answers (modality -> label, confidence) and its readings'
+        signal spreads; :meth:`advance` consumes them."""
+        spread = {m: v for m, v in (spread or {}).items() if m in labels}
+        if sample_id in self._buffer or (len(labels) < self.min_answers and not self.spread(spread)):
             return
-        self._buffer[sample_id] = (int(ts_ms), line_id, dict(labels), dict(conf))
+        self._buffer[sample_id] = (int(ts_ms), line_id, dict(labels), dict(conf), spread)
         if self._next_tick is None:
             self._next_tick = (int(ts_ms) // self.step_ms + 1) * self.step_ms
 
-    def recover(self, samples: list[tuple[int, str, str, dict[str, str], dict[str, float]]]) -> int:
+    def recover(self, samples: list[tuple]) -> int:
         """After a restore from a checkpoint older than the predictions it has records of:
-        buffer each ``(ts, sample id, line, labels, confidences)`` that the checkpoint had not
+        buffer each ``(ts, sample id, line, labels, confidences, spreads)`` that the checkpoint had not
         seen (at or after its position, not buffered), so their evidence is not lost.
         Returns how many were buffered."""
         position = None if self._next_tick is None else self._next_tick - self.step_ms
         n = 0
-        for ts, sid, line, labels, conf in sorted(samples):
+        for ts, sid, line, labels, conf, *spread in sorted(samples, key=lambda s: (s[0], s[1])):
             if (position is None or ts >= position) and sid not in self._buffer:
                 before = len(self._buffer)
-                self.add(ts, sid, line, labels, conf)
+                self.add(ts, sid, line, labels, conf, *spread)
                 n += len(self._buffer) - before
         return n
 
@@ -314,7 +207,16 @@ class SequentialDetection:
             det = self._det[key] = Cusum(threshold=1.0)
         return det
 
-    def _llr(self, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
+    def _llr(self, line_id: str, labels: dict[str, str], conf: dict[str, float],
+             own: dict[str, float]) -> dict[str, float]:
+        """modality -> evidence of one sample: its answer's (with enough partners) plus its
+        reading's (``own``, from :attr:`spread`)."""
+        out = self._agreement(line_id, labels, conf) if len(labels) >= self.min_answers else {}
+        for m, value in own.items():
+            out[m] = out.get(m, 0.0) + value
+        return out
+
+    def _agreement(self, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> dict[str, float]:
         broken = {m for m in labels if self.firing("line", line_id, m) or self.firing("global", "", m)
                   or self.measured_broken(line_id, m)}
         if not broken:
@@ -329,16 +231,22 @@ class SequentialDetection:
                 out[m] = value
         return out
 
-    def _consume(self, ts: int, line_id: str, labels: dict[str, str], conf: dict[str, float]) -> None:
+    def _consume(self, ts: int, line_id: str, labels: dict[str, str], conf: dict[str, float],
+                 spread: dict[str, float]) -> None:
         self._rates.setdefault(("global", ""), _Rate()).add(ts)
         self._rates.setdefault(("line", line_id), _Rate()).add(ts)
-        for m, value in sorted(self._llr(line_id, labels, conf).items()):
+        own = self.spread(spread)
+        for m, value in sorted(self._llr(line_id, labels, conf, own).items()):
             fleet = SeqKey("global", "", m)
             for key in (fleet, SeqKey("line", line_id, m)):
                 det = self._cusum(key)
                 if key.scope == "line" and not det.firing and self._unrelated(fleet, labels[m], value):
                     continue
                 if det.firing:
+                    if m in own:  # [readings out of range, readings judged] since it fired
+                        counts = self._out.setdefault(key, [0, 0])
+                        counts[0] += own[m] > 0
+                        counts[1] += 1
                     answers = self._answers.setdefault(key, {})
                     if value < 0 and self._stuck_on(answers) == labels[m]:
                         answers[labels[m]] += 1
@@ -348,6 +256,7 @@ class SequentialDetection:
                 det.update(value)
                 if not det.firing:
                     self._answers.pop(key, None)
+                    self._out.pop(key, None)
                     if det.statistic == 0.0:
                         self._zero_at[key] = ts
 
@@ -372,13 +281,21 @@ class SequentialDetection:
         label, n = max(sorted(answers.items()), key=lambda kv: kv[1])
         return label if 2 * n >= total else None
 
+    def out_of_range(self, key: SeqKey) -> bool:
+        """Whether at least half of a firing detector's readings since it fired were out of
+        their spread range."""
+        out, n = self._out.get(key, (0, 0))
+        return n > 0 and 2 * out >= n
+
     def clear(self, key: SeqKey, at_ms: int) -> Transition | None:
         """Resolve a firing detector from outside (the labels showed the modality healthy
         there): both statistics restart from zero, and a line is not alerted again by
         attribution while the fleet alarm of that modality lasts (its own threshold still
-        counts). None when it was not firing."""
+        counts). None when it was not firing, or when its readings are out of range
+        (:meth:`out_of_range`): right answers from a sensor whose picture is gone are the
+        machine sitting in the class it is stuck on, not a recovery."""
         det = self._det.get(key)
-        if det is None or not det.firing:
+        if det is None or not det.firing or self.out_of_range(key):
             return None
         out = Transition(key, False, at_ms, det.statistic, det.threshold)
         det.load_state_dict({"s": 0.0, "r": 0.0, "n": det.n, "firing": False})
@@ -386,6 +303,7 @@ class SequentialDetection:
         if key.scope == "line":  # not attributed again while this fleet alarm lasts
             self._vetoed.add(key)
         self._answers.pop(key, None)
+        self._out.pop(key, None)
         self._episode(key, False, at_ms)
         return out
 
@@ -455,11 +373,12 @@ class SequentialDetection:
         return {
             "detectors": [[*k.to_list(), d.state_dict()] for k, d in sorted(self._det.items())],
             "rates": [[s, i, r.n, r.first_ms, r.last_ms] for (s, i), r in sorted(self._rates.items())],
-            "buffer": [[sid, ts, line, lab, conf] for sid, (ts, line, lab, conf) in sorted(self._buffer.items())],
+            "buffer": [[sid, *entry] for sid, entry in sorted(self._buffer.items())],
             "next_tick": self._next_tick,
             "zero_at": [[*k.to_list(), t] for k, t in sorted(self._zero_at.items())],
             "episodes": [[*k.to_list(), eps] for k, eps in sorted(self._episodes.items())],
             "answers": [[*k.to_list(), dict(a)] for k, a in sorted(self._answers.items())],
+            "out_of_range": [[*k.to_list(), list(c)] for k, c in sorted(self._out.items())],
             "vetoed": [k.to_list() for k in sorted(self._vetoed)],
         }
 
@@ -470,10 +389,12 @@ class SequentialDetection:
             det.load_state_dict(st)
             self._reported[SeqKey(scope, scope_id, m)] = det.firing  # checkpoints are taken between ticks
         self._rates = {(s, i): _Rate(n, f, la) for s, i, n, f, la in state.get("rates", [])}
-        self._buffer = {sid: (int(ts), line, dict(lab), dict(conf)) for sid, ts, line, lab, conf in state.get("buffer", [])}
+        self._buffer = {sid: (int(ts), line, dict(lab), dict(conf), dict(spread[0]) if spread else {})
+                        for sid, ts, line, lab, conf, *spread in state.get("buffer", [])}
         self._next_tick = state.get("next_tick")
         self._zero_at = {SeqKey(a, b, c): int(t) for a, b, c, t in state.get("zero_at", [])}
         self._episodes = {SeqKey(a, b, c): [list(e) for e in eps] for a, b, c, eps in state.get("episodes", [])}
         self._answers = {SeqKey(a, b, c): {str(y): int(n) for y, n in ans.items()}
                          for a, b, c, ans in state.get("answers", [])}
         self._vetoed = {SeqKey(*k) for k in state.get("vetoed", [])}
+        self._out = {SeqKey(a, b, c): [int(n) for n in counts] for a, b, c, counts in state.get("out_of_range", [])}

@@ -38,6 +38,7 @@ def make_bundle(path: Path, seed: int, classes=CLASSES, learned=("weighted", "he
     trained_on = {m: models[m].sf_config.version for m in ORDER}
     scores = {u: {"top1": 0.6 + seed / 100 + k / 10, "macro_f1": 0.5 + k / 10, "n": 40}
               for k, u in enumerate((*ORDER, "fused"))}
+    scores["image"]["spread"] = {"lo": 1.0, "hi": 50.0 + seed, "p_out": 0.01, "n": 40}
     versions = trained_on | {"fusion": fusion_version(mode, fs, trained_on)}
     save_bundle(path, models, {"version": bundle_version(versions, classes), "created_ms": 1_700_000_000_000 + seed,
                                "fusion": {"mode": mode, "version": fusion_version(mode, fs, trained_on),
@@ -71,7 +72,8 @@ def test_import_is_idempotent_and_load_active_matches_the_bundle(settings, tmp_p
         assert reg.versions(u) == [v]
         assert (settings.model_dir / "units" / u / v / "unit.json").is_file()
     assert (settings.model_dir / "units" / "image" / units["image"] / "weights.safetensors").is_file()
-    assert reg.baselines() == {"image": {"top1": 0.6, "macro_f1": 0.5}, "audio": {"top1": 0.7, "macro_f1": 0.6},
+    spread = {"lo": 1.0, "hi": 50.0, "p_out": 0.01, "n": 40}  # the signal-spread range travels with it
+    assert reg.baselines() == {"image": {"top1": 0.6, "macro_f1": 0.5, "spread": spread}, "audio": {"top1": 0.7, "macro_f1": 0.6},
                                "series": {"top1": 0.8, "macro_f1": 0.7}, "fused": pytest.approx({"top1": 0.9,
                                                                                                   "macro_f1": 0.8})}
     served, direct = reg.load_active("cpu"), load_bundle(bundle)
@@ -283,3 +285,4 @@ def test_the_monitor_applies_a_new_versions_baseline_without_a_restart(settings,
     assert [(a.kind, a.modality, a.scope) for a in fired] == [("degradation", "image", "global")], fired
     assert fired[0].threshold == pytest.approx(0.7 - monitor.degradation_margin)
     assert core.baselines["image"]["top1"] == pytest.approx(0.7)
+    assert core.spread_ranges["image"].hi == 60.0  # the new version's signal-spread range too

@@ -7,6 +7,7 @@ One module-scoped run (400 simulated samples exported to a dataset folder, then
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,10 @@ def test_every_modality_and_the_fusion_beat_chance_on_test(trained):
     assert fused_base == cands[man["fusion"]["mode"]]["val"]
     # the validation calibration travels with every unit's baseline
     assert all(man["baselines"][u]["calibration"] for u in ("image", "audio", "series", "fused"))
+    # ... and each modality's healthy signal-spread range, fitted on the validation readings
+    for m in ("image", "audio", "series"):
+        spread = man["baselines"][m]["spread"]
+        assert spread["n"] == 60 and 0 <= spread["lo"] < spread["hi"] and 0 < spread["p_out"] < 0.1, (m, spread)
     b = load_bundle(out)
     assert b.fusion_modes == ("ume", "weighted", "head", "quality") and b.versions["fusion"].startswith("fusion-")
 
@@ -150,3 +155,13 @@ def test_training_uses_the_device_it_is_given(small, tmp_path):
     if torch.cuda.is_available():  # bf16 autocast path; only where a GPU exists
         man = train_bundle(small[0][:40], small[1][:20], None, tmp_path / "g", TrainConfig(epochs=1, device="cuda"))
         assert man["training"]["device"].startswith("cuda")
+
+
+def test_a_bundle_with_a_bad_spread_range_does_not_load(trained, tmp_path):
+    _, out, _ = trained
+    shutil.copytree(out, tmp_path / "b")
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    man["baselines"]["image"]["spread"] = {"lo": 3.0, "hi": 1.0, "p_out": 0.01, "n": 10}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ModelError, match=r"baselines\.image\.spread: .*0 <= lo < hi.*retrain the bundle"):
+        load_bundle(tmp_path / "b")
