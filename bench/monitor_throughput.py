@@ -6,6 +6,10 @@ predictions and labels: the reference only counts events; the monitor decodes, j
 labels, keeps KPI windows, runs the detectors and checkpoints its tables. Each exposes
 a Prometheus counter; the rate is measured between the first and the last event.
 
+Each side runs ``--repeats`` times, interleaved (the broker shares the two cores, so one
+run says little); the report has the medians of the rates and of each process's CPU per
+event (``/proc``), and both ratios.
+
     python bench/monitor_throughput.py --predictions 20000 --json out/monitor_throughput.json
 """
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -94,7 +99,15 @@ def scrape(port: int, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-def measure(cmd: list[str], env: dict, port: int, metric: str, total: int, timeout_s: float) -> float:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cmd: list[str], env: dict, port: int, metric: str, total: int, timeout_s: float) -> tuple[float, float]:
+    """Events per second between the first and the last event, and the process's CPU
+    milliseconds per event over the same stretch."""
     proc = subprocess.Popen(cmd, env={**env, "BENCH_PORT": str(port)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     try:
@@ -104,14 +117,15 @@ def measure(cmd: list[str], env: dict, port: int, metric: str, total: int, timeo
             n = scrape(port, metric)
             now = time.monotonic()
             if n > 0 and first is None:
-                first = (now, n)
+                first = (now, n, cpu_s(proc.pid))
             if n >= total:
-                last = (now, n)
+                last = (now, n, cpu_s(proc.pid))
                 break
             time.sleep(0.05)
         if first is None or last is None:
             raise SystemExit(f"{cmd[-1]}: did not consume {total} events within {timeout_s} s")
-        return (last[1] - first[1]) / max(1e-3, last[0] - first[0])
+        events = last[1] - first[1]
+        return events / max(1e-3, last[0] - first[0]), 1000 * (last[2] - first[2]) / max(1.0, events)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -120,9 +134,11 @@ def measure(cmd: list[str], env: dict, port: int, metric: str, total: int, timeo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predictions", type=int, default=20000)
+    ap.add_argument("--repeats", type=int, default=3, help="raw and monitor runs, interleaved; medians reported")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tag = uuid.uuid4().hex[:6]
+    runs: dict[str, list[tuple[float, float]]] = {"raw": [], "monitor": []}
     with EmbeddedBroker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, broker="tansu", topic_prefix=f"mbench{tag}.",
                             redis_prefix=f"mbench:{tag}:")
@@ -135,26 +151,35 @@ def main() -> None:
         producer.flush()
         producer.close()
         total = 2 * args.predictions
-        env = {**os.environ, "STREAMFUSE_KAFKA_BOOTSTRAP": broker.bootstrap, "STREAMFUSE_BROKER": "tansu",
-               "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix, "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix,
-               "STREAMFUSE_MONITOR__APP_ID": f"mbench-{tag}", "STREAMFUSE_MONITOR__KPI_WINDOW_MS": "5000"}
-        raw = measure([sys.executable, "-c", RAW_APP], env, free_port(), "bench_events_total", total, 600)
-        print(f"raw faust consume: {raw:9.0f} events/s")
-        port = free_port()
         baselines = json.dumps({m: {"top1": 0.85, "macro_f1": 0.85} for m in MODALITIES})
-        mon = measure([sys.executable, "-c",
-                       "import json,sys; from streamfuse.config import Settings; "
+        monitor_cmd = [sys.executable, "-c", "import json,sys; from streamfuse.config import Settings; "
                        "from streamfuse.monitor.app import run_monitor; "
-                       f"run_monitor(Settings(), json.loads({baselines!r}))"],
-                      {**env, "STREAMFUSE_MONITOR__METRICS_PORT": str(port)}, port,
-                      "streamfuse_monitor_events_total", total, 600)
-        print(f"monitor:           {mon:9.0f} events/s  ({mon / 2:.0f} predictions/s with their labels)")
-        print(f"ratio monitor/raw: {mon / raw:.3f}")
+                       f"run_monitor(Settings(), json.loads({baselines!r}))"]
+        for i in range(args.repeats):  # each run its own consumer group: the whole backlog again
+            env = {**os.environ, "STREAMFUSE_KAFKA_BOOTSTRAP": broker.bootstrap, "STREAMFUSE_BROKER": "tansu",
+                   "STREAMFUSE_TOPIC_PREFIX": settings.topic_prefix, "STREAMFUSE_REDIS_PREFIX": settings.redis_prefix,
+                   "STREAMFUSE_MONITOR__APP_ID": f"mbench-{tag}-{i}", "STREAMFUSE_MONITOR__KPI_WINDOW_MS": "5000"}
+            runs["raw"].append(measure([sys.executable, "-c", RAW_APP], env, free_port(), "bench_events_total",
+                                       total, 600))
+            port = free_port()
+            runs["monitor"].append(measure(monitor_cmd, {**env, "STREAMFUSE_MONITOR__METRICS_PORT": str(port)}, port,
+                                           "streamfuse_monitor_events_total", total, 600))
+            print(f"run {i + 1}: raw {runs['raw'][-1][0]:6.0f} events/s ({runs['raw'][-1][1]:.3f} CPU-ms/event), "
+                  f"monitor {runs['monitor'][-1][0]:6.0f} events/s ({runs['monitor'][-1][1]:.3f} CPU-ms/event)")
         from streamfuse.store import StatusStore, connect
 
         StatusStore(connect(settings), settings.redis_prefix).clear()
+    raw, mon = (statistics.median(r for r, _ in runs[k]) for k in ("raw", "monitor"))
+    raw_cpu, mon_cpu = (statistics.median(c for _, c in runs[k]) for k in ("raw", "monitor"))
+    print(f"raw faust consume: {raw:9.0f} events/s  {raw_cpu:.3f} CPU-ms/event (median of {args.repeats})")
+    print(f"monitor:           {mon:9.0f} events/s  {mon_cpu:.3f} CPU-ms/event "
+          f"({mon / 2:.0f} predictions/s with their labels)")
+    print(f"ratio monitor/raw: {mon / raw:.3f} (events/s), {raw_cpu / mon_cpu:.3f} (CPU per event)")
     result = {"raw_events_per_s": round(raw, 1), "monitor_events_per_s": round(mon, 1),
               "monitor_predictions_per_s": round(mon / 2, 1), "ratio": round(mon / raw, 3),
+              "raw_cpu_ms_per_event": round(raw_cpu, 4), "monitor_cpu_ms_per_event": round(mon_cpu, 4),
+              "cpu_ratio": round(raw_cpu / mon_cpu, 3), "repeats": args.repeats,
+              "runs": {k: [[round(r, 1), round(c, 4)] for r, c in v] for k, v in runs.items()},
               "predictions": args.predictions, **machine()}
     emit(result, args.json)
 
