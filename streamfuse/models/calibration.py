@@ -142,8 +142,8 @@ def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[s
     fused = bundle.fuse(enc, enc.computed)
     cal = fit_calibration(enc.modality_probs, enc.computed, y, fused, bundle.modalities, bundle.classes)
     recall = class_recall(enc.modality_probs, enc.computed, y, bundle.modalities, bundle.classes)
-    spread = fit_spread({m: enc.signal_std[enc.computed[:, j], j] for j, m in enumerate(bundle.modalities)
-                         if enc.signal_std is not None})
+    spread = {} if enc.signal_std is None else fit_spread(
+        {m: enc.signal_std[enc.computed[:, j], j] for j, m in enumerate(bundle.modalities)})
     manifest = json.loads((path / MANIFEST).read_text())
     attach_calibration(manifest["baselines"], cal, recall, spread)
     check_manifest(manifest, path)

@@ -164,11 +164,9 @@ class MonitorCore:
         calibration = Calibration.from_baselines(baselines)
         if calibration is not None:
             self.evidence.recalibrate(calibration)
-        fresh = ranges_from_baselines(baselines)
-        for m in baselines:
-            self.spread_ranges.pop(m, None)
-            if m in fresh:
-                self.spread_ranges[m] = fresh[m]
+        # the given modalities take their new versions' ranges (none for a version without one)
+        kept = {m: r for m, r in self.spread_ranges.items() if m not in baselines}
+        self.spread_ranges = kept | ranges_from_baselines(baselines)
 
     def on_prediction(self, pred: Prediction, source: str = "") -> Outputs:
         self._follow_versions(pred.versions)
