@@ -11,10 +11,7 @@ raw readings) goes with them (``baselines.<unit>.spread``).
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, MutableMapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +19,7 @@ import torch
 from streamfuse.monitor.evidence import FUSED, Calibration
 from streamfuse.monitor.spread import SpreadRange
 
-__all__ = ["attach_calibration", "calibrate_bundle", "class_recall", "fit_calibration", "fit_spread"]
+__all__ = ["attach_calibration", "class_recall", "fit_calibration", "fit_spread"]
 PRIOR_N = 2.0  # pseudo-samples at the unit's overall accuracy behind each class's recall
 
 
@@ -109,45 +106,3 @@ def attach_calibration(baselines: MutableMapping[str, Any], cal: Calibration,
             extra["spread"] = spread[unit].to_dict()
         if extra:
             baselines[unit] = {**base, **extra}
-
-
-def calibrate_bundle(path: str | Path, val: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
-    """Add (or replace) the validation calibration of an existing bundle, in place.
-
-    For bundles trained before the calibration existed: run the bundle on its validation
-    samples and store the tables with the baselines. The weights are not touched.
-
-    Args:
-        path: the bundle directory.
-        val: ``(Sample, Label)`` pairs of the bundle's validation split.
-
-    Returns:
-        The manifest as written.
-
-    Raises:
-        ModelError: the bundle does not load, or a label is not one of its classes.
-    """
-    from streamfuse.errors import ModelError
-    from streamfuse.models.bundle_io import load_bundle
-    from streamfuse.models.manifest import MANIFEST, check_manifest
-
-    path = Path(path)
-    bundle = load_bundle(path)
-    unknown = sorted({lab.label for _, lab in val} - set(bundle.classes))
-    if unknown or not val:
-        raise ModelError(f"validation labels {unknown} are not classes of {path} {list(bundle.classes)}, or "
-                         "there are none; pass the bundle's own validation split", path)
-    enc = bundle.encode([s.readings for s, _ in val])
-    y = torch.tensor([bundle.classes.index(lab.label) for _, lab in val])
-    fused = bundle.fuse(enc, enc.computed)
-    cal = fit_calibration(enc.modality_probs, enc.computed, y, fused, bundle.modalities, bundle.classes)
-    recall = class_recall(enc.modality_probs, enc.computed, y, bundle.modalities, bundle.classes)
-    spread = {} if enc.signal_std is None else fit_spread(
-        {m: enc.signal_std[enc.computed[:, j], j] for j, m in enumerate(bundle.modalities)})
-    manifest = json.loads((path / MANIFEST).read_text())
-    attach_calibration(manifest["baselines"], cal, recall, spread)
-    check_manifest(manifest, path)
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path / MANIFEST)
-    return manifest
