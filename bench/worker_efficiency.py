@@ -28,7 +28,10 @@ One run, on this machine, with the demo models:
    until the publisher ends. Then latency p50 / p99 at 50 % and 80 % of that capacity:
    samples published at that rate by a separate process, latency = prediction produce
    time − sample publish time. The bound for p99 at 50 %: ``max_delay + 3 x`` one batch's compute time in the
-   worker (``batch / worker_sps``: decode, models, fusion, encode), both printed.
+   worker (``batch / worker_sps``: decode, models, fusion, encode), both printed. Where the
+   time goes (``latency.<load>.stages``, p50 / p99 / mean ms): ``before_worker`` per
+   sample (publisher, broker and fetch, up to its batch's first record reaching the
+   worker), and per batch ``batch_wait``, ``compute`` and ``ack`` (:class:`BatchTimes`).
 
 ``--threads N`` sets torch's intra-op threads for both 1 and 2 (default: the worker's,
 ``STREAMFUSE_WORKER__THREADS``; 0 = one per core).
@@ -57,7 +60,7 @@ from streamfuse.models.bootstrap import ensure_demo_bundle
 from streamfuse.embedded import EmbeddedBroker
 from streamfuse.events import MSGPACK, Prediction, decode, encode, headers
 from streamfuse.inference.worker import InferenceWorker
-from streamfuse.kafka import make_consumer, make_producer
+from streamfuse.kafka import admin_config, make_consumer, make_producer
 from streamfuse.models.bundle_io import load_bundle
 from streamfuse.models.preprocess import batch_tensor
 from streamfuse.models.runtime import autocast, resolve_device
@@ -144,8 +147,40 @@ def collect_predictions(settings: Settings, n: int, timeout_s: float) -> list[Pr
     return out
 
 
-def run_worker(settings: Settings, bundle, n: int) -> tuple[InferenceWorker, threading.Thread]:
+class BatchTimes:
+    """Where each batch's time went in the worker (wall ms): ``batch_wait`` (its first record
+    arriving to its compute starting), ``compute`` (decode, models, fusion, contributions,
+    encoding, handing to the producer) and ``ack`` (handed to the producer to the broker's
+    acknowledgement of its last prediction), from the worker's own ``Delivery`` stamps."""
+
+    def __init__(self, worker: InferenceWorker) -> None:
+        self.rows: list[tuple[float, float, object]] = []
+        process = worker._process
+
+        def timed(batch, out, delivery) -> None:
+            started = time.monotonic()
+            process(batch, out, delivery)
+            if batch.samples:
+                self.rows.append((started - batch.first_at, delivery.handed_at - started, delivery))
+
+        worker._process = timed
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        stages = {"batch_wait": [w for w, _, _ in self.rows], "compute": [c for _, c, _ in self.rows],
+                  "ack": [d.acked_at - d.handed_at for _, _, d in self.rows if d.acked_at >= d.handed_at > 0]}
+        return {k: percentiles([1000 * v for v in vs]) for k, vs in stages.items() if vs}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    return {"p50_ms": round(statistics.median(v), 1), "p99_ms": round(v[min(len(v) - 1, int(0.99 * len(v)))], 1),
+            "mean_ms": round(statistics.fmean(v), 1), "n": len(v)}
+
+
+def run_worker(settings: Settings, bundle, n: int, times: bool = False):
+    """The worker on its own thread (with :class:`BatchTimes` when ``times``)."""
     worker = InferenceWorker(settings, bundle, worker_id="bench")
+    worker.times = BatchTimes(worker) if times else None
     thread = threading.Thread(target=worker.run, kwargs={"max_samples": n}, daemon=True, name="worker")
     thread.start()
     return worker, thread
@@ -183,11 +218,27 @@ def capacity_with_publisher(settings: Settings, bundle, samples, offered: float,
     ended_ms = time.time() * 1000
     thread.join(timeout=300)
     produced = sorted(p.produced_ms for p in collect_predictions(cap, n, timeout_s=60))
+    drop_topics(cap)
     during = [t for t in produced if t <= ended_ms]
     if len(during) < 64:
         raise SystemExit("too few predictions while the publisher ran to measure a capacity")
     first_batch = sum(1 for t in during if t == during[0])
     return (len(during) - first_batch) / max(1e-3, (during[-1] - during[0]) / 1000)
+
+
+def drop_topics(settings: Settings) -> None:
+    """Delete a finished phase's topics: the embedded broker keeps every record in memory
+    and its CPU grows with what it holds (docs BROKER: about a core at 600 MB), which would
+    slow the later phases (the capacity phase alone publishes about 150 MB)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(**admin_config(settings))
+    try:
+        names = [n for n in admin.list_topics() if n.startswith(settings.topic_prefix)]
+        if names:
+            admin.delete_topics(names)
+    finally:
+        admin.close()
 
 
 def publish(settings: Settings, samples) -> None:
@@ -275,6 +326,7 @@ def main() -> None:
         print(f"model-only forward after the drain: {ref_after:8.1f} samples/s, {model_cpu_after:.3f} CPU-ms per sample"
               f" -> reference {ref:.1f} samples/s, {model_cpu_ms:.3f} CPU-ms (the mean)")
         preds = collect_predictions(settings, len(samples), timeout_s=60)
+        drop_topics(settings)
         produced = sorted(p.produced_ms for p in preds)
         first_batch = sum(1 for t in produced if t == produced[0])
         worker_sps = (len(produced) - first_batch) / max(1e-3, (produced[-1] - produced[0]) / 1000)
@@ -302,7 +354,7 @@ def main() -> None:
                 "worker": settings.worker.model_copy(update={"group": f"benchlat{pct}-{tag}"})})
             ensure_topics(lat_settings)
             lat_samples = [samples[i % len(samples)] for i in range(n_lat)]
-            worker2, thread2 = run_worker(lat_settings, bundle, n_lat)
+            worker2, thread2 = run_worker(lat_settings, bundle, n_lat, times=True)
             time.sleep(2.0)  # let the consumer group settle before the clock starts
             publisher = multiprocessing.get_context("spawn").Process(
                 target=publish_paced, args=(lat_settings, lat_samples, rate))
@@ -310,10 +362,17 @@ def main() -> None:
             publisher.join()
             thread2.join(timeout=120)
             lat_preds = collect_predictions(lat_settings, n_lat, timeout_s=60)
+            drop_topics(lat_settings)
             lat = sorted(p.produced_ms - p.ts_ms for p in lat_preds)
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            latency[pct] = {"rate_sps": round(rate, 1), "p50_ms": p50, "p99_ms": p99, "n": len(lat)}
-            print(f"latency at {rate:.0f} samples/s ({pct} % capacity): p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            # Per sample: before the worker (publisher, broker, fetch: up to its batch's first
+            # record arriving) = sample -> prediction less the prediction's time in the worker.
+            stages = {"before_worker": percentiles([p.produced_ms - p.ts_ms - p.latency_ms for p in lat_preds]),
+                      **worker2.times.summary()}
+            latency[pct] = {"rate_sps": round(rate, 1), "p50_ms": p50, "p99_ms": p99, "n": len(lat), "stages": stages}
+            print(f"latency at {rate:.0f} samples/s ({pct} % capacity): p50 {p50:.0f} ms, p99 {p99:.0f} ms; where "
+                  "it goes, p50 / p99 ms: " + ", ".join(f"{k} {v['p50_ms']:.0f} / {v['p99_ms']:.0f}"
+                                                       for k, v in stages.items()))
         print(f"p99 bound at 50 %: max_delay {args.max_delay_ms} ms + 3 x batch {batch_ms:.1f} ms = {bound_ms:.0f} ms "
               f"-> {'met' if latency[50]['p99_ms'] <= bound_ms else 'NOT met'}")
 

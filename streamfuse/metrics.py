@@ -67,7 +67,8 @@ class WorkerMetrics:
         self.stage = Histogram(
             "streamfuse_worker_stage_seconds",
             "Time per batch in each stage of the worker: batch_wait (first record to compute start), compute "
-            "(models, fusion, contributions), assemble (predictions encoded), produce (handed to the producer).",
+            "(models, fusion, contributions), assemble (predictions encoded), produce (handed to the producer), ack "
+            "(handed to the producer to the broker's acknowledgement of the batch's last prediction).",
             ["stage"],
             buckets=SECONDS_BUCKETS,
             registry=registry,

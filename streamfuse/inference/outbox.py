@@ -56,12 +56,16 @@ class Delivery:
         self.fatal: KafkaException | None = None
         self.rounds = 0  # rounds of sending failed records again
         self.retry_at = 0.0
+        self.handed_at = 0.0  # time.monotonic() when the batch's last send was handed to the producer
+        self.acked_at = 0.0  # ... and when the broker acknowledged the last one outstanding
 
     def sent(self, n: int = 1) -> None:
         self.pending += n
 
     def report(self, err, msg) -> None:  # librdkafka's delivery callback (from Outbox.poll/flush)
         self.pending -= 1
+        if not self.pending:
+            self.acked_at = time.monotonic()
         if err is None:
             return
         if err.fatal():

@@ -150,13 +150,14 @@ class InferenceWorker:
         control.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         return ends
 
-    @staticmethod
-    def _commit_delivered(in_flight: deque, feeder: Feeder, out: Outbox) -> None:
+    def _commit_delivered(self, in_flight: deque, feeder: Feeder, out: Outbox) -> None:
         """Hand back, oldest first, the offsets of batches whose outputs the broker has
         acknowledged (at-least-once: a send that failed is sent again, its batch waits)."""
         while in_flight and out.settled(in_flight[0][0]):
-            _, offsets = in_flight.popleft()
+            delivery, offsets = in_flight.popleft()
             feeder.commit(offsets)
+            if delivery.handed_at and delivery.acked_at >= delivery.handed_at:
+                self.metrics.stage.labels("ack").observe(delivery.acked_at - delivery.handed_at)
 
     # ------------------------------------------------------------------ inference
 
@@ -213,6 +214,7 @@ class InferenceWorker:
         for i in unusable:
             self._dead(out, samples[i][0], self._unusable(samples[i][1], enc.computed[i].tolist()), delivery)
         out.send_many(self.topics.predictions, [(samples[i][0].key, value) for i, value in records], delivery)
+        delivery.handed_at = time.monotonic()
         self._observe(len(samples), len(records), enc, started, computed, assembled)
 
     def _unusable(self, sample, computed: list[bool]) -> InvalidEvent:

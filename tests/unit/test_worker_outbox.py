@@ -68,3 +68,13 @@ def test_an_oversized_record_becomes_a_small_dead_letter_with_its_size():
     assert back.reason == "oversize" and back.content_type == "application/msgpack"
     small = Record("sf.samples", 0, 1, None, b"\xc1junk", None)
     assert dead_letter(small, InvalidEvent("undecodable", "x"), 2_000_000, 5).original == b"\xc1junk"
+
+
+def test_a_batch_is_stamped_acknowledged_when_its_last_send_is():
+    delivery = Delivery()
+    delivery.sent(2)
+    delivery.handed_at = time.monotonic()
+    delivery.report(None, None)
+    assert delivery.acked_at == 0.0 and delivery.pending == 1  # one still outstanding
+    delivery.report(None, None)
+    assert delivery.pending == 0 and delivery.acked_at >= delivery.handed_at
