@@ -3,6 +3,7 @@ and refuses a port that is taken instead of reporting ready against another proc
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +16,23 @@ from chaoslib import wait_until
 from streamfuse.embedded import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.integration
+
+
+def unshared_port() -> int:
+    """A free port below the kernel's ephemeral range (``ip_local_port_range``): the test
+    stops a broker and binds its port again, and a port from that range can be taken in
+    between by any outgoing connection on the machine (seen once in CI)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def children(pid: int) -> list[int]:
@@ -45,7 +63,7 @@ def start_cli(port: int, tmp_path: Path) -> tuple[subprocess.Popen, int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_stopping_the_broker_command_leaves_no_process(sig, tmp_path):
-    port = free_port()
+    port = unshared_port()
     proc, tansu = start_cli(port, tmp_path)
     proc.send_signal(sig)
     proc.wait(10)
