@@ -112,6 +112,11 @@ class RollbackPolicy:
       global). A version the policy has rolled back *from* is never rolled back *to*: if
       the degradation persists after a rollback, the policy masks instead of flipping
       between versions.
+    * but a label-free ``degradation`` (label ``evidence=agreement``) shortly after
+      *another* modality's model version changed (within ``rollback_after_activation_ms``;
+      reason ``"model_version_changed"``) → no mask: the alarm compares this modality's
+      answers with the others', one of which is the new release (its own degradation rolls
+      it back). The alert stays open; a labelled alarm on the modality still masks it.
     * ``sensor_fault`` → ``mask_modality`` for the alert's scope (never a rollback: the
       model is not at fault).
     * Never a mask that would leave no modality in a scope's fusion (reason
@@ -296,6 +301,9 @@ class RollbackPolicy:
                 if recent and previous != current and previous not in rolled:
                     why = f" (version {current} activated at {changed_at}; back to {previous})"
                     return "rollback_model", "global", "", {"version": previous, "from_version": current, "why": why}
+            if alert.labels.get("evidence") == "agreement" and self._released_beside(alert, ctx):
+                self._suppress(alert, "mask_modality", "model_version_changed")
+                return None
         key = (alert.modality, alert.scope, alert.scope_id)
         holders = self._masks.get(key)
         if holders is not None:  # already masked by this policy: share the mask, send nothing
@@ -312,6 +320,15 @@ class RollbackPolicy:
                 return None
             return "mask_modality", alert.scope, alert.scope_id, {"release": inferred}
         return "mask_modality", alert.scope, alert.scope_id, {}
+
+    def _released_beside(self, alert: Alert, ctx: PolicyContext) -> list[str]:
+        """Other modalities whose model version changed within ``rollback_after_activation_ms``
+        before ``alert``: a label-free alarm judges a modality against the others' answers,
+        so a bad release of one of them makes a healthy one look like the odd one out."""
+        window = self.config.rollback_after_activation_ms
+        return sorted(m for m, (previous, current, at) in ctx.version_changes.items()
+                      if m not in (alert.modality, "fusion") and previous != current
+                      and 0 <= alert.event_ms - at <= window)
 
     def _inferred_only(self, modality: str, scope: str, scope_id: str) -> bool:
         holders = self._masks.get((modality, scope, scope_id))

@@ -155,6 +155,27 @@ def test_fusion_action_waits_while_a_modality_is_masked() -> None:
         "set_fusion_mode"]
 
 
+def test_a_label_free_alarm_right_after_another_modality_release_masks_nothing() -> None:
+    """A bad image release makes the healthy microphone look like the odd one out; the
+    image's own alarm rolls it back, the microphone keeps its place in the fusion."""
+    import dataclasses
+
+    policy = RollbackPolicy(PolicyConfig(rollback_after_activation_ms=5 * MIN))
+    release = ctx(10 * MIN, image=("v1", "v2", 7 * MIN))
+    agreement = dataclasses.replace(alert(modality="audio", scope="line", scope_id="L1"),
+                                    labels={"evidence": "agreement"})
+    assert policy.decide(agreement, release) == []
+    assert policy.suppressed == [Suppressed(agreement.alert_id, "mask_modality", "audio", "model_version_changed")]
+    assert [c.action for c in policy.decide(alert(modality="image"), release)] == ["rollback_model"]
+    # a labelled alarm on the microphone still masks it; so does a label-free one long after the release
+    labelled = alert(modality="audio", scope="line", scope_id="L2")
+    assert actions(policy.decide(labelled, release)) == [("mask_modality", "audio", "line", "L2")]
+    later = dataclasses.replace(alert(modality="audio", scope="line", scope_id="L3", start=20 * MIN),
+                                labels={"evidence": "agreement"})
+    assert actions(RollbackPolicy(PolicyConfig(rollback_after_activation_ms=5 * MIN)).decide(later, release)) == [
+        ("mask_modality", "audio", "line", "L3")]
+
+
 def test_fusion_action_waits_after_a_modality_version_changed() -> None:
     policy = RollbackPolicy(PolicyConfig(rollback_after_activation_ms=5 * MIN))
     regression = alert(kind="fusion_regression", modality="fused", start=10 * MIN)
