@@ -262,7 +262,12 @@ def sync(
 
 
 @app.command()
-def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+def monitor(verbose: bool = typer.Option(False, "--verbose", "-v"),
+            replica: str = typer.Option("", "--replica", metavar="NAME",
+                                        help="Run a redundant monitor: app id <app_id>-NAME (its own consumer "
+                                             "group and tables) on the same inputs; each alert and command is "
+                                             "still published once (Redis leases), and if one monitor dies the "
+                                             "others go on.")) -> None:
     """Run the monitor (faust): KPIs, degradation alerts, rollback commands."""
     from streamfuse.monitor.app import run_monitor
 
@@ -270,6 +275,9 @@ def monitor(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     from streamfuse.store import RedisLink, connect
 
     settings = _settings(verbose)
+    if replica:
+        settings = settings.model_copy(update={"monitor": settings.monitor.model_copy(
+            update={"app_id": f"{settings.monitor.app_id}-{replica}"})})
     # Started during a Redis outage (a restart), it waits for Redis instead of crash-looping.
     registry = Registry(settings, client=connect(settings, check=False))
     baselines = RedisLink("monitor").call(registry.baselines, what="reading the baselines at start-up")

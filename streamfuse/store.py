@@ -82,15 +82,25 @@ class StatusStore:
                                       "status": ack.status}, maxlen=100_000, approximate=True)
         pipe.execute()
 
-    def claim(self, kind: str, ident: str, ttl_s: int = 7 * 24 * 3600) -> bool:
-        """Record that ``(kind, ident)`` was published (after the broker acknowledged it);
-        True the first time. A restarted monitor that re-derives the same alert or command
-        checks :meth:`claimed` and does not publish it twice."""
-        return bool(self.r.set(self.key(f"claimed:{kind}:{ident}"), "1", nx=True, ex=ttl_s))
+    def lease(self, kind: str, ident: str, owner: str, ttl_ms: int) -> str:
+        """Take the right to publish ``(kind, ident)`` for ``ttl_ms`` (SET NX with a TTL on
+        its claim): ``"taken"`` (``owner`` holds it now), ``"done"`` (published before) or
+        ``"held"`` (another owner is publishing it: ask again; its lease lapses if it died)."""
+        key, mine = self.key(f"claimed:{kind}:{ident}"), f"lease:{owner}"
+        for _ in range(3):  # the key can lapse between the SET and the GET
+            if self.r.set(key, mine, nx=True, px=ttl_ms):
+                return "taken"
+            held = self.r.get(key)
+            if held is not None:
+                held = held.decode() if isinstance(held, bytes) else str(held)
+                return "taken" if held == mine else "held" if held.startswith("lease:") else "done"
+        return "held"
 
-    def claimed(self, kind: str, ident: str) -> bool:
-        """True when ``(kind, ident)`` was published and claimed before."""
-        return bool(self.r.exists(self.key(f"claimed:{kind}:{ident}")))
+    def claim(self, kind: str, ident: str, ttl_s: int = 7 * 24 * 3600) -> None:
+        """Record that ``(kind, ident)`` was published (after the broker acknowledged it),
+        in place of the publisher's lease: a monitor that derives it again (restarted, or a
+        redundant one) finds it done (:meth:`lease`) and does not publish it twice."""
+        self.r.set(self.key(f"claimed:{kind}:{ident}"), "1", ex=ttl_s)
 
     def mark_ready(self, component: str, ident: str, ttl_s: int = 3600) -> None:
         self.r.set(self.key(f"ready:{component}:{ident}"), "1", ex=ttl_s)

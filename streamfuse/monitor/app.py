@@ -32,8 +32,11 @@ shows the outage; it is logged once when it starts and once when it ends).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -59,28 +62,39 @@ from streamfuse.topics import Topics
 
 log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
+LEASE_MS = 5_000  # a monitor's right to publish an output, before another may take it over
+LEASE_POLL_S = 0.02  # how often a monitor waiting for another's output asks again
 BATCH_WRITES = 500  # a batch entry is written at the latest after this many records (about 0.5 KB each)
 GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
           "est_accuracy")
 
 
 class ClaimedPublisher:
-    """Publish alerts and commands at least once: produce unless claimed before, wait for
-    the broker's acknowledgement, then claim the id in Redis (write-behind).
+    """Publish alerts and commands at least once, and once across monitors: take a lease on
+    the output's claim in Redis, produce, wait for the broker's acknowledgement, then mark
+    the claim done (write-behind).
 
-    A claim that cannot be checked (Redis down) counts as not claimed: publishing twice
-    is harmless (ids make it idempotent downstream), not publishing is not.
+    Redundant monitors (each its own app id, all reading the same inputs) derive the same
+    outputs under the same ids. The first to lease an output publishes it; the others wait
+    until it is done (nothing to publish) or until the lease lapses (:data:`LEASE_MS`: its
+    holder died between the lease and the claim), then take it over. A claim that cannot be
+    checked (Redis down) counts as not claimed: publishing twice is harmless (ids make it
+    idempotent downstream), not publishing is not.
     """
 
-    def __init__(self, link: RedisLink, store: StatusStore, writer: StatusWriter) -> None:
-        self.link, self.store, self.writer = link, store, writer
+    def __init__(self, link: RedisLink, store: StatusStore, writer: StatusWriter, owner: str) -> None:
+        self.link, self.store, self.writer, self.owner = link, store, writer, owner
         self.published: set[str] = set()  # claims of this process's life: known without asking Redis
 
     async def publish(self, kind: str, ident: str, topic, key: bytes, value: bytes) -> bool:
         """True when it was produced now; False when it had been published before."""
         claim = f"{kind}:{ident}"
-        if claim in self.published or self.link.attempt(self.store.claimed, kind, ident,
-                                                        what=f"checking the {kind} claim", default=False):
+        if claim in self.published:
+            return False
+        while (state := self.link.attempt(self.store.lease, kind, ident, self.owner, LEASE_MS,
+                                          what=f"taking the {kind} claim", default="taken")) == "held":
+            await asyncio.sleep(LEASE_POLL_S)  # another monitor is publishing it
+        if state == "done":
             return False
         fut = await topic.send(key=key, value=value, headers=HEADERS)
         await fut  # the broker's acknowledgement
@@ -107,7 +121,8 @@ class MonitorService:
         link = RedisLink("monitor", RedisMetrics(registry).up.labels("monitor"))
         self.store = StatusStore(connect(settings, check=False, timeout_s=2.0), settings.redis_prefix)
         self.writer = StatusWriter(link, "monitor-redis-writer")
-        self.publish = ClaimedPublisher(link, self.store, self.writer).publish
+        owner = f"{settings.monitor.app_id}@{socket.gethostname()}:{os.getpid()}"
+        self.publish = ClaimedPublisher(link, self.store, self.writer, owner).publish
         # Approval mode: commands wait for an operator (streamfuse.control) instead of going out.
         self.proposals = ProposalStore(self.store.r, settings.redis_prefix) if settings.monitor.approval else None
         models = Registry(settings, client=self.store.r)

@@ -49,9 +49,13 @@ class Run:
 
 def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration_s: float,
                  until=lambda obs: True, kill_monitor_when=None,
-                 trigger: tuple[object, object] | None = None) -> Run:
+                 trigger: tuple[object, object] | None = None, standby: bool = False) -> Run:
+    """``kill_monitor_when``: SIGKILL the monitor once it holds, and restart it — or, with
+    ``standby`` (a second, redundant monitor with its own app id), leave the other one alone."""
     ensure_topics(settings)
     procs = {"worker": spawn("worker", settings, tmp_path), "monitor": spawn("monitor", settings, tmp_path)}
+    if standby:
+        procs["monitor-b"] = spawn("monitor", settings, tmp_path / "b", "--replica", "b")
     observer = Observer(settings, START_MS)
     sim = SimPublisher(settings, tuple(parse_fault(f) for f in faults), start_ms=START_MS, speed=SPEED,
                        run_id="sc")
@@ -70,11 +74,13 @@ def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration
             if kill_monitor_when is not None and not killed and kill_monitor_when(observer):
                 procs["monitor"].send_signal(signal.SIGKILL)
                 procs["monitor"].wait()
-                procs["monitor"] = spawn("monitor", settings, tmp_path)
+                if standby:
+                    del procs["monitor"]
+                else:
+                    procs["monitor"] = spawn("monitor", settings, tmp_path)
                 killed = True
             for name, p in procs.items():
-                assert p.poll() is None, f"{name} exited with {p.returncode}:\n" + \
-                    (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
+                assert p.poll() is None, f"{name} exited with {p.returncode}:\n" + log_of(tmp_path, name)[-3000:]
             if (not thread.is_alive() and len(observer.prediction_counts) >= sim.stats.samples
                     and until(observer)):
                 break
@@ -86,8 +92,13 @@ def run_scenario(settings: Settings, tmp_path: Path, faults: list[str], duration
     finally:
         stop_children(list(procs.values()))
         observer.consumer.close()
-    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace")[-3000:] for n in procs}
+    logs = {n: log_of(tmp_path, n)[-3000:] for n in procs}
     return Run(observer, sim.stats.sample_ids, logs)
+
+
+def log_of(tmp_path: Path, name: str) -> str:
+    path = tmp_path / "b" / "monitor.log" if name == "monitor-b" else tmp_path / f"{name}.log"
+    return path.read_text(errors="replace")
 
 
 def fused_accuracy(run: Run, t0: float, t1: float, line: str | None = None) -> float:
@@ -155,6 +166,32 @@ def test_monitor_killed_and_restarted_mid_fault_same_outcome(settings, tmp_path)
     run = fog_on_line_0(settings, tmp_path, kill_monitor_when=lambda o: bool(o.commands))
     check_fog_outcome(run)
     assert "monitor restored" in (tmp_path / "monitor.log").read_text(errors="replace")
+
+
+def test_two_redundant_monitors_one_killed_mid_fault_same_outcome_each_output_once(settings, tmp_path):
+    """Two monitors (their own app ids, the same inputs); the first SIGKILLed once both had
+    derived the mask, not restarted: the other carries on with no KPI window missing (the
+    unmask is its), and every alert and command is on its topic once."""
+    from streamfuse.store import StatusStore, connect
+
+    store = StatusStore(connect(settings), settings.redis_prefix)
+
+    def masked_and_well_past(o) -> bool:
+        """The mask is out and claimed (a claim is "1" once done, a lease before), and the
+        windows are 16 s of plant time past the fog's start: both monitors derived it."""
+        claimed = any(store.r.get(store.key(f"claimed:command:{c['command_id']}")) == b"1" for c in o.commands)
+        return claimed and any(k.window_start_ms - START_MS >= 36_000 for k in o.kpi_log)
+
+    run = fog_on_line_0(settings, tmp_path, kill_monitor_when=masked_and_well_past, standby=True)
+    check_fog_outcome(run)
+    assert "monitor" not in run.logs and "monitor-b" in run.logs  # killed, not restarted
+    commands = [c["command_id"] for c in run.observer.commands]
+    alerts = [(a["alert_id"], a["status"]) for a in run.observer.alerts]
+    assert len(commands) == len(set(commands)) and len(alerts) == len(set(alerts)), (commands, alerts)
+    # no fleet window lost: one per window from the first to the last, whoever computed it
+    starts = sorted({k.window_start_ms for k in run.observer.kpi_log if k.scope == "global" and k.modality == "fused"})
+    assert starts == list(range(starts[0], starts[-1] + WINDOW_MS, WINDOW_MS)), starts
+    assert (starts[-1] - START_MS) / 1000 >= 60
 
 
 def test_bad_model_version_is_rolled_back_for_that_modality_only(settings, tmp_path):
