@@ -8,7 +8,9 @@ a Prometheus counter; the rate is measured between the first and the last event.
 
 Each side runs ``--repeats`` times, interleaved (the broker shares the two cores, so one
 run says little); the report has the medians of the rates and of each process's CPU per
-event (``/proc``), and both ratios.
+event (``/proc``), and both ratios. Then ``--replicas`` redundant monitors (``streamfuse
+monitor --replica``: each its own app id, each reads everything) run at once, each one's
+rate and CPU per event reported.
 
     python bench/monitor_throughput.py --predictions 20000 --json out/monitor_throughput.json
 """
@@ -25,6 +27,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streamfuse.config import Settings
@@ -140,6 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predictions", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=3, help="raw and monitor runs, interleaved; medians reported")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="then one run of this many redundant monitors at once (0: none)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tag = uuid.uuid4().hex[:6]
@@ -171,6 +176,19 @@ def main() -> None:
                                            "streamfuse_monitor_events_total", total, 600))
             print(f"run {i + 1}: raw {runs['raw'][-1][0]:6.0f} events/s ({runs['raw'][-1][1]:.3f} CPU-ms/event), "
                   f"monitor {runs['monitor'][-1][0]:6.0f} events/s ({runs['monitor'][-1][1]:.3f} CPU-ms/event)")
+        replicas = []
+        if args.replicas:  # redundant monitors (`streamfuse monitor --replica`): each reads everything
+            with ThreadPoolExecutor(args.replicas) as pool:
+                futures = []
+                for r in range(args.replicas):
+                    port = free_port()
+                    futures.append(pool.submit(measure, monitor_cmd, {
+                        **env, "STREAMFUSE_MONITOR__APP_ID": f"mbench-{tag}-replica-{r}",
+                        "STREAMFUSE_MONITOR__METRICS_PORT": str(port)}, port, "streamfuse_monitor_events_total",
+                        total, 900))
+                replicas = [f.result() for f in futures]
+            print(f"{args.replicas} redundant monitors at once: " + ", ".join(
+                f"{r:.0f} events/s ({c:.3f} CPU-ms/event)" for r, c in replicas))
         from streamfuse.store import StatusStore, connect
 
         StatusStore(connect(settings), settings.redis_prefix).clear()
@@ -185,6 +203,8 @@ def main() -> None:
               "raw_cpu_ms_per_event": round(raw_cpu, 4), "monitor_cpu_ms_per_event": round(mon_cpu, 4),
               "cpu_ratio": round(raw_cpu / mon_cpu, 3), "repeats": args.repeats,
               "runs": {k: [[round(r, 1), round(c, 4)] for r, c in v] for k, v in runs.items()},
+              "replicas": {"n": args.replicas, "events_per_s": [round(r, 1) for r, _ in replicas],
+                           "cpu_ms_per_event": [round(c, 4) for _, c in replicas]},
               "predictions": args.predictions, **machine()}
     emit(result, args.json)
 

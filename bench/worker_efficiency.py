@@ -60,12 +60,12 @@ from streamfuse.models.bootstrap import ensure_demo_bundle
 from streamfuse.embedded import EmbeddedBroker
 from streamfuse.events import MSGPACK, Prediction, decode, encode, headers
 from streamfuse.inference.worker import InferenceWorker
-from streamfuse.kafka import admin_config, make_consumer, make_producer
+from streamfuse.kafka import make_consumer, make_producer
 from streamfuse.models.bundle_io import load_bundle
 from streamfuse.models.preprocess import batch_tensor
 from streamfuse.models.runtime import autocast, resolve_device
 from streamfuse.sim.plant import Plant, PlantConfig
-from streamfuse.topics import Topics, ensure_topics
+from streamfuse.topics import Topics, delete_topics, ensure_topics
 from report import emit, machine
 
 
@@ -218,27 +218,14 @@ def capacity_with_publisher(settings: Settings, bundle, samples, offered: float,
     ended_ms = time.time() * 1000
     thread.join(timeout=300)
     produced = sorted(p.produced_ms for p in collect_predictions(cap, n, timeout_s=60))
-    drop_topics(cap)
+    # Each phase's topics go when it ends: the embedded broker keeps every record in memory
+    # and its CPU grows with what it holds (about a core at 600 MB); this phase publishes ~150 MB.
+    delete_topics(cap)
     during = [t for t in produced if t <= ended_ms]
     if len(during) < 64:
         raise SystemExit("too few predictions while the publisher ran to measure a capacity")
     first_batch = sum(1 for t in during if t == during[0])
     return (len(during) - first_batch) / max(1e-3, (during[-1] - during[0]) / 1000)
-
-
-def drop_topics(settings: Settings) -> None:
-    """Delete a finished phase's topics: the embedded broker keeps every record in memory
-    and its CPU grows with what it holds (docs BROKER: about a core at 600 MB), which would
-    slow the later phases (the capacity phase alone publishes about 150 MB)."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(**admin_config(settings))
-    try:
-        names = [n for n in admin.list_topics() if n.startswith(settings.topic_prefix)]
-        if names:
-            admin.delete_topics(names)
-    finally:
-        admin.close()
 
 
 def publish(settings: Settings, samples) -> None:
@@ -326,7 +313,7 @@ def main() -> None:
         print(f"model-only forward after the drain: {ref_after:8.1f} samples/s, {model_cpu_after:.3f} CPU-ms per sample"
               f" -> reference {ref:.1f} samples/s, {model_cpu_ms:.3f} CPU-ms (the mean)")
         preds = collect_predictions(settings, len(samples), timeout_s=60)
-        drop_topics(settings)
+        delete_topics(settings)
         produced = sorted(p.produced_ms for p in preds)
         first_batch = sum(1 for t in produced if t == produced[0])
         worker_sps = (len(produced) - first_batch) / max(1e-3, (produced[-1] - produced[0]) / 1000)
@@ -362,7 +349,7 @@ def main() -> None:
             publisher.join()
             thread2.join(timeout=120)
             lat_preds = collect_predictions(lat_settings, n_lat, timeout_s=60)
-            drop_topics(lat_settings)
+            delete_topics(lat_settings)
             lat = sorted(p.produced_ms - p.ts_ms for p in lat_preds)
             p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
             # Per sample: before the worker (publisher, broker, fetch: up to its batch's first

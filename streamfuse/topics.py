@@ -154,3 +154,22 @@ def list_topics(settings: Settings) -> dict[str, int]:
         return dict(sorted(partition_counts(admin, names).items()))
     finally:
         admin.close()
+
+
+def delete_topics(settings: Settings, monitor_topics: bool = False) -> list[str]:
+    """Delete every topic under the prefix (and, with ``monitor_topics``, the monitor's own
+    faust topics, named after its app id); returns their names. For tests, benchmarks and
+    throw-away namespaces: the embedded broker keeps every record in memory."""
+    from kafka import KafkaAdminClient
+
+    from streamfuse.kafka import admin_config
+
+    admin = KafkaAdminClient(**admin_config(settings))
+    try:
+        names = [n for n in admin.list_topics()
+                 if n.startswith(settings.topic_prefix) or monitor_topics and settings.monitor.app_id in n]
+        if names:
+            admin.delete_topics(names)
+        return names
+    finally:
+        admin.close()

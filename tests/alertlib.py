@@ -151,19 +151,11 @@ class DispatcherThread:
 
 def cleanup(settings: Settings) -> None:
     """Delete the settings' Redis keys and topics."""
-    from kafka import KafkaAdminClient
-
-    from streamfuse.kafka import admin_config
     from streamfuse.store import connect
+    from streamfuse.topics import delete_topics
 
     r = connect(settings)
     keys = list(r.scan_iter(match=f"{settings.redis_prefix}*"))
     if keys:
         r.delete(*keys)
-    admin = KafkaAdminClient(**admin_config(settings))
-    try:
-        names = [n for n in admin.list_topics() if n.startswith(settings.topic_prefix)]
-        if names:
-            admin.delete_topics(names)
-    finally:
-        admin.close()
+    delete_topics(settings)

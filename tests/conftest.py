@@ -70,15 +70,9 @@ def settings(broker, trained_bundle) -> Settings:
 
 def delete_topics(s: Settings) -> None:
     """Delete a test's topics (its prefix, and the monitor's own faust topics)."""
-    from kafka import KafkaAdminClient
+    from streamfuse.topics import delete_topics as delete
 
-    admin = KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-    try:
-        names = [n for n in admin.list_topics() if n.startswith(s.topic_prefix) or s.monitor.app_id in n]
-        if names:
-            admin.delete_topics(names)
-    finally:
-        admin.close()
+    delete(s, monitor_topics=True)
 
 
 def add_image_version(settings: Settings, tmp_path: Path, *, corrupt: bool = False, seed: int = 123) -> str:
