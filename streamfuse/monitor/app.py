@@ -15,11 +15,12 @@ and with every checkpoint; faust flushes its producer before it commits, so a co
 offset never covers an event whose records are not in the changelog. Events are
 acknowledged as faust does by default: a monitor killed before a commit gets them again.
 
-At-least-once alerts and commands: each has a deterministic id; the monitor produces it,
-waits for the broker's acknowledgement, and only then claims the id in Redis. Killed
-between the two, the restarted monitor re-derives and publishes it again with the same
+At-least-once alerts and commands: each has a deterministic id; the monitor leases its
+claim in Redis, produces it, waits for the broker's acknowledgement, and only then marks
+the claim done (:class:`ClaimedPublisher`). Killed in between, the restarted monitor (or a
+redundant one) re-derives it and, once the lease lapsed, publishes it again with the same
 id, which the alert dispatcher and the workers drop as a duplicate; a re-derived output
-whose claim is in Redis is not published again.
+whose claim is done is not published again.
 
 Redis is not on the data path: every Redis write (status, audit, claims, readiness) goes
 through a write-behind :class:`~streamfuse.store.StatusWriter`, so a Redis outage never
@@ -162,8 +163,9 @@ class MonitorService:
     def flush(self) -> None:
         """Write the batch's records as one table entry and drop the entries that no longer
         matter. Runs with each checkpoint and before each commit of the consumer's offsets
-        (no current event there), so it names the changelog partition itself: entry ``b:<seq>`` goes to partition
-        ``seq % partitions``, where its tombstone finds it after a restart too."""
+        (no current event there), so it names the changelog partition itself: entry
+        ``b:<seq>`` goes to partition ``seq % partitions``, where its tombstone finds it
+        after a restart too."""
         out = self.log.flush()
         if out is None:
             return

@@ -75,3 +75,20 @@ def test_a_publisher_takes_over_an_output_whose_holder_died(store):
     while store.lease("alert", "a1:firing", "another", 5_000) != "done" and time.monotonic() < deadline:
         time.sleep(0.02)  # the claim is written behind
     assert store.lease("alert", "a1:firing", "another", 5_000) == "done"
+
+
+def test_with_redis_down_every_publisher_publishes_nothing_is_held_back():
+    """A claim that cannot be taken counts as taken: each monitor publishes (the repeat is
+    dropped downstream by its id), none waits on Redis, nothing is lost."""
+    s = Settings(redis_url="redis://127.0.0.1:1/0", redis_prefix="streamfuse-test:down:")
+    store = StatusStore(connect(s, check=False, timeout_s=0.5), s.redis_prefix)
+    topic = Topic()
+    link = RedisLink("monitor")
+    pubs = [ClaimedPublisher(link, store, StatusWriter(link, f"w-{name}"), name) for name in ("a", "b")]
+
+    async def run() -> list[bool]:
+        return await asyncio.gather(*(p.publish("alert", "a1:firing", topic, b"k", b"a1") for p in pubs))
+
+    started = time.monotonic()
+    assert asyncio.run(run()) == [True, True] and topic.sent == [b"a1", b"a1"]
+    assert time.monotonic() - started < 5 and not link.is_up
