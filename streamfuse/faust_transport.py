@@ -1,4 +1,4 @@
-"""faust's aiokafka transport with the broker profile's fetch wait and a hook before commits.
+"""faust's aiokafka transport with the broker profile's fetch wait.
 
 faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer. Tansu answers a waiting
 fetch only when the wait is over, so every record would reach the monitor up to 1.5 s
@@ -10,16 +10,11 @@ faust finds a transport by URL scheme in a process-wide registry
 (``faust.transport.drivers.TRANSPORTS``). Rather than add our schemes to it, :func:`install`
 hands the transport to the app through faust's public ``App.transport`` and
 ``App.producer_transport`` setters: building an app changes nothing outside it.
-
-``before_commit``: a function the consumer calls each time, before it commits offsets
-(periodically, at a rebalance, at stop: every path goes through ``force_commit``). faust
-flushes its producer between the two, so whatever the function hands to the producer
-(a table's changelog entries) is written before any offset it goes with is committed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from faust.transport.drivers import aiokafka as drv
 from yarl import URL
@@ -41,8 +36,7 @@ class ConsumerThread(drv.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         url = transport.url[0] if isinstance(transport.url, list) else transport.url  # one URL per broker
-        if transport_for(url) is not None:  # faust's own wait otherwise
-            consumer._fetch_max_wait_ms = fetch_wait_ms(url.scheme)  # read when the consumer starts
+        consumer._fetch_max_wait_ms = fetch_wait_ms(url.scheme)  # read when the consumer starts
         return consumer
 
 
@@ -50,16 +44,9 @@ class Consumer(drv.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    async def force_commit(self, topics=None, start_new_transaction: bool = True) -> bool:
-        hook = getattr(self.transport, "before_commit", None)
-        if hook is not None:
-            hook()
-        return await super().force_commit(topics, start_new_transaction=start_new_transaction)
-
 
 class Transport(drv.Transport):
     Consumer = Consumer
-    before_commit: Callable[[], None] | None = None
 
 
 def transport_for(url: URL | str) -> type[Transport] | None:
@@ -74,20 +61,14 @@ def transport_for(url: URL | str) -> type[Transport] | None:
     return Transport if scheme.startswith(SCHEME) and scheme[len(SCHEME):].isdigit() else None
 
 
-def install(app: Any, before_commit: Callable[[], None] | None = None) -> None:
+def install(app: Any) -> None:
     """Give the faust ``app`` this transport, consumer and producer, where its broker URLs
-    ask for it (``sfkafka<ms>://``), and this consumer wherever ``before_commit`` is given
-    (faust's own fetch wait on faust's own schemes); otherwise the app is left as it is.
+    ask for it (``sfkafka<ms>://``); an app on faust's own schemes is left as it is.
 
     Call it right after ``faust.App(...)``, before anything (a topic, an agent) reads
     ``app.transport``.
     """
     for attr, urls in (("transport", app.conf.broker_consumer), ("producer_transport", app.conf.broker_producer)):
         cls = transport_for(urls[0])
-        if cls is None and attr == "transport" and before_commit is not None:
-            cls = Transport
         if cls is not None:
-            transport = cls(urls, app)
-            if attr == "transport":
-                transport.before_commit = before_commit
-            setattr(app, attr, transport)
+            setattr(app, attr, cls(urls, app))
