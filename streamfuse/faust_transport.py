@@ -1,4 +1,5 @@
-"""faust's aiokafka transport with the broker profile's fetch wait.
+"""faust's aiokafka transport with the broker profile's fetch wait and a producer flush
+that drains faust's buffer.
 
 faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer. Tansu answers a waiting
 fetch only when the wait is over, so every record would reach the monitor up to 1.5 s
@@ -10,13 +11,21 @@ faust finds a transport by URL scheme in a process-wide registry
 (``faust.transport.drivers.TRANSPORTS``). Rather than add our schemes to it, :func:`install`
 hands the transport to the app through faust's public ``App.transport`` and
 ``App.producer_transport`` setters: building an app changes nothing outside it.
+
+The producer, on every profile: faust flushes its producer before it commits the
+consumer's offsets, so that a table's changelog entries are written before the offsets of
+the events that made them. faust's own flush can return with entries still in its buffer
+(see :meth:`Producer.flush`); a monitor SIGKILLed right after such a commit would have
+lost them for good. This producer's flush waits until they are acknowledged.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from faust.transport.drivers import aiokafka as drv
+from faust.transport.producer import ProducerBuffer
 from yarl import URL
 
 SCHEME = "sfkafka"
@@ -45,7 +54,62 @@ class Consumer(drv.Consumer):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-class Transport(drv.Transport):
+class Buffer(ProducerBuffer):
+    """faust's producer buffer, which knows when the message it took is still being sent."""
+
+    sending = False
+
+    async def _send_pending(self, fut) -> None:
+        self.sending = True
+        try:
+            await self._send(fut)
+        finally:
+            self.sending = False
+
+    async def _send(self, fut) -> None:
+        await super()._send_pending(fut)  # faust's: hand it to the aiokafka producer
+
+    async def drain(self) -> None:
+        """Wait until every message put so far was handed to the aiokafka producer."""
+        while self.size or self.sending:
+            if self.state != "running":
+                raise RuntimeError(f"cannot drain the producer buffer: it is {self.state}")
+            self.message_sent.clear()
+            try:
+                await asyncio.wait_for(self.message_sent.wait(), timeout=0.1)
+            except asyncio.TimeoutError:
+                pass  # still sending: a busy machine, a large entry
+
+
+class Producer(drv.Producer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        buffer = Buffer(loop=self.loop, beacon=self.beacon)
+        if getattr(self.buffer, "threaded_producer", None) is not None:
+            buffer.threaded_producer = self.buffer.threaded_producer
+        buffer.app, self.buffer = self.buffer.app, buffer
+
+    async def flush(self) -> None:
+        """Everything handed to the producer so far, sent and acknowledged.
+
+        faust's own flush lets a commit go out with messages still in its buffer: its
+        ``ProducerBuffer.flush`` returns once no message was sent for 0.1 s (a busy
+        machine, a large changelog entry), and only the aiokafka producer behind it is
+        flushed for real. Here the buffer is drained first, whatever it takes."""
+        await self.buffer.drain()
+        await super().flush()
+
+
+class DrainingTransport(drv.Transport):
+    """faust's own transport, with this module's producer (faust builds the app's producer
+    from ``App.transport``)."""
+
+    Producer = Producer
+
+
+class Transport(DrainingTransport):
+    """The Tansu profile's: this module's consumer (the fetch wait) and producer."""
+
     Consumer = Consumer
 
 
@@ -62,13 +126,12 @@ def transport_for(url: URL | str) -> type[Transport] | None:
 
 
 def install(app: Any) -> None:
-    """Give the faust ``app`` this transport, consumer and producer, where its broker URLs
-    ask for it (``sfkafka<ms>://``); an app on faust's own schemes is left as it is.
+    """Give the faust ``app`` this module's consumer where its broker URLs ask for it
+    (``sfkafka<ms>://``; faust's own consumer on faust's own schemes), and its producer
+    always.
 
     Call it right after ``faust.App(...)``, before anything (a topic, an agent) reads
     ``app.transport``.
     """
     for attr, urls in (("transport", app.conf.broker_consumer), ("producer_transport", app.conf.broker_producer)):
-        cls = transport_for(urls[0])
-        if cls is not None:
-            setattr(app, attr, cls(urls, app))
+        setattr(app, attr, (transport_for(urls[0]) or DrainingTransport)(urls, app))
