@@ -111,6 +111,13 @@ class MonitorMetrics:
             ["scope", "scope_id", "modality"],
             registry=registry,
         )
+        self.late = Gauge(
+            "streamfuse_monitor_late_events",
+            "Predictions and labels that came after their KPI window had closed (kind), counted since the "
+            "monitor's state began (restarts included); each is left out of its window.",
+            ["kind"],
+            registry=registry,
+        )
         self.watermark = Gauge(
             "streamfuse_monitor_watermark_seconds",
             "Event time the monitor's KPI windows have reached, unix seconds (compare with time()).",

@@ -47,6 +47,7 @@ from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.control import ProposalStore
 from streamfuse.monitor.core import MonitorCore, Outputs
+from streamfuse.monitor.input_progress import InputProgress, committed_offsets
 from streamfuse.models.registry import Registry
 from streamfuse.store import RedisLink, StatusStore, StatusWriter, connect
 from streamfuse.topics import Topics
@@ -116,6 +117,8 @@ class MonitorService:
             return link.attempt(models.baselines_of, versions, what="reading the baselines of new model versions")
 
         self.core = MonitorCore(baselines, settings.monitor, self._sink, baselines_of)
+        topics = Topics(settings.topic_prefix)
+        self.progress = InputProgress((topics.predictions, topics.labels))
         self.restored = False
         self.seq = 0
 
@@ -126,7 +129,9 @@ class MonitorService:
             self.records[key] = value
 
     def restore(self) -> None:
-        """Continue from the newest checkpoint and the open KPI records, if any."""
+        """Continue from the newest checkpoint and the open KPI records, if any, and from
+        the input partitions' committed offsets."""
+        self.progress.started(committed_offsets(self.settings, self.settings.monitor.app_id, self.progress.topics))
         snaps = [v for k, v in self.state.items() if k.startswith("core@") and v]
         best = max(snaps, key=lambda v: v["seq"], default=None)
         if best is not None or len(self.records):
@@ -157,18 +162,25 @@ class MonitorService:
             self.writer.submit(f"recording the ack of {ev.command_id}", self.store.put_ack, ev)
         elif isinstance(ev, Label):
             metrics.events.labels("label").inc()
-            core.on_label(ev)
+            self.progress.read(msg.topic, msg.partition, msg.offset, ev.ts_ms)
+            await self._settle(core.on_label(ev), msg.partition)  # windows held for labels may close
         else:
             metrics.events.labels("prediction").inc()
-            result = core.on_prediction(ev, f"{msg.topic}:{msg.partition}")
-            if core.kpis.watermark:
-                metrics.watermark.set(core.kpis.watermark / 1000)
-            # Publish first, checkpoint after: killed in between, the monitor re-derives
-            # the same outputs from the older checkpoint, and the Redis claims drop them.
-            await self.emit(result)
-            if result.kpis or result.alerts:
-                self.checkpoint(msg.partition)
+            self.progress.read(msg.topic, msg.partition, msg.offset, ev.ts_ms)
+            await self._settle(core.on_prediction(ev, f"{msg.topic}:{msg.partition}"), msg.partition)
         metrics.pending_labels.set(core.kpis.pending_labels)
+
+    async def _settle(self, result: Outputs, partition: int) -> None:
+        """Publish first, checkpoint after: killed in between, the monitor re-derives the
+        same outputs from the older checkpoint, and the Redis claims drop them."""
+        core, metrics = self.core, self.metrics
+        if core.kpis.watermark:
+            metrics.watermark.set(core.kpis.watermark / 1000)
+        await self.emit(result)
+        if result.kpis or result.alerts:
+            self.checkpoint(partition)
+            metrics.late.labels("prediction").set(core.kpis.late_predictions)
+            metrics.late.labels("label").set(core.kpis.late_labels)
 
     async def _dead_letter(self, exc: InvalidEvent, value: bytes, key, msg) -> None:
         self.metrics.rejected.labels(exc.reason).inc()
@@ -250,6 +262,7 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     records = app.Table("records", default=None, partitions=settings.partitions)
     state = app.Table("state", default=None, partitions=settings.partitions)
     service = MonitorService(settings, baselines, registry or CollectorRegistry(), records, state, out)
+    service.core.kpis.input_behind = lambda: service.progress.behind(app.consumer)
 
     @app.agent(source)
     async def monitor(stream):

@@ -117,7 +117,26 @@ class MonitorCore:
 
     def on_label(self, label: Label) -> Outputs:
         self.kpis.add_label(label)
-        return Outputs()
+        return self.release()
+
+    def release(self) -> Outputs:
+        """What a held watermark (the KPI engine's ``input_behind``) lets go now, one window
+        at a time: each window judged, and the label-free steps up to it taken, before the
+        next, in the order they would have come live."""
+        out = Outputs()
+        while True:
+            before = self.kpis.watermark
+            step = Outputs(kpis=self.kpis.release())
+            if self.kpis.watermark == before:
+                break
+            self.windows.judge(step)
+            if self.sequential is not None:
+                for t in self.sequential.advance(self.kpis.watermark):
+                    self._on_sequential(step, t)
+            out.extend(step)
+        if out.kpis and self.sequential is not None:
+            out.estimates = self.kpis.provisional(self.kpis.watermark)
+        return out
 
     def _check_baseline(self, modality: str, b: dict[str, Any]) -> None:
         if not self.settings.degradation_margin < b["top1"] <= 1.0:
@@ -197,6 +216,7 @@ class MonitorCore:
             for t in self.sequential.advance(self.kpis.watermark or pred.ts_ms):
                 self._on_sequential(out, t)
             out.estimates = self.kpis.provisional(self.kpis.watermark or pred.ts_ms)
+        out.extend(self.release())
         return out
 
     def _dead_signals(self, pred: Prediction, out: Outputs) -> set[str]:

@@ -26,6 +26,8 @@ Sink = Callable[[str, Any], None]
 Estimator = Callable[[Prediction], dict[str, list]]  # unit -> label-free [P(right) if healthy, if broken]
 Flagged = Callable[[str, str, int], bool]  # (line, unit, ts) -> whether the unit was judged broken then
 RETAIN_WINDOWS = 3  # closed windows whose records stay in the sink (restart safety)
+HOLD_MAX_WINDOWS = 30  # the watermark waits for unread input at most this many windows
+InputBehind = Callable[[], "int | None"]  # newest event time read from the partitions holding unread records
 
 
 @dataclass
@@ -100,6 +102,14 @@ class KpiEngine:
             that it is right if healthy and if broken; the window mean (broken where
             ``flagged`` says so at the sample's time) is the snapshot's ``est_accuracy``.
         flagged: ``(line, unit, ts) -> bool``, the label-free detectors' verdict.
+        input_behind: ``() -> event time | None``: where the input partitions (predictions
+            and labels) still hold records not read yet, the newest event time read so far
+            from those partitions (0 for one not read at all; None when all are read). A
+            monitor catching up a backlog (after a restart) gets its partitions unevenly,
+            a minute of predictions before that minute's labels; the watermark then waits
+            until those are read (at most :data:`HOLD_MAX_WINDOWS` windows), so they are
+            not taken for late ones, and every detector that follows the watermark sees the
+            windows as they would have been live.
 
     Examples:
         >>> from streamfuse.events import Prediction, Label
@@ -117,12 +127,14 @@ class KpiEngine:
 
     def __init__(self, window_ms: int, grace_ms: int, max_pending_labels: int = 100_000,
                  flat_std: dict[str, float] | None = None, sink: Sink | None = None,
-                 estimator: Estimator | None = None, flagged: Flagged | None = None) -> None:
+                 estimator: Estimator | None = None, flagged: Flagged | None = None,
+                 input_behind: InputBehind | None = None) -> None:
         if window_ms <= 0 or grace_ms < 0 or max_pending_labels <= 0:
             raise ValueError("window_ms > 0, grace_ms >= 0 and max_pending_labels > 0 are required")
         self.window_ms = window_ms
         self.grace_ms = grace_ms
         self.max_pending_labels = max_pending_labels
+        self.input_behind = input_behind
         self.flat_std = dict(flat_std or {})
         self.sink = sink
         self.estimator = estimator
@@ -155,6 +167,7 @@ class KpiEngine:
     def state_dict(self) -> dict[str, Any]:
         """The engine's small state (records and labels live in the sink)."""
         return {"closed_before": self._closed_before, "source_max": dict(self._source_max),
+                "watermark": self.watermark,
                 "last_digest": dict(self._last_digest),
                 "counters": [self.late_predictions, self.late_labels, self.evicted_labels, self.duplicates]}
 
@@ -166,7 +179,7 @@ class KpiEngine:
             self._source_max = dict(state["source_max"])
             self._last_digest = dict(state["last_digest"])
             self.late_predictions, self.late_labels, self.evicted_labels, self.duplicates = state["counters"]
-            self.watermark = min(self._source_max.values()) if self._source_max else None
+            self.watermark = state.get("watermark") or (min(self._source_max.values()) if self._source_max else None)
         for key, value in entries:
             if value is None:
                 continue
@@ -235,8 +248,33 @@ class KpiEngine:
                 self._put(f"l:{pred.sample_id}", None)
             self._put(f"r:{pred.sample_id}", _stored(rec))
         self._source_max[source] = max(self._source_max.get(source, pred.ts_ms), pred.ts_ms)
-        self.watermark = min(self._source_max.values())
+        self.watermark = self._held(min(self._source_max.values()))
         return self.advance(self.watermark)
+
+    def _held(self, watermark: int) -> int:
+        """``watermark`` (the predictions read), held back while records the input still
+        holds lag behind it (``input_behind``); the hold never takes back what was passed."""
+        if self.input_behind is None:
+            return watermark
+        reached = self.input_behind()
+        held = watermark if reached is None else \
+            max(min(watermark, reached + self.grace_ms), watermark - HOLD_MAX_WINDOWS * self.window_ms)
+        if self.watermark is None:
+            return held
+        # Released, it moves on one window per prediction: the window detectors and the
+        # label-free ones, stepped by the same watermark, then take their turns as live.
+        return max(min(held, self.watermark + self.window_ms), min(self.watermark, watermark))
+
+    def release(self) -> list[KpiSnapshot]:
+        """Move a held watermark on (by one window at most) once the input it waited for
+        was read; the snapshots of the windows that closes."""
+        if self.input_behind is None or self.watermark is None or not self._source_max:
+            return []
+        watermark = self._held(min(self._source_max.values()))
+        if watermark <= self.watermark:
+            return []
+        self.watermark = watermark
+        return self.advance(watermark)
 
     def advance(self, watermark: int) -> list[KpiSnapshot]:
         """Close every window whose end + grace is at or before ``watermark``."""
