@@ -12,6 +12,12 @@ faust finds a transport by URL scheme in a process-wide registry
 hands the transport to the app through faust's public ``App.transport`` and
 ``App.producer_transport`` setters: building an app changes nothing outside it.
 
+``before_commit``: a function the consumer calls each time, before it commits offsets
+(periodically, at a rebalance, at stop: every path goes through ``force_commit``), on
+either profile. faust flushes its producer between the two (with this module's producer,
+for real), so whatever the function hands to the producer (a table's changelog entries)
+is acknowledged before any offset it goes with is committed.
+
 The producer, on every profile: faust flushes its producer before it commits the
 consumer's offsets, so that a table's changelog entries are written before the offsets of
 the events that made them. faust's own flush can return with entries still in its buffer
@@ -22,7 +28,7 @@ lost them for good. This producer's flush waits until they are acknowledged.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 from faust.transport.drivers import aiokafka as drv
 from faust.transport.producer import ProducerBuffer
@@ -45,13 +51,20 @@ class ConsumerThread(drv.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         url = transport.url[0] if isinstance(transport.url, list) else transport.url  # one URL per broker
-        consumer._fetch_max_wait_ms = fetch_wait_ms(url.scheme)  # read when the consumer starts
+        if transport_for(url) is not None:  # faust's own wait otherwise
+            consumer._fetch_max_wait_ms = fetch_wait_ms(url.scheme)  # read when the consumer starts
         return consumer
 
 
 class Consumer(drv.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def force_commit(self, topics=None, start_new_transaction: bool = True) -> bool:
+        hook = getattr(self.transport, "before_commit", None)
+        if hook is not None:
+            hook()
+        return await super().force_commit(topics, start_new_transaction=start_new_transaction)
 
 
 class Buffer(ProducerBuffer):
@@ -108,9 +121,11 @@ class DrainingTransport(drv.Transport):
 
 
 class Transport(DrainingTransport):
-    """The Tansu profile's: this module's consumer (the fetch wait) and producer."""
+    """This module's consumer (the Tansu profile's fetch wait, the hook before commits)
+    and producer."""
 
     Consumer = Consumer
+    before_commit: Callable[[], None] | None = None
 
 
 def transport_for(url: URL | str) -> type[Transport] | None:
@@ -125,13 +140,17 @@ def transport_for(url: URL | str) -> type[Transport] | None:
     return Transport if scheme.startswith(SCHEME) and scheme[len(SCHEME):].isdigit() else None
 
 
-def install(app: Any) -> None:
+def install(app: Any, before_commit: Callable[[], None] | None = None) -> None:
     """Give the faust ``app`` this module's consumer where its broker URLs ask for it
-    (``sfkafka<ms>://``; faust's own consumer on faust's own schemes), and its producer
-    always.
+    (``sfkafka<ms>://``) or ``before_commit`` is given (faust's own fetch wait on faust's
+    own schemes), faust's own consumer otherwise, and this module's producer always.
 
     Call it right after ``faust.App(...)``, before anything (a topic, an agent) reads
     ``app.transport``.
     """
     for attr, urls in (("transport", app.conf.broker_consumer), ("producer_transport", app.conf.broker_producer)):
-        setattr(app, attr, (transport_for(urls[0]) or DrainingTransport)(urls, app))
+        cls = transport_for(urls[0]) or (Transport if before_commit is not None else DrainingTransport)
+        transport = cls(urls, app)
+        if isinstance(transport, Transport):
+            transport.before_commit = before_commit
+        setattr(app, attr, transport)

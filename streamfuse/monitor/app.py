@@ -5,9 +5,16 @@ workers' acks, so that they reach the logic in arrival order. Outputs go to ``kp
 ``alerts`` and ``control``; rejected inputs to ``deadletter``; the latest state and the
 alert → command → ack audit trail to Redis.
 
-Restart safety: open KPI records live in a changelogged faust table (``records``) and
-the detectors' and policy's state in another (``state``, written whenever a window
-closes), so a killed monitor resumes where it stopped.
+Restart safety: open KPI records live in a changelogged faust table (``records``), one
+entry per batch of events (:class:`~streamfuse.monitor.changelog.BatchLog`: a few
+changelog records a second instead of about two per event), and the detectors' and
+policy's state in another (``state``, written whenever a window closes), so a killed
+monitor resumes where it stopped. A batch is written whenever faust is about to commit
+the consumer's offsets (:func:`~streamfuse.faust_transport.install`'s ``before_commit``)
+and with every checkpoint; the producer's flush before the commit waits until it is
+acknowledged, so a committed offset never covers an event whose records are not in the
+changelog. Events are acknowledged as faust does by default: a monitor killed before a
+commit gets them again.
 
 At-least-once alerts and commands: each has a deterministic id; the monitor leases its
 claim in Redis, produces it, waits for the broker's acknowledgement, and only then marks
@@ -28,10 +35,13 @@ shows the outage; it is logged once when it starts and once when it ends).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 from pathlib import Path
+
+import msgpack
 
 from prometheus_client import CollectorRegistry
 
@@ -46,6 +56,7 @@ from streamfuse.kafka import faust_config
 from streamfuse.faultpoint import reached
 from streamfuse.metrics import MonitorMetrics, RedisMetrics, serve
 from streamfuse.control import ProposalStore
+from streamfuse.monitor.changelog import PREFIX as BATCH_PREFIX, BatchLog
 from streamfuse.monitor.core import MonitorCore, Outputs
 from streamfuse.monitor.input_progress import InputProgress, committed_offsets
 from streamfuse.models.registry import Registry
@@ -56,6 +67,7 @@ log = logging.getLogger(__name__)
 HEADERS = {"content-type": MSGPACK.encode()}
 LEASE_MS = 5_000  # a monitor's right to publish an output, before another may take it over
 LEASE_POLL_S = 0.02  # how often a monitor waiting for another's output asks again
+BATCH_WRITES = 500  # a batch entry is written at the latest after this many records (about 0.5 KB each)
 GAUGED = ("accuracy", "macro_f1", "agreement", "mean_contribution", "mean_confidence", "dominance", "missing_rate",
           "est_accuracy")
 
@@ -95,6 +107,11 @@ class ClaimedPublisher:
         return True
 
 
+def _unpack(key: str, value: bytes):
+    """A ``records`` entry: a batch (msgpack), or one record of an older monitor (JSON)."""
+    return msgpack.unpackb(value, raw=False) if key.startswith(BATCH_PREFIX) else json.loads(value)
+
+
 class MonitorService:
     """Everything an agent body does, outside faust: restore and checkpoint the core through
     the app's tables, hand it decoded events, and emit its outputs (topics, metrics,
@@ -116,17 +133,13 @@ class MonitorService:
         def baselines_of(versions: dict[str, str]) -> dict | None:  # None: Redis down, asked again later
             return link.attempt(models.baselines_of, versions, what="reading the baselines of new model versions")
 
-        self.core = MonitorCore(baselines, settings.monitor, self._sink, baselines_of)
+        self.log = BatchLog()
+        self.core = MonitorCore(baselines, settings.monitor, self.log.put, baselines_of)
         topics = Topics(settings.topic_prefix)
         self.progress = InputProgress((topics.predictions, topics.labels))
         self.restored = False
         self.seq = 0
-
-    def _sink(self, key: str, value) -> None:
-        if value is None:
-            self.records.pop(key, None)
-        else:
-            self.records[key] = value
+        self._legacy: list[str] = []  # per-record entries of an older monitor, dropped after the first flush
 
     def restore(self) -> None:
         """Continue from the newest checkpoint and the open KPI records, if any, and from
@@ -134,16 +147,53 @@ class MonitorService:
         self.progress.started(committed_offsets(self.settings, self.settings.monitor.app_id, self.progress.topics))
         snaps = [v for k, v in self.state.items() if k.startswith("core@") and v]
         best = max(snaps, key=lambda v: v["seq"], default=None)
-        if best is not None or len(self.records):
-            self.core.load_state_dict(best["core"] if best else {}, list(self.records.items()))
+        entries = [(k, _unpack(k, v)) for k, v in self.records.items()]
+        for key in self.log.restore(entries):  # left behind by a kill between a flush and its tombstones
+            self._write(key, None)
+        self._legacy = [k for k, _ in entries if not k.startswith(BATCH_PREFIX)]
+        for key, value in entries:  # written one per record by an older monitor: carried into the next batch
+            if not key.startswith(BATCH_PREFIX):
+                self.log.put(key, value)
+        if best is not None or self.log.live:
+            self.core.load_state_dict(best["core"] if best else {}, list(self.log.live.items()))
             self.seq = best["seq"] if best else 0
-            log.warning("monitor restored: %d open records, %d open alerts", len(self.records),
+            log.warning("monitor restored: %d open records, %d open alerts", len(self.log.live),
                         len(self.core.open_alerts()))
         self.restored = True
 
     def checkpoint(self, partition: int) -> None:
+        self.flush()  # the records the checkpoint's state goes with
         self.seq += 1
         self.state[f"core@{partition}"] = {"seq": self.seq, "core": self.core.state_dict()}
+
+    def flush(self) -> None:
+        """Write the batch's records as one table entry and drop the entries that no longer
+        matter. Runs with each checkpoint and before each commit of the consumer's offsets
+        (no current event there), so it names the changelog partition itself: entry
+        ``b:<seq>`` goes to partition ``seq % partitions``, where its tombstone finds it
+        after a restart too."""
+        out = self.log.flush()
+        if out is None:
+            return
+        key, ops, gone = out
+        self._write(key, ops)
+        for old in gone:
+            self._write(old, None)
+        for old in self._legacy:  # its partition was its event's: a tombstone in each
+            self.records.data.pop(old, None)
+            for partition in range(self.settings.partitions):
+                self.records.send_changelog(partition, old, None, value_serializer="raw")
+        self._legacy = []
+
+    def _write(self, key: str, value) -> None:
+        partition = int(key[len(BATCH_PREFIX):]) % self.settings.partitions
+        if value is None:
+            self.records.data.pop(key, None)
+            self.records.send_changelog(partition, key, None, value_serializer="raw")
+        else:
+            packed = msgpack.packb(value, use_bin_type=True)
+            self.records.data[key] = packed
+            self.records.send_changelog(partition, key, packed)
 
     async def on_event(self, value: bytes, headers, key, msg) -> None:
         """One consumed record: decode, dead-letter what is invalid, hand the rest to the core."""
@@ -168,6 +218,8 @@ class MonitorService:
             metrics.events.labels("prediction").inc()
             self.progress.read(msg.topic, msg.partition, msg.offset, ev.ts_ms)
             await self._settle(core.on_prediction(ev, f"{msg.topic}:{msg.partition}"), msg.partition)
+        if self.log.pending >= BATCH_WRITES:  # keep an entry well under the broker's record size limit
+            self.flush()
         metrics.pending_labels.set(core.kpis.pending_labels)
 
     async def _settle(self, result: Outputs, partition: int) -> None:
@@ -248,6 +300,12 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
     :func:`run_monitor`), no change to faust's global transport registry."""
     import faust
 
+    service: MonitorService | None = None
+
+    def before_commit() -> None:  # the batch of records the acknowledged events wrote
+        if service is not None:
+            service.flush()
+
     topics = Topics(settings.topic_prefix)
     datadir = Path(settings.monitor.data_dir or Path(settings.model_dir).parent / "faust") / settings.monitor.app_id
     datadir.mkdir(parents=True, exist_ok=True)
@@ -255,11 +313,11 @@ def create_app(settings: Settings, baselines: dict[str, dict[str, float]], regis
         settings.monitor.app_id, **faust_config(settings), web_enabled=False, store="memory://",
         datadir=str(datadir), autodiscover=False,
     )
-    install_transport(app)  # before anything reads app.transport
+    install_transport(app, before_commit)  # before anything reads app.transport
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(topics.predictions, topics.labels, topics.acks, **raw)
     out = {name: app.topic(getattr(topics, name), **raw) for name in ("kpis", "alerts", "control", "deadletter")}
-    records = app.Table("records", default=None, partitions=settings.partitions)
+    records = app.Table("records", default=None, partitions=settings.partitions, value_type=bytes)  # msgpack
     state = app.Table("state", default=None, partitions=settings.partitions)
     service = MonitorService(settings, baselines, registry or CollectorRegistry(), records, state, out)
     service.core.kpis.input_behind = lambda: service.progress.behind(app.consumer)

@@ -27,6 +27,7 @@ from streamfuse.kafka import make_consumer
 
 log = logging.getLogger(__name__)
 ASSIGNMENT_TTL_S = 1.0  # how long the input partitions assigned are taken as known
+ANSWER_TTL_S = 0.02  # how long an answer stands (asked for every event: a few µs each time saved)
 
 
 class InputProgress:
@@ -39,6 +40,8 @@ class InputProgress:
         self.newest: dict[tuple[str, int], int] = {}
         self._tps: list = []
         self._tps_at = float("-inf")
+        self._answer: int | None = None
+        self._answer_at = float("-inf")
 
     def started(self, committed: dict[tuple[str, int], int]) -> None:
         """Where the monitor starts in each partition (the group's committed offsets)."""
@@ -54,6 +57,8 @@ class InputProgress:
         """The newest event time read from the partitions the monitor has not read to
         their end (0 where none was read yet), or None when it has read them all."""
         now = time.monotonic()
+        if now - self._answer_at <= ANSWER_TTL_S:
+            return self._answer
         if now - self._tps_at > ASSIGNMENT_TTL_S:
             self._tps = [tp for tp in consumer.assignment() if tp.topic in self.topics]
             self._tps_at = now
@@ -68,6 +73,7 @@ class InputProgress:
                 continue
             t = self.newest.get((tp.topic, tp.partition), 0)
             reached = t if reached is None else min(reached, t)
+        self._answer, self._answer_at = reached, now
         return reached
 
 

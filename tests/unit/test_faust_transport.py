@@ -1,4 +1,5 @@
-"""The monitor's faust transport: its producer's flush drains faust's buffer, on either profile."""
+"""The monitor's faust transport: the hook before every commit and a producer flush that
+drains faust's buffer, on either profile."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from streamfuse.faust_transport import Buffer, DrainingTransport, Transport, ins
 from streamfuse.kafka import faust_config
 
 
-def app_for(broker: str, tmp_path) -> faust.App:
+def app_for(broker: str, tmp_path, hook=None) -> faust.App:
     s = Settings(kafka_bootstrap="127.0.0.1:9", broker=broker)
     app = faust.App(f"t-{uuid.uuid4().hex[:8]}", **faust_config(s), web_enabled=False, store="memory://",
                     datadir=str(tmp_path), autodiscover=False)
-    install(app)
+    install(app, hook)
     return app
 
 
@@ -27,6 +28,30 @@ def test_either_profile_gets_the_draining_producer_and_only_tansu_the_consumer(t
     assert kafka.transport.Consumer.__module__ == "faust.transport.drivers.aiokafka"  # fetch wait: Tansu's only
     for app in (tansu, kafka):
         assert type(app.producer.buffer) is Buffer
+
+
+def test_every_commit_calls_the_hook_first_on_either_profile(tmp_path):
+    for broker in ("tansu", "kafka"):
+        calls: list[str] = []
+        app = app_for(broker, tmp_path / broker, lambda: calls.append("before_commit"))
+        assert type(app.transport) is Transport
+
+        async def commit() -> bool:
+            return await app.consumer.force_commit()
+
+        assert asyncio.run(commit()) is False  # nothing acknowledged: nothing to commit
+        assert calls == ["before_commit"], broker
+
+
+def test_the_kafka_profile_keeps_faust_fetch_wait_with_the_hook(tmp_path):
+    app = app_for("kafka", tmp_path, lambda: None)
+
+    async def fetch_wait() -> int:
+        consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        await consumer.stop()
+        return consumer._fetch_max_wait_ms
+
+    assert asyncio.run(fetch_wait()) == 1500  # faust's own (a real broker answers when data arrives)
 
 
 def test_the_producer_flush_waits_for_a_buffer_slower_than_faust_gives_up_on(tmp_path):

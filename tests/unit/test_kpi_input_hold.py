@@ -53,10 +53,13 @@ def test_labels_that_never_come_hold_windows_at_most_hold_max_windows():
     assert [t for t, _ in labelled(closed)] == [t * 1000 for t in range(4)]  # 34 s in, 30 windows held
 
 
-def test_input_progress_reads_the_consumer_high_watermarks_against_what_was_handled():
+def test_input_progress_reads_the_consumer_high_watermarks_against_what_was_handled(monkeypatch):
     from collections import namedtuple
 
+    from streamfuse.monitor import input_progress
     from streamfuse.monitor.input_progress import InputProgress
+
+    monkeypatch.setattr(input_progress, "ANSWER_TTL_S", -1.0)  # every call answers afresh
 
     TP = namedtuple("TP", "topic partition")
 
