@@ -162,9 +162,13 @@ class MonitorService:
         self.restored = True
 
     def checkpoint(self, partition: int) -> None:
+        """The core's state, in ``partition`` of the state table's changelog (named, not
+        the current event's: the housekeeping timer checkpoints too)."""
         self.flush()  # the records the checkpoint's state goes with
         self.seq += 1
-        self.state[f"core@{partition}"] = {"seq": self.seq, "core": self.core.state_dict()}
+        key, value = f"core@{partition}", {"seq": self.seq, "core": self.core.state_dict()}
+        self.state.data[key] = value
+        self.state.send_changelog(partition, key, value)
 
     def flush(self) -> None:
         """Write the batch's records as one table entry and drop the entries that no longer
@@ -242,9 +246,12 @@ class MonitorService:
         await self.out["deadletter"].send(key=key, value=encode(dead), headers=HEADERS)
 
     async def tick(self) -> None:
-        """Wall-clock housekeeping (unacknowledged commands), once restored."""
+        """Wall-clock housekeeping, once restored: windows a held watermark lets go with no
+        event to come (the input's last records read), unacknowledged commands."""
         if self.restored:
-            await self.emit(self.core.tick(now_ms()))
+            result = self.core.release()
+            result.extend(self.core.tick(now_ms()))
+            await self._settle(result, 0)
 
     async def emit(self, result: Outputs) -> None:
         await self._emit_kpis(result)
