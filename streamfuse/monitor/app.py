@@ -208,6 +208,7 @@ class MonitorService:
                         max_bytes=self.settings.max_payload_bytes)
         except InvalidEvent as exc:
             await self._dead_letter(exc, value, key, msg)
+            self.progress.read(msg.topic, msg.partition, msg.offset)  # read: no unread record holds the watermark
             return
         core, metrics = self.core, self.metrics
         if isinstance(ev, Ack):

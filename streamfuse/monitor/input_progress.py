@@ -48,10 +48,12 @@ class InputProgress:
         for tp, offset in committed.items():
             self.next.setdefault(tp, offset)
 
-    def read(self, topic: str, partition: int, offset: int, ts_ms: int) -> None:
+    def read(self, topic: str, partition: int, offset: int, ts_ms: int | None = None) -> None:
+        """The record at ``offset`` was handled (``ts_ms`` None: dead-lettered, no time)."""
         tp = (topic, partition)
         self.next[tp] = offset + 1
-        self.newest[tp] = max(self.newest.get(tp, ts_ms), ts_ms)
+        if ts_ms is not None:
+            self.newest[tp] = max(self.newest.get(tp, ts_ms), ts_ms)
 
     def behind(self, consumer) -> int | None:
         """The newest event time read from the partitions the monitor has not read to
